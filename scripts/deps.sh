@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the tests, benches and fuzzing need on a fresh Debian machine
+# (as root). Idempotent: only what is missing is installed.
+set -euo pipefail
+
+pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

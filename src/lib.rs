@@ -1,0 +1,13 @@
+//! coriolis-ovm-exporter: per-node incremental disk exporter.
+//!
+//! Layers, from the bottom (see `docs/` and the README):
+//! - [`sys`]: the only place that issues syscalls needing `unsafe`
+//!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs).
+//! - [`extent`]: pure extent-map algebra: squash and diff.
+//! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
+//!   `.ovsmeta`, or the static inventory of the config).
+#![deny(unsafe_code)]
+
+pub mod extent;
+pub mod ovm;
+pub mod sys;

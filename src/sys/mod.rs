@@ -1,0 +1,16 @@
+//! The syscall layer: reflink clones, FIEMAP, statfs.
+//!
+//! This is the only module allowed `unsafe` for syscalls; every block says
+//! why it is sound. Everything here blocks (a clone of a big file can take
+//! seconds): callers run it on a blocking pool, never on an event loop.
+//! The byte layouts the kernel reads and writes are parsed and built by pure
+//! functions ([`fiemap::parse`], [`clone::Ocfs2ReflinkArgs::encode`]) so they
+//! can be tested and fuzzed without a filesystem.
+
+pub mod clone;
+pub mod fiemap;
+pub mod statfs;
+
+pub use clone::{reflink, CloneError, CloneMethod};
+pub use fiemap::{extent_map, FiemapError};
+pub use statfs::{fs_type, FsType};

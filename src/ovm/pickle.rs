@@ -957,6 +957,11 @@ pub fn unescape_python2(inner: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+fn hex_u32(hex: &[u8]) -> Option<u32> {
+    hex.iter()
+        .try_fold(0u32, |v, &h| v.checked_mul(16)?.checked_add(hex_val(h)?))
+}
+
 /// The argument of a protocol-0 `UNICODE`: the `raw-unicode-escape` codec.
 /// Bytes are Latin-1 characters; `\uXXXX` and `\UXXXXXXXX` are escapes only
 /// after an odd number of backslashes.
@@ -978,16 +983,22 @@ pub fn decode_raw_unicode_escape(line: &[u8]) -> Result<String, String> {
             let hex = line
                 .get(start..start + digits)
                 .ok_or("a truncated \\u escape")?;
-            let mut v = 0u32;
-            for &h in hex {
-                v = v
-                    .checked_mul(16)
-                    .and_then(|v| hex_val(h).map(|d| v + d))
-                    .ok_or("an invalid \\u escape")?;
-            }
-            // Lone surrogates cannot be Rust chars.
-            out.push(char::from_u32(v).unwrap_or(char::REPLACEMENT_CHARACTER));
+            let v = hex_u32(hex).ok_or("an invalid \\u escape")?;
             i = start + digits;
+            // Python 2 narrow builds wrote characters past U+FFFF as a
+            // surrogate pair of \u escapes: join them.
+            if (0xd800..0xdc00).contains(&v) && line.get(i..i + 2) == Some(&b"\\u"[..]) {
+                if let Some(lo) = line.get(i + 2..i + 6).and_then(hex_u32) {
+                    if (0xdc00..0xe000).contains(&lo) {
+                        let c = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+                        out.push(char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER));
+                        i += 6;
+                        continue;
+                    }
+                }
+            }
+            // A lone surrogate cannot be a Rust char.
+            out.push(char::from_u32(v).unwrap_or(char::REPLACEMENT_CHARACTER));
         } else {
             out.extend(std::iter::repeat_n('\\', run));
             i += run;
@@ -1135,6 +1146,8 @@ mod tests {
             "a\\\\u0041"
         );
         assert_eq!(decode_raw_unicode_escape(br"\U0001f600").unwrap(), "😀");
+        assert_eq!(decode_raw_unicode_escape(br"\ud83d\ude00!").unwrap(), "😀!");
+        assert_eq!(decode_raw_unicode_escape(br"\ud83d?").unwrap(), "\u{fffd}?");
         assert_eq!(decode_raw_unicode_escape(b"\xe9").unwrap(), "é");
         assert!(decode_raw_unicode_escape(br"\u12").is_err());
     }

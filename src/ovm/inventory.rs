@@ -621,6 +621,16 @@ fn build_disk(spec: &DiskSpec, repos: &[RepoView]) -> Disk {
         }
         DiskTarget::Empty => Some("empty drive: no file".to_owned()),
         DiskTarget::Other(_) => Some(format!("unsupported disk spec {:?}", spec.raw)),
+        DiskTarget::File(p) if !is_plain_absolute(p) => {
+            disk.name = file_name_text(p);
+            disk.path = p.clone();
+            // A relative path, or one with `.` or `..`, could point anywhere
+            // (`<repo>/../../etc/shadow` starts with the repository's path).
+            Some(format!(
+                "disk path {} is not a plain absolute path",
+                p.display()
+            ))
+        }
         DiskTarget::File(p) => {
             disk.name = file_name_text(p);
             disk.path = p.clone();
@@ -632,6 +642,16 @@ fn build_disk(spec: &DiskSpec, repos: &[RepoView]) -> Disk {
     disk.snapshot_compatible = reason.is_none();
     disk.incompatible_reason = reason;
     disk
+}
+
+/// Absolute, without `..` components, with a file name (`.` components
+/// are dropped by `Path::components` and change nothing).
+fn is_plain_absolute(p: &Path) -> bool {
+    use std::path::Component;
+    p.is_absolute()
+        && p.file_name().is_some()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 fn file_disk_reason(
@@ -670,5 +690,54 @@ fn file_disk_reason(
         Ok(m) if m.is_file() => None,
         Ok(_) => Some("not a regular file".to_owned()),
         Err(e) => Some(format!("disk file unusable: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(target: &str) -> DiskSpec {
+        vmcfg::parse_disk_spec(target.as_bytes())
+    }
+
+    #[test]
+    fn tricky_paths_are_never_compatible() {
+        let repos = [RepoView {
+            repo: Repository {
+                id: "r".into(),
+                mount_point: "/OVS/Repositories/r".into(),
+                filesystem: "xfs".into(),
+                alias: "r".into(),
+            },
+            ovsmeta: None,
+            probe: CloneProbe {
+                mount_point: "/OVS/Repositories/r".into(),
+                can_clone: true,
+                method: None,
+                fs_type: None,
+                error: None,
+            },
+        }];
+        for t in [
+            "file:/OVS/Repositories/r/../../../etc/shadow,xvda,w",
+            "file:relative/x.img,xvda,w",
+        ] {
+            let d = build_disk(&spec(t), &repos);
+            assert!(!d.snapshot_compatible, "{t}");
+            assert!(d.repository.is_none(), "{t}");
+        }
+        let d = build_disk(
+            &spec("file:/OVS/Repositories/r/VirtualDisks/x.img,xvda,w"),
+            &repos,
+        );
+        assert_eq!(d.repository.as_ref().unwrap().id, "r");
+        // The file does not exist here: that is the only reason left.
+        assert!(d.incompatible_reason.unwrap().contains("unusable"));
+        let d = build_disk(&spec("file:/OVS/Repositories/rr/x.img,xvda,w"), &repos);
+        assert!(
+            d.repository.is_none(),
+            "a sibling with a longer name is not inside"
+        );
     }
 }

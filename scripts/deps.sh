@@ -3,7 +3,7 @@
 # (as root). Idempotent: only what is missing is installed.
 set -euo pipefail
 
-pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux)
+pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

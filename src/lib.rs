@@ -10,4 +10,5 @@
 
 pub mod extent;
 pub mod ovm;
+pub mod store;
 pub mod sys;

@@ -535,7 +535,9 @@ impl Manager {
                 .disks
                 .iter()
                 .position(|b| b.name == d.name)
-                .map(|j| base_maps[j].clip(base.disks[j].size))
+                // Clipped to the newer size too: past it the client
+                // truncates (`size`), and no chunk may point past the end.
+                .map(|j| base_maps[j].clip(base.disks[j].size.min(d.size)))
                 // A disk new since the base: everything it holds is new.
                 .unwrap_or_default();
             let diff = extent::diff(&before, &now);
@@ -694,6 +696,12 @@ impl Manager {
         Ok((file, d.size))
     }
 }
+
+// The API shares one manager between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Manager>();
+};
 
 /// The distinct repository mount points of a snapshot, in disk order.
 fn repo_mounts(rec: &SnapshotRecord) -> Vec<&Path> {

@@ -745,3 +745,139 @@ fn a_second_manager_on_one_database_is_refused() {
     .unwrap_err();
     assert!(matches!(err, SnapshotError::Busy { .. }), "{err:?}");
 }
+
+/// A small XFS image loop-mounted for one test, unmounted on drop.
+struct LoopXfs {
+    dir: PathBuf,
+    img: PathBuf,
+}
+
+impl LoopXfs {
+    /// XFS refuses filesystems under 300 MiB (xfsprogs 5.19 and later).
+    const SIZE: u64 = 300 * MIB;
+
+    fn new(tag: &str) -> LoopXfs {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test mounts a loop filesystem: run it as root (sudo ./scripts/test.sh)"
+        );
+        let base = std::env::temp_dir().join(format!("coe-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let img = base.join("fs.img");
+        let dir = base.join("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        File::create(&img).unwrap().set_len(Self::SIZE).unwrap();
+        run_tool(
+            "mkfs.xfs",
+            &["-q", "-f", "-m", "reflink=1", img.to_str().unwrap()],
+        );
+        run_tool(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()],
+        );
+        LoopXfs { dir, img }
+    }
+}
+
+impl Drop for LoopXfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(self.img.parent().unwrap());
+    }
+}
+
+fn run_tool(tool: &str, args: &[&str]) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is needed for this test (scripts/deps.sh): {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_enospc(e: &SnapshotError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[test]
+fn a_create_on_a_full_filesystem_fails_cleanly_and_leaves_nothing() {
+    let s = Setup::new(Fs::Xfs, "snap-enospc");
+    let tiny = LoopXfs::new("enospc");
+    let repo = tiny.dir.clone();
+    let vm = vm_with(&repo, "vm", &["a.img", "b.img"]);
+    // Fragmented disks: their clones need new block-map blocks.
+    for d in &vm.disks {
+        let f = OpenOptions::new().write(true).open(&d.path).unwrap();
+        for i in 0..3000u64 {
+            f.write_all_at(&[7u8; 4096], i * 8192).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    s.inv.set(vm);
+    std::fs::create_dir(repo.join(SNAPSHOTS_DIR)).unwrap();
+    // Fill the filesystem: one big preallocation, then 4 KiB files until
+    // ENOSPC.
+    let avail = rustix::fs::statvfs(&repo).unwrap();
+    let avail = avail.f_bavail * avail.f_frsize;
+    let fill = File::create(repo.join("fill")).unwrap();
+    rustix::fs::fallocate(&fill, rustix::fs::FallocateFlags::empty(), 0, avail - MIB).unwrap();
+    let mut small = Vec::new();
+    for i in 0..100_000 {
+        let p = repo.join(format!("f{i}"));
+        match std::fs::write(&p, [1u8; 4096]) {
+            Ok(()) => small.push(p),
+            Err(e) if e.raw_os_error() == Some(28) => {
+                let _ = std::fs::remove_file(&p);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Free space a little at a time: every create fails cleanly with
+    // ENOSPC until one succeeds.
+    let mut failures: Vec<String> = Vec::new();
+    let mut created = None;
+    for _ in 0..2000 {
+        match s.mgr.create("vm") {
+            Ok(snap) => {
+                created = Some(snap);
+                break;
+            }
+            Err(e) => {
+                assert!(is_enospc(&e), "not ENOSPC: {e:?}");
+                assert_eq!(folders(&repo), Vec::<String>::new(), "after {e:?}");
+                assert_eq!(s.mgr.store().list_all().unwrap(), vec![]);
+                let step = e.to_string();
+                if !failures.contains(&step) {
+                    failures.push(step);
+                }
+            }
+        }
+        for _ in 0..4 {
+            if let Some(p) = small.pop() {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    eprintln!("ENOSPC failures seen: {failures:?}");
+    assert!(!failures.is_empty(), "the filesystem was never full");
+    let snap = created.expect("a create succeeds once space is freed");
+    assert_eq!(folders(&repo), vec![snap.id.clone()]);
+    for d in &snap.disks {
+        let (f, _) = s.mgr.open_disk("vm", &snap.id, &d.name).unwrap();
+        assert!(read_all(f) == std::fs::read(&d.parent_path).unwrap());
+    }
+    drop(s);
+}

@@ -8,3 +8,4 @@
 mod common;
 mod fs_core;
 mod snapshot;
+mod snapshot_crash;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use coriolis_ovm_exporter::snapshot::fault;
-use coriolis_ovm_exporter::store::SNAPSHOTS_DIR;
+use coriolis_ovm_exporter::store::{Store, StoreOptions, SNAPSHOTS_DIR};
 
 use crate::common::{Fs, Scratch};
 use crate::snapshot::folders;
@@ -248,4 +248,26 @@ fn admin_commands_refuse_while_another_process_holds_the_database() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_reader_killed_inside_a_transaction_leaves_no_lasting_damage() {
+    let node = Node::new("crash-reader");
+    let id = node.create();
+    // Another process keeps the environment open (LMDB resets the reader
+    // table when the last user goes, so a stale slot needs a survivor).
+    let store = Store::open(&node.db(), &StoreOptions::default()).unwrap();
+    let out = node.run(&["snapshot", "list"], Some(fault::STORE_IN_READ_TXN));
+    assert_killed(&out, fault::STORE_IN_READ_TXN);
+    assert_eq!(
+        store.clear_stale_readers().unwrap(),
+        1,
+        "the dead reader's slot"
+    );
+    assert_eq!(store.clear_stale_readers().unwrap(), 0);
+    assert_eq!(store.list_vm("vm").unwrap().len(), 1);
+    drop(store);
+    // And the next open of the service works as before.
+    let listed: serde_json::Value = serde_json::from_str(&node.ok(&["snapshot", "list"])).unwrap();
+    assert_eq!(listed[0]["id"], serde_json::json!(id));
 }

@@ -46,6 +46,10 @@ pub const DELETE_AFTER_MANIFEST: &str = "delete-after-manifest";
 pub const DELETE_AFTER_RECORD: &str = "delete-after-record";
 /// One disk file is removed, the rest not yet.
 pub const DELETE_AFTER_FIRST_FILE: &str = "delete-after-first-file";
+/// Inside a read transaction of the store (listing a VM's snapshots): a
+/// process killed here leaves a stale LMDB reader slot. Not in [`POINTS`]:
+/// it is no step of create or delete.
+pub const STORE_IN_READ_TXN: &str = "store-in-read-txn";
 
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();

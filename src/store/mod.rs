@@ -171,6 +171,7 @@ pub struct Store {
     maps: Database<'static, Bytes, Bytes>,
     path: PathBuf,
     map_size: usize,
+    stale_readers_cleared: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -242,13 +243,17 @@ impl Store {
         // A process killed inside a read transaction leaves its reader slot
         // taken; with enough of them LMDB refuses new readers and the file
         // cannot shrink its free list. Clear them now.
-        match env.clear_stale_readers() {
-            Ok(0) => {}
+        let stale_readers_cleared = match env.clear_stale_readers() {
+            Ok(0) => 0,
             Ok(n) => {
-                tracing::info!(db = %path.display(), cleared = n, "cleared stale LMDB reader slots")
+                tracing::info!(db = %path.display(), cleared = n, "cleared stale LMDB reader slots");
+                n
             }
-            Err(e) => tracing::warn!(db = %path.display(), error = %e, "LMDB reader check failed"),
-        }
+            Err(e) => {
+                tracing::warn!(db = %path.display(), error = %e, "LMDB reader check failed");
+                0
+            }
+        };
 
         let wtxn = env.write_txn().map_err(open_err)?;
         let (meta, snapshots, by_vm, maps) = env
@@ -282,6 +287,7 @@ impl Store {
             maps,
             path: path.to_path_buf(),
             map_size,
+            stale_readers_cleared,
         };
         let found = store.schema_version()?;
         if found > SCHEMA_VERSION {
@@ -300,6 +306,19 @@ impl Store {
 
     pub fn map_size(&self) -> usize {
         self.map_size
+    }
+
+    /// Clears the reader slots of dead processes sharing this environment;
+    /// returns how many. Done at open and whenever the reader table is full.
+    pub fn clear_stale_readers(&self) -> Result<usize, StoreError> {
+        self.env
+            .clear_stale_readers()
+            .map_err(|e| lmdb("reader check", e))
+    }
+
+    /// Reader slots of dead processes cleared when the store was opened.
+    pub fn stale_readers_cleared(&self) -> usize {
+        self.stale_readers_cleared
     }
 
     /// The schema version recorded in the database.
@@ -491,6 +510,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let txn = self.read_txn()?;
+        crate::snapshot::fault::point(crate::snapshot::fault::STORE_IN_READ_TXN);
         let prefix = codec::index_prefix(vm);
         let iter = self
             .by_vm

@@ -6,8 +6,12 @@
 //! - [`extent`]: pure extent-map algebra: squash and diff.
 //! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
 //!   `.ovsmeta`, or the static inventory of the config).
+//! - [`store`]: snapshot metadata in LMDB (heed).
+//! - [`snapshot`]: the snapshot manager: create, diff, delete, reconcile.
 #![deny(unsafe_code)]
 
 pub mod extent;
 pub mod ovm;
+pub mod snapshot;
+pub mod store;
 pub mod sys;

@@ -8,3 +8,5 @@
 mod common;
 mod fs_core;
 mod ovm;
+mod snapshot;
+mod snapshot_crash;

@@ -1,0 +1,88 @@
+//! The snapshot manager's errors: one variant per kind of failure, so the
+//! API can map them to HTTP statuses (it does, not this module).
+
+use std::path::PathBuf;
+
+use crate::store::StoreError;
+use crate::sys::{CloneError, FiemapError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An unknown VM, snapshot or disk (HTTP 404).
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// The snapshot belongs to another VM (HTTP 409).
+    #[error("{what}")]
+    Conflict { what: String },
+    /// A request that cannot be answered as asked (HTTP 400), e.g. a
+    /// `compareTo` that is not older.
+    #[error("{reason}")]
+    BadRequest { reason: String },
+    /// The base snapshot of a diff is no longer the one its extent maps
+    /// describe: answering would risk a missed change (SEMANTICS.md §2).
+    #[error("base snapshot {id}: disk {disk} changed or vanished since it was recorded: {reason}")]
+    BaseChanged {
+        id: String,
+        disk: String,
+        reason: String,
+    },
+    /// The snapshot itself is damaged on disk (file gone or changed).
+    #[error("snapshot {id}: disk {disk} is damaged: {reason}")]
+    Damaged {
+        id: String,
+        disk: String,
+        reason: String,
+    },
+    /// The VM has a disk that cannot be cloned (HTTP 400); nothing created.
+    #[error("disk {disk} cannot be snapshotted: {reason}")]
+    Incompatible { disk: String, reason: String },
+    #[error("cloning disk {disk} failed")]
+    Clone {
+        disk: String,
+        #[source]
+        source: CloneError,
+    },
+    #[error("mapping the extents of disk {disk} failed")]
+    Fiemap {
+        disk: String,
+        #[source]
+        source: FiemapError,
+    },
+    #[error("snapshot metadata")]
+    Store(#[from] StoreError),
+    /// A filesystem step failed: `step` says which, `what` on which disk or
+    /// folder.
+    #[error("{step} ({what}) failed")]
+    Io {
+        step: &'static str,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("manifest {path:?} is invalid: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    /// The inventory could not answer.
+    #[error("inventory lookup failed: {0}")]
+    Inventory(String),
+    /// Another process holds the database (a running service).
+    #[error(
+        "the snapshot database {path:?} is in use by another process (stop the service \
+         before running this command, or use the API)"
+    )]
+    Busy { path: PathBuf },
+}
+
+impl SnapshotError {
+    pub(crate) fn io(step: &'static str, what: impl Into<String>, source: std::io::Error) -> Self {
+        SnapshotError::Io {
+            step,
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// True when the store ran out of map space (nothing was recorded).
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, SnapshotError::Store(e) if e.is_map_full())
+    }
+}

@@ -1,0 +1,75 @@
+//! Fault points: named places inside create and delete where a crash test
+//! can make the process kill itself.
+//!
+//! With `COE_FAULT=<point>` in the environment, reaching that point sends
+//! SIGKILL to the process itself: no destructor, no flush, exactly what a
+//! power cut or `kill -9` leaves behind. The crash tests run the real binary
+//! once per point and then check what reconcile makes of the debris.
+//!
+//! Why always compiled in rather than behind a cargo feature: the tests must
+//! kill the very binary that ships (`CARGO_BIN_EXE_…` is built with the
+//! package's default features, and `scripts/test.sh` runs plain `cargo
+//! test`), and a feature only tests enable would test another build. The
+//! cost when unset is one cached environment lookup per point; the service
+//! logs a warning at start when the variable is set.
+
+use std::sync::OnceLock;
+
+/// The environment variable naming the point to die at.
+pub const ENV: &str = "COE_FAULT";
+
+/// Every fault point, in the order an operation reaches them.
+pub const POINTS: &[&str] = &[
+    CREATE_AFTER_MKDIR,
+    CREATE_AFTER_FIRST_CLONE,
+    CREATE_AFTER_CLONES,
+    CREATE_AFTER_MANIFEST,
+    CREATE_AFTER_COMMIT,
+    DELETE_AFTER_MANIFEST,
+    DELETE_AFTER_RECORD,
+    DELETE_AFTER_FIRST_FILE,
+];
+
+/// The snapshot folders exist, with their owner marker; nothing cloned.
+pub const CREATE_AFTER_MKDIR: &str = "create-after-mkdir";
+/// The first disk is cloned, others not yet.
+pub const CREATE_AFTER_FIRST_CLONE: &str = "create-after-first-clone";
+/// Every disk is cloned and mapped; no manifest.
+pub const CREATE_AFTER_CLONES: &str = "create-after-clones";
+/// Manifests are written; the database commit has not happened.
+pub const CREATE_AFTER_MANIFEST: &str = "create-after-manifest";
+/// Committed; the caller has not been answered.
+pub const CREATE_AFTER_COMMIT: &str = "create-after-commit";
+/// The manifests are removed (the snapshot is invalid); record still there.
+pub const DELETE_AFTER_MANIFEST: &str = "delete-after-manifest";
+/// The record is gone; the files are still there.
+pub const DELETE_AFTER_RECORD: &str = "delete-after-record";
+/// One disk file is removed, the rest not yet.
+pub const DELETE_AFTER_FIRST_FILE: &str = "delete-after-first-file";
+/// Inside a read transaction of the store (listing a VM's snapshots): a
+/// process killed here leaves a stale LMDB reader slot. Not in [`POINTS`]:
+/// it is no step of create or delete.
+pub const STORE_IN_READ_TXN: &str = "store-in-read-txn";
+
+fn armed() -> Option<&'static str> {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty()))
+        .as_deref()
+}
+
+/// Whether a fault point is armed (the service warns at start if so).
+pub fn armed_point() -> Option<&'static str> {
+    armed()
+}
+
+/// Dies here, by SIGKILL, if `point` is the armed one.
+pub fn point(point: &str) {
+    if armed() == Some(point) {
+        eprintln!("fault point {point}: killing the process");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        // SIGKILL cannot be caught; should it somehow be, abort anyway.
+        std::process::abort();
+    }
+}

@@ -1,0 +1,951 @@
+//! The snapshot manager: create, get (squash, diff), list, delete, purge,
+//! open a disk for reading, and reconcile the database with the
+//! repositories (SEMANTICS.md §1 to §4).
+//!
+//! # A snapshot on disk
+//! ```text
+//! <repo mount>/CoriolisSnapshots/<id>/            0700, one per repository
+//!     .coriolis-owner          which exporter made it (written first)
+//!     <disk name> ...          one reflink clone per disk, 0600
+//!     .coriolis-manifest.json  the snapshot's record (written last)
+//! ```
+//! and its record, extent maps and index entry in the [`Store`], committed
+//! in one transaction after the manifests.
+//!
+//! # Why this order
+//! - The owner mark comes first so that reconcile can tell a half-made
+//!   folder of this exporter from one of another node sharing the OCFS2
+//!   repository (NODE.md): only our own folders are ever removed.
+//! - The manifest comes after every clone is made, mapped and synced, and is
+//!   renamed into place: a folder with a manifest is complete. A crash
+//!   before the manifest leaves a half-made folder that reconcile removes; a
+//!   crash after it leaves a complete snapshot that reconcile adopts (as it
+//!   adopts every complete folder when the database was lost).
+//! - Delete removes the manifests first, so that a crash halfway never
+//!   resurrects a deleted snapshot, then the record, then the files.
+//!
+//! # What this module must not do
+//! Join anything from a request into a path: snapshot ids are looked up in
+//! the store, disk names matched against the record. Follow a symlink below
+//! a repository's mount point (see [`dirs`]). Block an event loop: every
+//! call here blocks (clones, FIEMAP, fsync); the API runs them on a
+//! blocking pool. Depend on how the inventory is built: VMs come through
+//! [`VmLookup`].
+
+pub mod admin;
+pub(crate) mod dirs;
+pub mod error;
+pub mod fault;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::extent::{self, ByteRange, Extent, ExtentMap};
+use crate::ovm::Vm;
+use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions, SNAPSHOTS_DIR};
+
+pub use error::SnapshotError;
+pub use reconcile::{Action, ReconcileReport};
+
+/// File name of the manifest in each snapshot folder.
+pub const MANIFEST: &str = ".coriolis-manifest.json";
+/// Temporary name the manifest is written under before the rename.
+pub const MANIFEST_TMP: &str = ".coriolis-manifest.json.tmp";
+/// File name of the owner mark in each snapshot folder.
+pub const OWNER_MARK: &str = ".coriolis-owner";
+/// Names starting with this are the service's own; a disk so named is
+/// refused.
+pub const RESERVED_PREFIX: &str = ".coriolis-";
+/// Version of the manifest layout.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Manifests bigger than this are not read (a VM with hundreds of disks
+/// takes a few hundred KiB).
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Owner marks bigger than this are not read.
+const MAX_OWNER_BYTES: u64 = 4096;
+/// Where the owner id comes from when the config names none: the machine's
+/// stable id (systemd, dbus), then the host name.
+const MACHINE_ID_FILES: &[&str] = &["/etc/machine-id", "/var/lib/dbus/machine-id"];
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// How the manager finds VMs: the inventory implements this.
+pub trait VmLookup: Send + Sync {
+    /// The VM named `name` (the `{vm}` of the API), or None if unknown. An
+    /// Err is a failure of the inventory itself.
+    fn vm(&self, name: &str) -> Result<Option<Vm>, String>;
+}
+
+/// The `[store]` section of the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// LMDB map size in bytes: the most the database can hold. Default 64 GiB
+    /// (address space, not disk).
+    pub map_size: u64,
+    /// LMDB reader slots (concurrent read transactions). Default 1024.
+    pub max_readers: u32,
+    /// This exporter's identity, written into every snapshot folder so that
+    /// exporters on other nodes sharing a repository never remove each
+    /// other's snapshots. Default: `/etc/machine-id`, else the host name.
+    pub owner: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            map_size: crate::store::DEFAULT_MAP_SIZE as u64,
+            max_readers: crate::store::DEFAULT_MAX_READERS,
+            owner: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The owner id in force: the configured one or the machine's.
+    pub fn owner_id(&self) -> String {
+        if let Some(o) = self
+            .owner
+            .as_deref()
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+        {
+            return o.to_owned();
+        }
+        for f in MACHINE_ID_FILES.iter().chain([&HOSTNAME_FILE]) {
+            if let Ok(s) = std::fs::read_to_string(f) {
+                let s = s.trim();
+                if !s.is_empty() {
+                    return s.to_owned();
+                }
+            }
+        }
+        "localhost".to_owned()
+    }
+}
+
+/// The manifest in each snapshot folder: the snapshot's record, from which
+/// the database can be rebuilt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    #[serde(flatten)]
+    pub snapshot: SnapshotRecord,
+}
+
+/// One chunk as the API shows it (API.md, Snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Chunk {
+    pub start: u64,
+    pub length: u64,
+    pub physical_start: u64,
+}
+
+impl From<&Extent> for Chunk {
+    fn from(e: &Extent) -> Self {
+        Chunk {
+            start: e.logical,
+            length: e.length,
+            physical_start: e.physical,
+        }
+    }
+}
+
+/// One disk of a snapshot as the API shows it. Serialises to API.md's
+/// Snapshot disk object; `size` and `zeroed` only in diff answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiskInfo {
+    pub parent_path: String,
+    pub path: String,
+    pub snapshot_id: String,
+    pub chunks: Vec<Chunk>,
+    pub name: String,
+    pub repo_mountpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zeroed: Option<Vec<ByteRange>>,
+    /// Size of the snapshot file in bytes (always known; `size` is the
+    /// wire field of diff answers).
+    #[serde(skip)]
+    pub file_size: u64,
+}
+
+/// A snapshot as the API shows it (API.md, Snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub vm_id: String,
+    pub disks: Vec<DiskInfo>,
+    #[serde(skip)]
+    pub created_at_ns: u64,
+}
+
+/// Options of [`Manager::get`] (the query of `GET .../snapshots/{snap}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GetOptions {
+    /// Merge logically contiguous chunks (`squashChunks`, default true).
+    pub squash: bool,
+    /// Answer only what changed since this older snapshot (`compareTo`).
+    pub compare_to: Option<String>,
+    /// Leave zeroed ranges out of `chunks` (`zeroed=separate`); by default
+    /// they are in `chunks` too, so old clients copy the zeros.
+    pub zeroed_separate: bool,
+}
+
+impl Default for GetOptions {
+    fn default() -> Self {
+        Self {
+            squash: true,
+            compare_to: None,
+            zeroed_separate: false,
+        }
+    }
+}
+
+/// A disk of the VM, checked and ready to clone.
+#[derive(Debug)]
+struct PlannedDisk {
+    name: String,
+    parent_path: PathBuf,
+    src_dir: PathBuf,
+    src_name: String,
+    repo_mount: PathBuf,
+}
+
+/// A snapshot folder made by a create in progress.
+struct Folder {
+    repo_mount: PathBuf,
+    snaps_dir: OwnedFd,
+    dir: OwnedFd,
+}
+
+/// The snapshot manager. `Send + Sync`; every method blocks.
+pub struct Manager {
+    store: Store,
+    lookup: Arc<dyn VmLookup>,
+    owner: String,
+    /// One mutex per VM name serialises creates, deletes and purges of one
+    /// VM (so two creates give two snapshots and a delete never races a
+    /// create of the same VM). Entries are never removed: one per VM the
+    /// node ever had, a few bytes each.
+    vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Reconcile takes this exclusively; every mutation shares it, so that
+    /// reconcile never mistakes a create in progress for debris.
+    reconciling: RwLock<()>,
+    /// Held for the manager's life: a second process (e.g. an admin command
+    /// while the service runs) is refused instead of reconciling away the
+    /// service's creates in progress.
+    _process_lock: File,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("store", &self.store)
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn lossy(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The path of the process lock beside the database file.
+fn process_lock_path(db_file: &Path) -> PathBuf {
+    let mut s = db_file.as_os_str().to_owned();
+    s.push(".coe-lock");
+    PathBuf::from(s)
+}
+
+impl Manager {
+    /// Opens the store at `db_file` for this process. Does not reconcile:
+    /// call [`Manager::reconcile`] with the inventory's repositories at
+    /// start.
+    pub fn open(
+        db_file: &Path,
+        config: &StoreConfig,
+        lookup: Arc<dyn VmLookup>,
+    ) -> Result<Manager, SnapshotError> {
+        if let Some(parent) = db_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| SnapshotError::io("create the database folder", lossy(parent), e))?;
+        }
+        let lock_path = process_lock_path(db_file);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| SnapshotError::io("open the database lock", lossy(&lock_path), e))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(SnapshotError::Busy {
+                    path: db_file.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                return Err(SnapshotError::io(
+                    "lock the database",
+                    lossy(&lock_path),
+                    e.into(),
+                ))
+            }
+        }
+        let options = StoreOptions {
+            map_size: usize::try_from(config.map_size).unwrap_or(usize::MAX),
+            max_readers: config.max_readers,
+        };
+        let store = Store::open(db_file, &options)?;
+        if let Some(p) = fault::armed_point() {
+            tracing::warn!(
+                point = p,
+                "{} is set: this process will kill itself at that point",
+                fault::ENV
+            );
+        }
+        Ok(Manager {
+            store,
+            lookup,
+            owner: config.owner_id(),
+            vm_locks: Mutex::new(HashMap::new()),
+            reconciling: RwLock::new(()),
+            _process_lock: lock,
+        })
+    }
+
+    /// The underlying store (read-only uses: metrics, tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// This exporter's owner id, written into every snapshot folder.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn vm_mutex(&self, vm: &str) -> Arc<Mutex<()>> {
+        let mut map = self.vm_locks.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(vm.to_owned()).or_default().clone()
+    }
+
+    fn lookup_vm(&self, name: &str) -> Result<Option<Vm>, SnapshotError> {
+        self.lookup.vm(name).map_err(SnapshotError::Inventory)
+    }
+
+    /// Snapshots every disk of `vm` under one new id (SEMANTICS.md §1).
+    /// Returns the new snapshot with its chunks not squashed.
+    pub fn create(&self, vm: &str) -> Result<SnapshotInfo, SnapshotError> {
+        let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
+        let vm = self.lookup_vm(vm)?.ok_or_else(|| SnapshotError::NotFound {
+            what: format!("VM {vm}"),
+        })?;
+        let plan = plan_disks(&vm)?;
+        let m = self.vm_mutex(&vm.name);
+        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let id = Uuid::new_v4().to_string();
+        let mut folders = Vec::new();
+        let result = self.create_in(&vm, &plan, &id, &mut folders);
+        if result.is_err() {
+            for f in &folders {
+                if let Err(e) = dirs::remove_tree_flat(f.snaps_dir.as_fd(), &id) {
+                    // Reconcile removes it at the next start (owner mark).
+                    tracing::error!(snapshot = %id, repo = %f.repo_mount.display(), error = %e,
+                        "cannot remove the folder of a failed snapshot");
+                }
+            }
+        }
+        let (record, maps) = result?;
+        tracing::info!(snapshot = %record.id, vm = %record.vm, disks = record.disks.len(), "snapshot created");
+        Ok(info(&record, &maps, false))
+    }
+
+    fn create_in(
+        &self,
+        vm: &Vm,
+        plan: &[PlannedDisk],
+        id: &str,
+        folders: &mut Vec<Folder>,
+    ) -> Result<(SnapshotRecord, Vec<ExtentMap>), SnapshotError> {
+        let created_at_ns = now_ns();
+        for d in plan {
+            if folders.iter().any(|f| f.repo_mount == d.repo_mount) {
+                continue;
+            }
+            let what = || lossy(&d.repo_mount);
+            let repo = dirs::open_dir(&d.repo_mount)
+                .map_err(|e| SnapshotError::io("open the repository", what(), e))?;
+            let (snaps_dir, _) = dirs::ensure_dir_at(repo.as_fd(), SNAPSHOTS_DIR)
+                .map_err(|e| SnapshotError::io("open CoriolisSnapshots", what(), e))?;
+            let dir = dirs::create_dir_at(snaps_dir.as_fd(), id)
+                .map_err(|e| SnapshotError::io("create the snapshot folder", what(), e))?;
+            folders.push(Folder {
+                repo_mount: d.repo_mount.clone(),
+                snaps_dir,
+                dir,
+            });
+            let f = folders.last().expect("just pushed");
+            dirs::write_new(f.dir.as_fd(), OWNER_MARK, self.owner.as_bytes())
+                .map_err(|e| SnapshotError::io("write the owner mark", what(), e))?;
+        }
+        fault::point(fault::CREATE_AFTER_MKDIR);
+
+        let mut disks = Vec::with_capacity(plan.len());
+        let mut maps = Vec::with_capacity(plan.len());
+        for (i, d) in plan.iter().enumerate() {
+            let folder = folders
+                .iter()
+                .find(|f| f.repo_mount == d.repo_mount)
+                .expect("a folder per repository");
+            let src_dir = dirs::open_dir(&d.src_dir)
+                .map_err(|e| SnapshotError::io("open the disk's folder", &d.name, e))?;
+            crate::sys::reflink(
+                src_dir.as_fd(),
+                Path::new(&d.src_name),
+                folder.dir.as_fd(),
+                Path::new(&d.name),
+            )
+            .map_err(|source| SnapshotError::Clone {
+                disk: d.name.clone(),
+                source,
+            })?;
+            if i == 0 {
+                fault::point(fault::CREATE_AFTER_FIRST_CLONE);
+            }
+            let clone = dirs::open_file_at(folder.dir.as_fd(), &d.name)
+                .map_err(|e| SnapshotError::io("open the clone", &d.name, e))?;
+            // The record will say this clone exists: make it durable first.
+            clone
+                .sync_all()
+                .map_err(|e| SnapshotError::io("sync the clone", &d.name, e))?;
+            let map =
+                crate::sys::extent_map(&clone, true).map_err(|source| SnapshotError::Fiemap {
+                    disk: d.name.clone(),
+                    source,
+                })?;
+            let fingerprint = Fingerprint::of(&clone)
+                .map_err(|e| SnapshotError::io("stat the clone", &d.name, e))?;
+            disks.push(DiskRecord {
+                name: d.name.clone(),
+                parent_path: d.parent_path.clone(),
+                repo_mount: d.repo_mount.clone(),
+                size: fingerprint.size,
+                fingerprint,
+                extents: map.len() as u64,
+            });
+            maps.push(map);
+        }
+        for f in folders.iter() {
+            dirs::fsync_dir(f.dir.as_fd()).map_err(|e| {
+                SnapshotError::io("sync the snapshot folder", lossy(&f.repo_mount), e)
+            })?;
+        }
+        fault::point(fault::CREATE_AFTER_CLONES);
+
+        let mut record = SnapshotRecord {
+            id: id.to_owned(),
+            vm: vm.name.clone(),
+            seq: 0,
+            created_at_ns,
+            owner: self.owner.clone(),
+            disks,
+        };
+        let manifest = serde_json::to_vec_pretty(&Manifest {
+            format: MANIFEST_FORMAT,
+            snapshot: record.clone(),
+        })
+        .map_err(|e| SnapshotError::io("encode the manifest", id, std::io::Error::other(e)))?;
+        for f in folders.iter() {
+            dirs::write_atomic(f.dir.as_fd(), MANIFEST_TMP, MANIFEST, &manifest)
+                .map_err(|e| SnapshotError::io("write the manifest", lossy(&f.repo_mount), e))?;
+        }
+        fault::point(fault::CREATE_AFTER_MANIFEST);
+
+        self.store.insert(&mut record, &maps)?;
+        fault::point(fault::CREATE_AFTER_COMMIT);
+        Ok((record, maps))
+    }
+
+    /// The record of `snap`, which must belong to `vm`.
+    fn record_of(&self, vm: &str, snap: &str) -> Result<SnapshotRecord, SnapshotError> {
+        let rec = self
+            .store
+            .get(snap)?
+            .ok_or_else(|| SnapshotError::NotFound {
+                what: format!("snapshot {snap}"),
+            })?;
+        if rec.vm != vm {
+            return Err(SnapshotError::Conflict {
+                what: format!("snapshot {snap} belongs to another VM"),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// One snapshot; with `compare_to`, only what changed since that older
+    /// snapshot (SEMANTICS.md §2).
+    pub fn get(
+        &self,
+        vm: &str,
+        snap: &str,
+        options: &GetOptions,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let rec = self.record_of(vm, snap)?;
+        let maps = self.maps_of(&rec)?;
+        let Some(base_id) = options.compare_to.as_deref() else {
+            return Ok(info(&rec, &maps, options.squash));
+        };
+        let base = self.record_of(vm, base_id)?;
+        if base.seq >= rec.seq {
+            return Err(SnapshotError::BadRequest {
+                reason: format!("compareTo snapshot {base_id} is not older than {snap}"),
+            });
+        }
+        // The maps must describe the files as they are: a base whose file
+        // was replaced or removed may have had its blocks reused.
+        verify(&base).map_err(|(disk, reason)| SnapshotError::BaseChanged {
+            id: base.id.clone(),
+            disk,
+            reason,
+        })?;
+        verify(&rec).map_err(|(disk, reason)| SnapshotError::Damaged {
+            id: rec.id.clone(),
+            disk,
+            reason,
+        })?;
+        let base_maps = self.maps_of(&base)?;
+        let mut out = info(&rec, &[], false);
+        for (i, (d, map)) in rec.disks.iter().zip(&maps).enumerate() {
+            let now = map.clip(d.size);
+            let before = base
+                .disks
+                .iter()
+                .position(|b| b.name == d.name)
+                // Clipped to the newer size too: past it the client
+                // truncates (`size`), and no chunk may point past the end.
+                .map(|j| base_maps[j].clip(base.disks[j].size.min(d.size)))
+                // A disk new since the base: everything it holds is new.
+                .unwrap_or_default();
+            let diff = extent::diff(&before, &now);
+            let chunks = if options.zeroed_separate {
+                diff.changed.clone()
+            } else {
+                diff.chunks_with_zeroed()
+            };
+            let chunks = if options.squash {
+                extent::squash(&chunks)
+            } else {
+                chunks
+            };
+            let disk = &mut out.disks[i];
+            disk.chunks = chunks.iter().map(Chunk::from).collect();
+            disk.size = Some(d.size);
+            disk.zeroed = Some(diff.zeroed);
+        }
+        Ok(out)
+    }
+
+    fn maps_of(&self, rec: &SnapshotRecord) -> Result<Vec<ExtentMap>, SnapshotError> {
+        (0..rec.disks.len() as u32)
+            .map(|i| self.store.map(&rec.id, i).map_err(Into::into))
+            .collect()
+    }
+
+    /// Every snapshot of `vm`, oldest first, chunks squashed. An unknown VM
+    /// without snapshots is NotFound.
+    pub fn list(&self, vm: &str) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+        let recs = self.records_of_known_vm(vm)?;
+        recs.iter()
+            .map(|r| Ok(info(r, &self.maps_of(r)?, true)))
+            .collect()
+    }
+
+    /// The ids of `vm`'s snapshots, oldest first (the VM JSON's
+    /// `snapshots`); cheap, no extent map is read.
+    pub fn ids(&self, vm: &str) -> Result<Vec<String>, SnapshotError> {
+        Ok(self.store.list_vm(vm)?.into_iter().map(|r| r.id).collect())
+    }
+
+    fn records_of_known_vm(&self, vm: &str) -> Result<Vec<SnapshotRecord>, SnapshotError> {
+        let recs = self.store.list_vm(vm)?;
+        if recs.is_empty() && self.lookup_vm(vm)?.is_none() {
+            return Err(SnapshotError::NotFound {
+                what: format!("VM {vm}"),
+            });
+        }
+        Ok(recs)
+    }
+
+    /// Deletes a snapshot. Unknown ids are fine (idempotent); a snapshot of
+    /// another VM is a Conflict. Open readers of its files keep reading.
+    pub fn delete(&self, vm: &str, snap: &str) -> Result<(), SnapshotError> {
+        let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
+        let m = self.vm_mutex(vm);
+        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rec) = self.store.get(snap)? else {
+            return Ok(());
+        };
+        if rec.vm != vm {
+            return Err(SnapshotError::Conflict {
+                what: format!("snapshot {snap} belongs to another VM"),
+            });
+        }
+        self.delete_record(&rec)
+    }
+
+    /// Deletes every snapshot of `vm`; returns how many there were.
+    pub fn purge(&self, vm: &str) -> Result<usize, SnapshotError> {
+        let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
+        let m = self.vm_mutex(vm);
+        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let recs = self.records_of_known_vm(vm)?;
+        for r in &recs {
+            self.delete_record(r)?;
+        }
+        Ok(recs.len())
+    }
+
+    fn delete_record(&self, rec: &SnapshotRecord) -> Result<(), SnapshotError> {
+        let mut folders = Vec::new();
+        for mount in repo_mounts(rec) {
+            match open_snapshot_folder(mount, &rec.id) {
+                Ok(f) => folders.push(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(SnapshotError::io(
+                        "open the snapshot folder",
+                        lossy(mount),
+                        e,
+                    ))
+                }
+            }
+        }
+        // Without its manifest the folder is no snapshot: a crash from here
+        // on never brings it back, and reconcile finishes the removal.
+        for (snaps_dir, dir, mount) in &folders {
+            let _ = snaps_dir;
+            dirs::unlink_at(dir.as_fd(), MANIFEST)
+                .and_then(|()| dirs::fsync_dir(dir.as_fd()))
+                .map_err(|e| SnapshotError::io("remove the manifest", lossy(mount), e))?;
+        }
+        fault::point(fault::DELETE_AFTER_MANIFEST);
+        self.store.remove(&rec.id)?;
+        fault::point(fault::DELETE_AFTER_RECORD);
+        for (i, d) in rec.disks.iter().enumerate() {
+            if let Some((_, dir, _)) = folders
+                .iter()
+                .find(|(_, _, m)| *m == d.repo_mount.as_path())
+            {
+                dirs::unlink_at(dir.as_fd(), &d.name)
+                    .map_err(|e| SnapshotError::io("remove the disk clone", &d.name, e))?;
+            }
+            if i == 0 {
+                fault::point(fault::DELETE_AFTER_FIRST_FILE);
+            }
+        }
+        for (snaps_dir, dir, mount) in folders {
+            drop(dir);
+            dirs::remove_tree_flat(snaps_dir.as_fd(), &rec.id)
+                .map_err(|e| SnapshotError::io("remove the snapshot folder", lossy(mount), e))?;
+        }
+        tracing::info!(snapshot = %rec.id, vm = %rec.vm, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Opens disk `disk` of snapshot `snap` for reading, with its size. The
+    /// file is found from the record (never from a path in the request),
+    /// without following symlinks, and must still be the recorded file.
+    pub fn open_disk(
+        &self,
+        vm: &str,
+        snap: &str,
+        disk: &str,
+    ) -> Result<(File, u64), SnapshotError> {
+        let rec = self.record_of(vm, snap)?;
+        let d =
+            rec.disks
+                .iter()
+                .find(|d| d.name == disk)
+                .ok_or_else(|| SnapshotError::NotFound {
+                    what: format!("disk {disk} of snapshot {snap}"),
+                })?;
+        let damaged = |reason: String| SnapshotError::Damaged {
+            id: rec.id.clone(),
+            disk: d.name.clone(),
+            reason,
+        };
+        let file = open_snapshot_file(&rec, d).map_err(|e| damaged(e.to_string()))?;
+        let fp = Fingerprint::of(&file).map_err(|e| damaged(e.to_string()))?;
+        if fp.ino != d.fingerprint.ino || fp.size != d.fingerprint.size {
+            return Err(damaged("the file was replaced".into()));
+        }
+        Ok((file, d.size))
+    }
+}
+
+// The API shares one manager between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Manager>();
+};
+
+/// The distinct repository mount points of a snapshot, in disk order.
+fn repo_mounts(rec: &SnapshotRecord) -> Vec<&Path> {
+    let mut out: Vec<&Path> = Vec::new();
+    for d in &rec.disks {
+        if !out.contains(&d.repo_mount.as_path()) {
+            out.push(&d.repo_mount);
+        }
+    }
+    out
+}
+
+/// Opens `<mount>/CoriolisSnapshots/<id>`: (CoriolisSnapshots, folder, mount).
+fn open_snapshot_folder<'a>(
+    mount: &'a Path,
+    id: &str,
+) -> std::io::Result<(OwnedFd, OwnedFd, &'a Path)> {
+    let repo = dirs::open_dir(mount)?;
+    let snaps = dirs::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR)?;
+    let dir = dirs::open_dir_at(snaps.as_fd(), id)?;
+    Ok((snaps, dir, mount))
+}
+
+fn open_snapshot_file(rec: &SnapshotRecord, d: &DiskRecord) -> std::io::Result<File> {
+    let (_, dir, _) = open_snapshot_folder(&d.repo_mount, &rec.id)?;
+    dirs::open_file_at(dir.as_fd(), &d.name)
+}
+
+/// Checks every disk file of `rec` is present and unchanged; Err names the
+/// disk and what is wrong.
+fn verify(rec: &SnapshotRecord) -> Result<(), (String, String)> {
+    for d in &rec.disks {
+        let fail = |reason: String| (d.name.clone(), reason);
+        let f = open_snapshot_file(rec, d).map_err(|e| fail(format!("cannot open it: {e}")))?;
+        let fp = Fingerprint::of(&f).map_err(|e| fail(format!("cannot stat it: {e}")))?;
+        if fp != d.fingerprint {
+            return Err(fail(format!("recorded {:?}, now {:?}", d.fingerprint, fp)));
+        }
+    }
+    Ok(())
+}
+
+/// The API view of a record; `maps` empty gives disks without chunks.
+fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> SnapshotInfo {
+    SnapshotInfo {
+        id: rec.id.clone(),
+        vm_id: rec.vm.clone(),
+        created_at_ns: rec.created_at_ns,
+        disks: rec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let chunks = match maps.get(i) {
+                    Some(m) if squash => extent::squash(m.extents())
+                        .iter()
+                        .map(Chunk::from)
+                        .collect(),
+                    Some(m) => m.extents().iter().map(Chunk::from).collect(),
+                    None => Vec::new(),
+                };
+                DiskInfo {
+                    parent_path: lossy(&d.parent_path),
+                    path: lossy(&rec.disk_path(d)),
+                    snapshot_id: rec.id.clone(),
+                    chunks,
+                    name: d.name.clone(),
+                    repo_mountpoint: lossy(&d.repo_mount),
+                    size: None,
+                    zeroed: None,
+                    file_size: d.size,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Checks that every disk can be cloned and names it; nothing is touched.
+fn plan_disks(vm: &Vm) -> Result<Vec<PlannedDisk>, SnapshotError> {
+    if vm.disks.is_empty() {
+        return Err(SnapshotError::BadRequest {
+            reason: format!("VM {} has no disks", vm.name),
+        });
+    }
+    if vm.name.len() > crate::store::MAX_VM_NAME {
+        return Err(SnapshotError::BadRequest {
+            reason: "the VM name is too long".into(),
+        });
+    }
+    let mut plan: Vec<PlannedDisk> = Vec::with_capacity(vm.disks.len());
+    for d in &vm.disks {
+        let refuse = |reason: &str| SnapshotError::Incompatible {
+            disk: d.name.clone(),
+            reason: reason.to_owned(),
+        };
+        if !d.snapshot_compatible {
+            return Err(refuse(
+                d.incompatible_reason
+                    .as_deref()
+                    .unwrap_or("the disk is not snapshot compatible"),
+            ));
+        }
+        let Some(repo) = &d.repository else {
+            return Err(refuse("the disk is not on a repository"));
+        };
+        if dirs::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
+            return Err(refuse("the disk's name is not a usable file name"));
+        }
+        if plan.iter().any(|p| p.name == d.name) {
+            return Err(refuse("two disks of the VM have the same file name"));
+        }
+        let (Some(src_dir), Some(src_name)) = (d.path.parent(), d.path.file_name()) else {
+            return Err(refuse("the disk's path has no file name"));
+        };
+        if !d.path.is_absolute() || !dirs::is_plain_name(src_name) {
+            return Err(refuse("the disk's path is not an absolute file path"));
+        }
+        let Some(src_name) = src_name.to_str() else {
+            return Err(refuse("the disk's file name is not UTF-8"));
+        };
+        if !repo.mount_point.is_absolute() {
+            return Err(refuse("the repository's mount point is not absolute"));
+        }
+        plan.push(PlannedDisk {
+            name: d.name.clone(),
+            parent_path: d.path.clone(),
+            src_dir: src_dir.to_path_buf(),
+            src_name: src_name.to_owned(),
+            repo_mount: repo.mount_point.clone(),
+        });
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_config_defaults_and_parses() {
+        let c: StoreConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, StoreConfig::default());
+        assert_eq!(c.map_size, 64 << 30);
+        let c: StoreConfig =
+            serde_json::from_str(r#"{"map_size": 1048576, "owner": " node-a "}"#).unwrap();
+        assert_eq!(c.map_size, 1 << 20);
+        assert_eq!(c.owner_id(), "node-a");
+        assert!(serde_json::from_str::<StoreConfig>(r#"{"mapsize": 1}"#).is_err());
+        assert!(!StoreConfig::default().owner_id().is_empty());
+    }
+
+    #[test]
+    fn snapshot_json_has_the_api_field_names() {
+        let d = DiskInfo {
+            parent_path: "/r/VirtualDisks/a.img".into(),
+            path: "/r/CoriolisSnapshots/x/a.img".into(),
+            snapshot_id: "x".into(),
+            chunks: vec![Chunk {
+                start: 0,
+                length: 4096,
+                physical_start: 1 << 33,
+            }],
+            name: "a.img".into(),
+            repo_mountpoint: "/r".into(),
+            size: None,
+            zeroed: None,
+            file_size: 4096,
+        };
+        let s = SnapshotInfo {
+            id: "x".into(),
+            vm_id: "vm".into(),
+            disks: vec![d],
+            created_at_ns: 5,
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "x", "vm_id": "vm", "disks": [{
+                "parent_path": "/r/VirtualDisks/a.img",
+                "path": "/r/CoriolisSnapshots/x/a.img",
+                "snapshot_id": "x",
+                "chunks": [{"start": 0, "length": 4096, "physical_start": 8589934592u64}],
+                "name": "a.img",
+                "repo_mountpoint": "/r"}]})
+        );
+    }
+
+    fn disk(name: &str, path: &str, ok: bool) -> crate::ovm::Disk {
+        crate::ovm::Disk {
+            name: name.into(),
+            path: path.into(),
+            device_name: "xvda".into(),
+            mode: "w".into(),
+            repository: Some(crate::ovm::Repository {
+                id: "r".into(),
+                mount_point: "/r".into(),
+                filesystem: "xfs".into(),
+                alias: "r".into(),
+            }),
+            snapshot_compatible: ok,
+            incompatible_reason: (!ok).then(|| "phy: device".into()),
+        }
+    }
+
+    #[test]
+    fn plans_refuse_what_cannot_be_cloned() {
+        let vm = |disks| Vm {
+            name: "vm".into(),
+            uuid: "u".into(),
+            friendly_name: "f".into(),
+            disks,
+        };
+        let ok = plan_disks(&vm(vec![disk("a.img", "/r/VirtualDisks/a.img", true)])).unwrap();
+        assert_eq!(ok[0].src_name, "a.img");
+        for (disks, want) in [
+            (
+                vec![
+                    disk("a.img", "/r/a.img", true),
+                    disk("b", "/dev/sdb", false),
+                ],
+                "b",
+            ),
+            (vec![disk("../x", "/r/a.img", true)], "../x"),
+            (
+                vec![disk(".coriolis-manifest.json", "/r/a.img", true)],
+                ".coriolis-manifest.json",
+            ),
+            (
+                vec![
+                    disk("a.img", "/r/a.img", true),
+                    disk("a.img", "/r/b.img", true),
+                ],
+                "a.img",
+            ),
+            (vec![disk("a.img", "relative/a.img", true)], "a.img"),
+        ] {
+            match plan_disks(&vm(disks)) {
+                Err(SnapshotError::Incompatible { disk, .. }) => assert_eq!(disk, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            plan_disks(&vm(vec![])),
+            Err(SnapshotError::BadRequest { .. })
+        ));
+    }
+}

@@ -1,0 +1,191 @@
+//! Unit tests of the store on a real LMDB file in a temporary folder.
+
+use super::*;
+use crate::extent::{flags, Extent};
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "coe-store-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn record(vm: &str, disks: usize) -> SnapshotRecord {
+    SnapshotRecord {
+        id: Uuid::new_v4().to_string(),
+        vm: vm.into(),
+        seq: 0,
+        created_at_ns: 1,
+        owner: "test".into(),
+        disks: (0..disks)
+            .map(|i| DiskRecord {
+                name: format!("d{i}.img"),
+                parent_path: format!("/r/VirtualDisks/d{i}.img").into(),
+                repo_mount: "/r".into(),
+                size: 1 << 20,
+                fingerprint: Fingerprint {
+                    ino: i as u64,
+                    size: 1 << 20,
+                    mtime_sec: 1,
+                    mtime_nsec: 2,
+                    ctime_sec: 3,
+                    ctime_nsec: 4,
+                },
+                extents: 2,
+            })
+            .collect(),
+    }
+}
+
+fn map(n: u64, seed: u64) -> ExtentMap {
+    ExtentMap::new(
+        (0..n)
+            .map(|i| Extent {
+                logical: i * 8192,
+                physical: seed * (1 << 30) + i * 4096 * 3,
+                length: 4096,
+                flags: if i % 3 == 0 { flags::SHARED } else { 0 },
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn records_and_maps_round_trip_in_creation_order() {
+    let dir = TempDir::new("rt");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    let mut made = Vec::new();
+    for k in 0..5u64 {
+        let vm = if k % 2 == 0 { "vmA" } else { "vmB" };
+        let mut r = record(vm, 2);
+        let maps = [map(10 + k, k), map(3, k + 100)];
+        let seq = store.insert(&mut r, &maps).unwrap();
+        assert_eq!(seq, r.seq);
+        made.push((r, maps));
+    }
+    for (r, maps) in &made {
+        assert_eq!(store.get(&r.id).unwrap().as_ref(), Some(r));
+        for (i, m) in maps.iter().enumerate() {
+            assert_eq!(&store.map(&r.id, i as u32).unwrap(), m);
+        }
+    }
+    let a: Vec<_> = store
+        .list_vm("vmA")
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let want: Vec<_> = [0, 2, 4].iter().map(|&i| made[i].0.id.clone()).collect();
+    assert_eq!(a, want);
+    assert_eq!(store.list_vm("vm").unwrap(), vec![]);
+    assert_eq!(store.list_all().unwrap().len(), 5);
+
+    // Removal takes record, index entry and maps together.
+    let gone = store.remove(&made[2].0.id).unwrap().unwrap();
+    assert_eq!(gone.id, made[2].0.id);
+    assert_eq!(store.get(&made[2].0.id).unwrap(), None);
+    assert!(matches!(
+        store.map(&made[2].0.id, 0),
+        Err(StoreError::MissingMap { .. })
+    ));
+    assert_eq!(store.list_vm("vmA").unwrap().len(), 2);
+    assert_eq!(store.remove(&made[2].0.id).unwrap(), None);
+    assert_eq!(store.get("not-a-uuid").unwrap(), None);
+
+    // Durable across a reopen; sequence numbers keep growing.
+    drop(store);
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    assert_eq!(store.list_vm("vmB").unwrap().len(), 2);
+    let mut r = record("vmA", 1);
+    store.insert(&mut r, &[map(1, 9)]).unwrap();
+    assert!(r.seq > made[4].0.seq);
+    assert_eq!(store.list_vm("vmA").unwrap().last().unwrap().id, r.id);
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_a_clear_message() {
+    let dir = TempDir::new("schema");
+    let path = dir.0.join("db");
+    let store = Store::open(&path, &StoreOptions::default()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    store.force_schema_version(SCHEMA_VERSION + 1).unwrap();
+    drop(store);
+    let err = Store::open(&path, &StoreOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found, supported, .. }
+            if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("newer than"), "{err}");
+}
+
+#[test]
+fn map_full_fails_the_write_cleanly_and_reads_keep_working() {
+    let dir = TempDir::new("full");
+    let path = dir.0.join("db");
+    let opts = StoreOptions {
+        map_size: 256 << 10,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&path, &opts).unwrap();
+    let mut small = record("vm", 1);
+    store.insert(&mut small, &[map(10, 1)]).unwrap();
+    let mut big = record("vm", 1);
+    let err = store.insert(&mut big, &[map(200_000, 2)]).unwrap_err();
+    assert!(err.is_map_full(), "{err:?}");
+    assert!(err.to_string().contains("map_size"), "{err}");
+    // Nothing of the failed write is visible; earlier data reads fine.
+    assert_eq!(store.get(&big.id).unwrap(), None);
+    assert_eq!(store.list_vm("vm").unwrap(), vec![small.clone()]);
+    assert_eq!(store.map(&small.id, 0).unwrap(), map(10, 1));
+    // And small writes still go through.
+    let mut again = record("vm", 1);
+    store.insert(&mut again, &[map(5, 3)]).unwrap();
+    assert_eq!(store.list_vm("vm").unwrap().len(), 2);
+}
+
+#[test]
+fn a_second_open_in_one_process_is_refused() {
+    let dir = TempDir::new("twice");
+    let path = dir.0.join("db");
+    let _a = Store::open(&path, &StoreOptions::default()).unwrap();
+    let err = Store::open(&path, &StoreOptions::default()).unwrap_err();
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+}
+
+#[test]
+fn corrupt_map_bytes_are_an_error_not_a_panic() {
+    let dir = TempDir::new("corrupt");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    let mut r = record("vm", 1);
+    store.insert(&mut r, &[map(4, 1)]).unwrap();
+    let key = id_key(&r.id).unwrap();
+    store
+        .write(|s, w| {
+            s.maps
+                .put(w, &codec::map_key(&key, 0), &[codec::MAP_FORMAT, 200])
+                .map_err(|e| lmdb("test", e))
+        })
+        .unwrap();
+    assert!(matches!(
+        store.map(&r.id, 0),
+        Err(StoreError::CorruptMap { disk: 0, .. })
+    ));
+}

@@ -6,8 +6,14 @@
 //! - [`extent`]: pure extent-map algebra: squash and diff.
 //! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
 //!   `.ovsmeta`, or the static inventory of the config).
+//! - [`api`]: routes, JSON types, auth, disk answers, metrics.
+//! - [`server`] and [`config`]: TLS listener, connections, signals, logging;
+//!   the config file.
 #![deny(unsafe_code)]
 
+pub mod api;
+pub mod config;
 pub mod extent;
 pub mod ovm;
+pub mod server;
 pub mod sys;

@@ -162,6 +162,23 @@ pub struct State {
 }
 
 impl State {
+    /// A state from its parts (tests, or a caller without a config file).
+    pub fn from_parts(
+        backend: Arc<dyn Backend>,
+        tokens: Tokens,
+        login: Arc<Login>,
+        metrics_auth: MetricsAuth,
+    ) -> Arc<State> {
+        Arc::new(State {
+            backend,
+            tokens,
+            login,
+            metrics: Arc::new(Metrics::default()),
+            metrics_auth,
+            login_permits: Semaphore::new(LOGIN_CONCURRENCY),
+        })
+    }
+
     pub fn new(
         config: &Config,
         backend: Arc<dyn Backend>,
@@ -209,6 +226,11 @@ fn find(method: &Method, path: &str) -> Result<(&'static Route, Params), NoMatch
         let mut ok = true;
         for (t, s) in tmpl.iter().zip(&segs) {
             if let Some(name) = t.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
+                // An empty segment (`//`) is no id at all: not this route.
+                if s.is_empty() {
+                    ok = false;
+                    break;
+                }
                 match decode_id(s) {
                     Ok(id) => params.push(id),
                     Err(why) => {

@@ -602,12 +602,20 @@ where
             }
         })?
         .to_bytes();
-    let creds: LoginRequest = serde_json::from_slice(&body).map_err(|e| {
+    let bad = |why: String| {
         ApiError::BadRequest(format!(
-            "expected {{\"username\": \"...\", \"password\": \"...\"}}: {}",
-            e.classify_message()
+            "expected {{\"username\": \"...\", \"password\": \"...\"}}: {why}"
         ))
-    })?;
+    };
+    // A JSON object only: serde would also take `["user", "pw"]` for the
+    // struct, which the old service (Go's decoder) refused.
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad(e.classify_message()))?;
+    if !value.is_object() {
+        return Err(bad("not a JSON object".into()));
+    }
+    let creds: LoginRequest =
+        serde_json::from_value(value).map_err(|e| bad(e.classify_message()))?;
     *user = Some(creds.username.clone());
     let _permit = state
         .login_permits

@@ -393,6 +393,7 @@ async fn login_issues_a_token_and_refuses_bad_credentials() {
         "",
         "{",
         "[]",
+        r#"["admin","s3cret"]"#,
         r#"{"username":"admin"}"#,
         r#"{"username":1,"password":"s3cret"}"#,
     ] {

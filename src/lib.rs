@@ -8,10 +8,16 @@
 //!   `.ovsmeta`, or the static inventory of the config).
 //! - [`store`]: snapshot metadata in LMDB (heed).
 //! - [`snapshot`]: the snapshot manager: create, diff, delete, reconcile.
+//! - [`api`]: routes, JSON types, auth, disk answers, metrics.
+//! - [`server`] and [`config`]: TLS listener, connections, signals, logging;
+//!   the config file.
 #![deny(unsafe_code)]
 
+pub mod api;
+pub mod config;
 pub mod extent;
 pub mod ovm;
 pub mod snapshot;
 pub mod store;
+pub mod server;
 pub mod sys;

@@ -1,19 +1,103 @@
 //! The `coriolis-ovm-exporter` binary: a thin shell over the library.
+//!
+//! Dispatch on the first argument: `-version`, and the server (the default,
+//! with `-config PATH` / `--config PATH`). Other subcommands are added here
+//! as one match arm each.
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use coriolis_ovm_exporter::api::{Backend, NoInventory};
+use coriolis_ovm_exporter::config::{Config, DEFAULT_CONFIG_PATH};
+use coriolis_ovm_exporter::server;
+
+/// Exit status for a usage or config error (sysexits' EX_USAGE/EX_CONFIG
+/// are not worth a dependency; systemd only needs non-zero).
+const EXIT_BAD_START: u8 = 2;
+/// Exit status when the server stops on an error.
+const EXIT_FAILED: u8 = 1;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
         Some("-version" | "--version") => {
             println!("coriolis-ovm-exporter {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
         }
         // Snapshot administration (src/snapshot/admin.rs).
         Some(cmd @ ("reconcile" | "rebuild-db" | "snapshot")) => {
-            let rest: Vec<String> = args.collect();
+            let rest: Vec<String> = args[1..].to_vec();
             std::process::exit(coriolis_ovm_exporter::snapshot::admin::run(cmd, &rest));
         }
-        _ => {
-            eprintln!("coriolis-ovm-exporter: the server is not built yet; try --version");
-            std::process::exit(2);
+        Some("-h" | "-help" | "--help") => {
+            println!("usage: coriolis-ovm-exporter [-config PATH] | -version");
+            ExitCode::SUCCESS
+        }
+        _ => serve(&args),
+    }
+}
+
+/// `coriolis-ovm-exporter [-config PATH]`: run the API server.
+fn serve(args: &[String]) -> ExitCode {
+    let path = match config_path(args) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("coriolis-ovm-exporter: {msg}");
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coriolis-ovm-exporter: {e}");
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
+    if let Err(e) = server::logging::init(config.log_file.as_deref()) {
+        eprintln!(
+            "coriolis-ovm-exporter: config {}: log_file: {e}",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_BAD_START);
+    }
+    // The inventory and snapshot manager are wired here; until then a node
+    // has no VMs.
+    let backend: Arc<dyn Backend> = Arc::new(NoInventory);
+    match server::run(config, backend) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server stopped");
+            eprintln!("coriolis-ovm-exporter: {e}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// `-config PATH`, `--config PATH`, `-config=PATH` or `--config=PATH`;
+/// the default path otherwise.
+fn config_path(args: &[String]) -> Result<PathBuf, String> {
+    let mut path = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-config" | "--config" => {
+                let v = it.next().ok_or_else(|| format!("{a} needs a path"))?;
+                path = Some(PathBuf::from(v));
+            }
+            other => {
+                if let Some(v) = other
+                    .strip_prefix("--config=")
+                    .or_else(|| other.strip_prefix("-config="))
+                {
+                    path = Some(PathBuf::from(v));
+                } else {
+                    return Err(format!(
+                        "unknown argument {other:?}; usage: coriolis-ovm-exporter [-config PATH]"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)))
 }

@@ -5,6 +5,7 @@
 //! `scripts/test.sh` makes them. Without them those tests fail, saying how
 //! to run them: they never pass silently.
 
+mod api;
 mod common;
 mod fs_core;
 mod ovm;

@@ -1,0 +1,201 @@
+//! The response body type, and the access log written when it ends.
+//!
+//! A body is either fully in memory (JSON, metrics, errors) or fed by a
+//! bounded channel from a blocking reader (disk bytes). Each body carries
+//! the request's [`AccessRecord`]; when hyper drops the body (sent, or the
+//! client went away) the record is written as one access-log line and into
+//! the metrics, with the bytes actually handed to hyper. So the log says
+//! what was sent, not what was planned.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
+
+use super::metrics::Metrics;
+
+/// What the access-log line says of a request (never a password or token).
+pub struct AccessRecord {
+    pub metrics: Arc<Metrics>,
+    pub method: http::Method,
+    /// The request path and query, as received (escaped when logged).
+    pub target: String,
+    pub route: &'static str,
+    pub status: u16,
+    pub user: Option<String>,
+    pub peer: std::net::SocketAddr,
+    pub start: Instant,
+    /// Whether this body is a disk stream (counted in streams in flight).
+    pub stream: bool,
+}
+
+/// Longest request target written to the log; longer ones are cut.
+const MAX_LOGGED_TARGET: usize = 512;
+
+enum Kind {
+    Full(Option<Bytes>),
+    Channel {
+        rx: mpsc::Receiver<std::io::Result<Bytes>>,
+        remaining: u64,
+    },
+}
+
+/// The body of every response.
+pub struct ApiBody {
+    kind: Kind,
+    sent: u64,
+    failed: bool,
+    record: Option<AccessRecord>,
+}
+
+impl ApiBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b: Bytes = bytes.into();
+        ApiBody::new(Kind::Full((!b.is_empty()).then_some(b)))
+    }
+
+    pub fn empty() -> Self {
+        ApiBody::new(Kind::Full(None))
+    }
+
+    /// A body of exactly `len` bytes received from `rx`; the sender must
+    /// send an error rather than stop short.
+    pub fn channel(rx: mpsc::Receiver<std::io::Result<Bytes>>, len: u64) -> Self {
+        ApiBody::new(Kind::Channel { rx, remaining: len })
+    }
+
+    fn new(kind: Kind) -> Self {
+        ApiBody {
+            kind,
+            sent: 0,
+            failed: false,
+            record: None,
+        }
+    }
+
+    /// Attach the access record: it is written when the body is dropped.
+    pub fn set_record(&mut self, record: AccessRecord) {
+        if record.stream {
+            record.metrics.stream_started();
+        }
+        self.record = Some(record);
+    }
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(Ok)),
+            Kind::Channel { rx, remaining } => {
+                if *remaining == 0 {
+                    Poll::Ready(None)
+                } else {
+                    match rx.poll_recv(cx) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Some(Ok(b))) => {
+                            let n = b.len() as u64;
+                            if n > *remaining {
+                                Poll::Ready(Some(Err(std::io::Error::other(
+                                    "disk reader sent more than the announced length",
+                                ))))
+                            } else {
+                                *remaining -= n;
+                                Poll::Ready(Some(Ok(b)))
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                        Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "disk reader stopped before the announced length",
+                        )))),
+                    }
+                }
+            }
+        };
+        match polled {
+            Poll::Ready(Some(Ok(b))) => {
+                this.sent += b.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.failed = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Channel { remaining, .. } => *remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Channel { remaining, .. } => SizeHint::with_exact(*remaining),
+        }
+    }
+}
+
+impl Drop for ApiBody {
+    fn drop(&mut self) {
+        let Some(r) = self.record.take() else {
+            return;
+        };
+        if r.stream {
+            r.metrics.stream_ended();
+        }
+        r.metrics
+            .request(r.route, method_label(&r.method), r.status, self.sent);
+        let mut target = r.target;
+        if target.len() > MAX_LOGGED_TARGET {
+            let mut cut = MAX_LOGGED_TARGET;
+            while !target.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            target.truncate(cut);
+            target.push_str("...");
+        }
+        let complete = !self.failed && self.is_end_stream();
+        tracing::info!(
+            target: "access",
+            peer = %r.peer,
+            method = %r.method,
+            path = ?target,
+            status = r.status,
+            bytes = self.sent,
+            complete,
+            duration_ms = r.start.elapsed().as_secs_f64() * 1000.0,
+            user = r.user.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+/// A bounded label for a method (metrics must not grow with junk methods).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}

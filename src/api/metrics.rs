@@ -1,0 +1,212 @@
+//! Service metrics and their Prometheus text rendering (`GET /metrics`).
+//!
+//! Labels are route templates, methods, statuses and operation names only:
+//! never a VM, snapshot, disk or user name, so the series count is bounded
+//! and the page leaks nothing about the node. Counters are cheap atomics or
+//! short mutex sections; rendering is rare.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the snapshot operation histogram: clones of big
+/// disks take seconds to minutes, gets take milliseconds.
+const OP_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; OP_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Every metric of the service.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
+    response_bytes: Mutex<BTreeMap<&'static str, u64>>,
+    login_failures: Mutex<BTreeMap<&'static str, u64>>,
+    snapshot_ops: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    streams_in_flight: AtomicI64,
+    connections_open: AtomicI64,
+    connections_refused: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters stay meaningful after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Metrics {
+    /// One finished request: its route template (or `unmatched`), method,
+    /// status and the body bytes sent.
+    pub fn request(&self, route: &'static str, method: &'static str, status: u16, bytes: u64) {
+        *lock(&self.requests)
+            .entry((route, method, status))
+            .or_default() += 1;
+        *lock(&self.response_bytes).entry(route).or_default() += bytes;
+    }
+
+    /// A refused login, by reason (`rejected`, `rate_limited`, ...).
+    pub fn login_failure(&self, reason: &'static str) {
+        *lock(&self.login_failures).entry(reason).or_default() += 1;
+    }
+
+    /// A snapshot operation (`create`, `delete`, `purge`, `get`, `diff`,
+    /// `list`) with its outcome (`ok` or `error`) and duration.
+    pub fn snapshot_op(&self, op: &'static str, ok: bool, took: Duration) {
+        let outcome = if ok { "ok" } else { "error" };
+        let mut ops = lock(&self.snapshot_ops);
+        let h = ops.entry((op, outcome)).or_default();
+        let secs = took.as_secs_f64();
+        for (i, bound) in OP_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    pub fn stream_started(&self) {
+        self.streams_in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn stream_ended(&self) {
+        self.streams_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A connection dropped because `api.max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = self.render_into(&mut out);
+        out
+    }
+
+    fn render_into(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(
+            out,
+            "# HELP coe_http_requests_total HTTP requests by route template, method and status."
+        )?;
+        writeln!(out, "# TYPE coe_http_requests_total counter")?;
+        for ((route, method, status), n) in lock(&self.requests).iter() {
+            writeln!(
+                out,
+                "coe_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_http_response_bytes_total Response body bytes sent, by route template."
+        )?;
+        writeln!(out, "# TYPE coe_http_response_bytes_total counter")?;
+        for (route, n) in lock(&self.response_bytes).iter() {
+            writeln!(
+                out,
+                "coe_http_response_bytes_total{{route=\"{route}\"}} {n}"
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_login_failures_total Refused logins by reason."
+        )?;
+        writeln!(out, "# TYPE coe_login_failures_total counter")?;
+        for (reason, n) in lock(&self.login_failures).iter() {
+            writeln!(out, "coe_login_failures_total{{reason=\"{reason}\"}} {n}")?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_snapshot_operation_seconds Snapshot operations by kind and outcome."
+        )?;
+        writeln!(out, "# TYPE coe_snapshot_operation_seconds histogram")?;
+        for ((op, outcome), h) in lock(&self.snapshot_ops).iter() {
+            let labels = format!("op=\"{op}\",outcome=\"{outcome}\"");
+            for (bound, n) in OP_BUCKETS.iter().zip(h.buckets) {
+                writeln!(
+                    out,
+                    "coe_snapshot_operation_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+                )?;
+            }
+            writeln!(
+                out,
+                "coe_snapshot_operation_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            )?;
+            writeln!(
+                out,
+                "coe_snapshot_operation_seconds_sum{{{labels}}} {}",
+                h.sum
+            )?;
+            writeln!(
+                out,
+                "coe_snapshot_operation_seconds_count{{{labels}}} {}",
+                h.count
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_disk_streams_in_flight Disk downloads being streamed now."
+        )?;
+        writeln!(out, "# TYPE coe_disk_streams_in_flight gauge")?;
+        writeln!(
+            out,
+            "coe_disk_streams_in_flight {}",
+            self.streams_in_flight.load(Ordering::Relaxed)
+        )?;
+        writeln!(out, "# HELP coe_connections_open TLS connections open now.")?;
+        writeln!(out, "# TYPE coe_connections_open gauge")?;
+        writeln!(
+            out,
+            "coe_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        )?;
+        writeln!(out, "# HELP coe_connections_refused_total Connections dropped at the max_connections limit.")?;
+        writeln!(out, "# TYPE coe_connections_refused_total counter")?;
+        writeln!(
+            out,
+            "coe_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.request("/api/v1/vms", "GET", 200, 10);
+        m.request("/api/v1/vms", "GET", 200, 5);
+        m.login_failure("rejected");
+        m.snapshot_op("create", true, Duration::from_millis(700));
+        m.stream_started();
+        let text = m.render();
+        assert!(text.contains(
+            "coe_http_requests_total{route=\"/api/v1/vms\",method=\"GET\",status=\"200\"} 2\n"
+        ));
+        assert!(text.contains("coe_http_response_bytes_total{route=\"/api/v1/vms\"} 15\n"));
+        assert!(text.contains("coe_login_failures_total{reason=\"rejected\"} 1\n"));
+        assert!(text.contains(
+            "coe_snapshot_operation_seconds_bucket{op=\"create\",outcome=\"ok\",le=\"0.5\"} 0\n"
+        ));
+        assert!(text.contains(
+            "coe_snapshot_operation_seconds_bucket{op=\"create\",outcome=\"ok\",le=\"1\"} 1\n"
+        ));
+        assert!(text.contains("coe_disk_streams_in_flight 1\n"));
+    }
+}

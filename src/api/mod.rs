@@ -1,0 +1,161 @@
+//! The HTTP API: routes, JSON types, auth, disk answers, metrics, and the
+//! one place where errors become HTTP statuses and error bodies.
+//!
+//! Wire contract: `shared/design/API.md` ("Compatible surface" exactly) and
+//! `docs/openapi.yaml`. The api layer knows nothing of sockets or TLS (that
+//! is `server`), nor of filesystems (that is the [`Backend`]): it turns a
+//! request into calls on a backend, on the blocking pool, and their results
+//! into answers.
+
+pub mod auth;
+pub mod backend;
+pub mod body;
+pub mod disk;
+pub mod metrics;
+pub mod router;
+pub mod types;
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+pub use backend::{Backend, BackendError, NoInventory};
+pub use body::ApiBody;
+pub use router::{handle, State};
+
+/// Every way a request can fail, by HTTP status. Mapped to a response in
+/// [`ApiError::into_response`] and nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("range not satisfiable")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("too many failed logins from this address")]
+    TooManyRequests { retry_after_secs: u64 },
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::NotFound(m) => ApiError::NotFound(m),
+            BackendError::Conflict(m) => ApiError::Conflict(m),
+            BackendError::BadRequest(m) => ApiError::BadRequest(m),
+            BackendError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl ApiError {
+    /// The status and the old service's `error` short (API.md).
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad Request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Not Authorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not Found"),
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            }
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
+            ApiError::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "Range Not Satisfiable")
+            }
+            ApiError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
+            }
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Server error"),
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "Bad Gateway"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
+        }
+    }
+
+    /// The error answer: status, JSON error body, and the headers the status
+    /// calls for (`WWW-Authenticate`, `Allow`, `Content-Range`, `Retry-After`).
+    pub fn into_response(self) -> Response<ApiBody> {
+        let (status, short) = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), details = %self, "request failed");
+        }
+        let body = types::ErrorBody {
+            error: short.to_owned(),
+            details: self.to_string(),
+        };
+        let mut resp = json_response(status, &body);
+        let h = resp.headers_mut();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                if let Ok(v) = HeaderValue::from_str(allow) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            ApiError::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            ApiError::TooManyRequests { retry_after_secs } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// A JSON answer. Serialization of our own types cannot fail; if it ever
+/// did, the answer is a plain 500 rather than a panic.
+pub fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
+    let (status, bytes) = match serde_json::to_vec(value) {
+        Ok(mut v) => {
+            // Like the old service (Go's json.Encoder): a trailing newline.
+            v.push(b'\n');
+            (status, v)
+        }
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"error":"Server error","details":"cannot encode the answer"}"#.to_vec(),
+        ),
+    };
+    let mut resp = Response::new(ApiBody::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Run a blocking backend call on the blocking pool.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::Internal(format!("backend task failed: {e}"))),
+    }
+}
+
+/// Shared handle type for the state of the API.
+pub type SharedState = Arc<State>;

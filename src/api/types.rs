@@ -1,0 +1,199 @@
+//! The JSON shapes of the API, exactly as API.md fixes them.
+//!
+//! Field names are the wire contract with existing clients (Coriolis,
+//! `python-ovmexporterclient`): they must not be renamed. Arrays are plain
+//! `Vec`s so they serialize as `[]`, never `null`. Extension fields (`size`,
+//! `zeroed`) are optional and left out of answers that do not carry them, so
+//! an old client sees exactly what it saw before.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ovm::model;
+
+/// One disk of a VM (`VM.disks[]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The disk's file name: the `{disk}` of the API.
+    pub name: String,
+    pub path: String,
+    pub device_name: String,
+    pub snapshot_compatible: bool,
+    pub mode: String,
+}
+
+/// A VM (`GET /vms`, `GET /vms/{vm}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub friendly_name: String,
+    /// The VM id (32 hex on Oracle VM): the `{vm}` of the API.
+    pub name: String,
+    pub uuid: String,
+    pub disks: Vec<Disk>,
+    pub snapshot_compatible: bool,
+    /// Snapshot ids, oldest first.
+    pub snapshots: Vec<String>,
+}
+
+impl Vm {
+    /// The API view of an inventory VM with its snapshot ids (oldest first).
+    pub fn from_model(vm: &model::Vm, snapshots: Vec<String>) -> Self {
+        Vm {
+            friendly_name: vm.friendly_name.clone(),
+            name: vm.name.clone(),
+            uuid: vm.uuid.clone(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| Disk {
+                    name: d.name.clone(),
+                    path: d.path.to_string_lossy().into_owned(),
+                    device_name: d.device_name.clone(),
+                    snapshot_compatible: d.snapshot_compatible,
+                    mode: d.mode.clone(),
+                })
+                .collect(),
+            snapshot_compatible: vm.snapshot_compatible(),
+            snapshots,
+        }
+    }
+}
+
+/// An allocated extent of a snapshot file (`chunks[]`), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub start: u64,
+    pub length: u64,
+    /// Byte address on the device (FIEMAP's physical offset).
+    pub physical_start: u64,
+}
+
+/// A byte range with no physical address: the `zeroed` extension of a diff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub start: u64,
+    pub length: u64,
+}
+
+/// One disk of a snapshot (`Snapshot.disks[]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    pub parent_path: String,
+    pub path: String,
+    pub snapshot_id: String,
+    pub chunks: Vec<Chunk>,
+    pub name: String,
+    pub repo_mountpoint: String,
+    /// Extension, diff answers only: the disk's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Extension, diff answers only: ranges that were data in the older
+    /// snapshot and read as zeros now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroed: Option<Vec<ByteRange>>,
+}
+
+/// A snapshot of every disk of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub vm_id: String,
+    pub disks: Vec<SnapshotDisk>,
+}
+
+/// Body of `POST /auth/login`. Unknown fields are ignored, as the old
+/// service did; both fields are required.
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+// The password must never reach a log line, even through `{:?}`.
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Answer of `POST /auth/login`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub token: String,
+}
+
+/// The error body of every failed request.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The old service's short: `Not Found`, `Not Authorized`, ...
+    pub error: String,
+    pub details: String,
+}
+
+/// Answer of `GET /api/v1/health`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_without_extensions_has_exactly_the_old_fields() {
+        let s = Snapshot {
+            id: "9633d114-8270-41eb-bffc-67cc342957d9".into(),
+            vm_id: "0004fb0000060000ccaf98a0baa2c186".into(),
+            disks: vec![SnapshotDisk {
+                parent_path: "/r/VirtualDisks/d.img".into(),
+                path: "/r/CoriolisSnapshots/s/d.img".into(),
+                snapshot_id: "9633d114-8270-41eb-bffc-67cc342957d9".into(),
+                chunks: vec![],
+                name: "d.img".into(),
+                repo_mountpoint: "/r".into(),
+                size: None,
+                zeroed: None,
+            }],
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        let disk = v["disks"][0].as_object().unwrap();
+        let mut keys: Vec<&str> = disk.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "chunks",
+                "name",
+                "parent_path",
+                "path",
+                "repo_mountpoint",
+                "snapshot_id"
+            ]
+        );
+        assert_eq!(disk["chunks"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn big_offsets_are_plain_numbers() {
+        let c = Chunk {
+            start: 1 << 40,
+            length: 643_825_664,
+            physical_start: 103_910_735_872,
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"start":1099511627776,"length":643825664,"physical_start":103910735872}"#
+        );
+    }
+
+    #[test]
+    fn login_request_debug_hides_the_password() {
+        let r: LoginRequest =
+            serde_json::from_str(r#"{"username":"admin","password":"hunter2"}"#).unwrap();
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+}

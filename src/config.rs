@@ -1,0 +1,581 @@
+//! The configuration file: parsing, defaults and validation at start.
+//!
+//! TOML (NODE.md). The old Go service's keys (`db_file`, `ovm_endpoint`,
+//! `log_file`, `[jwt]`, `[api]`, `[api.tls]`) keep their meaning so a config
+//! written for it keeps working; new keys are documented in
+//! `config/config.example.toml`. A bad config stops the service with one
+//! line naming the key and the problem ([`ConfigError`]'s `Display`).
+//!
+//! This module reads the files the config names (certificates, keys) only to
+//! check them; it owns no long-lived state and never logs a secret.
+//! `[inventory]`, `[store]` and `[io]` are kept as raw tables here: their
+//! typed parsing belongs to those layers.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the service looks when no `-config` is given (NODE.md).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/coriolis-ovm-exporter/config.toml";
+/// The old service's default database path.
+pub const DEFAULT_DB_FILE: &str = "/etc/coriolis-ovm-exporter/exporter.db";
+/// API.md: `Base: https://HOST:5544/api/v1`.
+pub const DEFAULT_PORT: u16 = 5544;
+/// The old service listened on every address.
+pub const DEFAULT_BIND: &str = "0.0.0.0";
+/// API.md: `exp` defaults to now + 168h.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(168 * 3600);
+/// RFC 7518 3.2: an HS256 key must be at least 256 bits.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// `iss` of the tokens we issue and accept.
+pub const TOKEN_ISSUER: &str = "coriolis-ovm-exporter";
+/// Time for a client to send its request line and headers (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for a client to finish the TLS handshake.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time in-flight requests get to finish after SIGTERM before being cut.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Concurrent connections; a backup run uses a handful per disk.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Header count limit; clients send about ten.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Request line + headers (HTTP/1) and header list (HTTP/2) size cap.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Whole login exchange with the OVM Manager.
+pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Failed logins allowed per client address within the window.
+pub const DEFAULT_LOGIN_MAX_FAILURES: u32 = 5;
+/// The window over which failed logins are counted.
+pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(300);
+/// Largest accepted HTTP port number.
+const MAX_PORT: i64 = 65535;
+
+/// A config that cannot be used; `Display` is the one line printed at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: line {line}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("config {path}: {key}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// How `GET /metrics` is protected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsAuth {
+    /// Open: the metrics hold counters by route template, no ids or names.
+    None,
+    /// A bearer JWT from `/auth/login`, like every other route.
+    Jwt,
+    /// A static bearer token (what Prometheus' `authorization` sends).
+    Token(String),
+}
+
+/// A local user (non-OVM hosts, or an account independent of the Manager).
+#[derive(Clone, Debug)]
+pub struct LocalUser {
+    pub username: String,
+    /// Argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+    pub password_hash: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct JwtConfig {
+    pub secret: Vec<u8>,
+    pub time_to_live: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub ca_certificate: Option<PathBuf>,
+    /// mTLS: refuse clients without a certificate signed by `ca_certificate`.
+    pub require_client_certificate: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub tls: TlsConfig,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// CA to verify the Manager with; `None` means not verified (warned).
+    pub ca_certificate: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub users: Vec<LocalUser>,
+    pub login_max_failures: u32,
+    pub login_window: Duration,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    pub db_file: PathBuf,
+    /// The OVM Manager's base URL; when absent the inventory may know it
+    /// (ovs-agent's `manager_ip`).
+    pub ovm_endpoint: Option<String>,
+    pub log_file: Option<PathBuf>,
+    pub jwt: JwtConfig,
+    pub api: ApiConfig,
+    pub manager: ManagerConfig,
+    pub auth: AuthConfig,
+    pub metrics: MetricsAuth,
+    /// Raw `[inventory]` table, parsed by the inventory layer.
+    pub inventory: toml::Table,
+    /// Raw `[store]` table, parsed by the snapshot store.
+    pub store: toml::Table,
+    /// Raw `[io]` table, parsed by the io core.
+    pub io: toml::Table,
+}
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    db_file: Option<PathBuf>,
+    ovm_endpoint: Option<String>,
+    log_file: Option<PathBuf>,
+    jwt: Option<RawJwt>,
+    api: Option<RawApi>,
+    manager: Option<RawManager>,
+    auth: Option<RawAuth>,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    inventory: toml::Table,
+    #[serde(default)]
+    store: toml::Table,
+    #[serde(default)]
+    io: toml::Table,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    secret: Option<String>,
+    time_to_live: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    bind: Option<String>,
+    port: Option<i64>,
+    tls: Option<RawTls>,
+    header_read_timeout: Option<String>,
+    tls_handshake_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    max_connections: Option<i64>,
+    max_headers: Option<i64>,
+    max_header_bytes: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca_certificate: Option<PathBuf>,
+    require_client_certificate: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawManager {
+    ca_certificate: Option<PathBuf>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    users: Vec<RawUser>,
+    login_max_failures: Option<i64>,
+    login_window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    username: String,
+    password_hash: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    auth: Option<String>,
+    token: Option<String>,
+}
+
+impl Config {
+    /// Read, parse and validate the config at `path`, including the TLS
+    /// certificate and key it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` names it in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(0),
+            message: e.message().replace('\n', " "),
+        })?;
+        let bad = |key: &'static str, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem,
+        };
+        let duration = |key: &'static str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_go_duration(&s).map_err(|p| bad(key, format!("{s:?}: {p}"))),
+        };
+        let positive = |key: &'static str, v: Option<i64>, default: usize| match v {
+            None => Ok(default),
+            Some(n) if n > 0 => usize::try_from(n).map_err(|_| bad(key, format!("{n} too large"))),
+            Some(n) => Err(bad(key, format!("{n}: must be at least 1"))),
+        };
+
+        let jwt = raw.jwt.unwrap_or_default();
+        let secret = match jwt.secret {
+            None => return Err(bad("jwt.secret", "missing".into())),
+            Some(s) if s.len() < MIN_SECRET_BYTES => {
+                return Err(bad(
+                    "jwt.secret",
+                    format!(
+                        "{} bytes long, at least {MIN_SECRET_BYTES} needed for HS256 (RFC 7518)",
+                        s.len()
+                    ),
+                ))
+            }
+            Some(s) => s.into_bytes(),
+        };
+        let time_to_live = duration("jwt.time_to_live", jwt.time_to_live, DEFAULT_TOKEN_TTL)?;
+        if time_to_live.is_zero() {
+            return Err(bad("jwt.time_to_live", "must be more than 0".into()));
+        }
+
+        let api = raw.api.unwrap_or_default();
+        let bind_text = api.bind.unwrap_or_else(|| DEFAULT_BIND.to_owned());
+        let bind: IpAddr = bind_text
+            .parse()
+            .map_err(|_| bad("api.bind", format!("{bind_text:?} is not an IP address")))?;
+        let port = match api.port {
+            None => DEFAULT_PORT,
+            Some(p) if (1..=MAX_PORT).contains(&p) => p as u16,
+            Some(p) => return Err(bad("api.port", format!("{p} is not a port (1-65535)"))),
+        };
+        let tls = api.tls.unwrap_or_default();
+        let certificate = tls
+            .certificate
+            .ok_or_else(|| bad("api.tls.certificate", "missing".into()))?;
+        let key = tls
+            .key
+            .ok_or_else(|| bad("api.tls.key", "missing".into()))?;
+        let require_client_certificate = tls.require_client_certificate.unwrap_or(false);
+        if require_client_certificate && tls.ca_certificate.is_none() {
+            return Err(bad(
+                "api.tls.ca_certificate",
+                "missing, but api.tls.require_client_certificate is true".into(),
+            ));
+        }
+        let tls = TlsConfig {
+            certificate,
+            key,
+            ca_certificate: tls.ca_certificate,
+            require_client_certificate,
+        };
+        crate::server::tls::check(&tls).map_err(|e| bad(e.key(), e.to_string()))?;
+        let api = ApiConfig {
+            bind,
+            port,
+            tls,
+            header_read_timeout: duration(
+                "api.header_read_timeout",
+                api.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            tls_handshake_timeout: duration(
+                "api.tls_handshake_timeout",
+                api.tls_handshake_timeout,
+                DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            )?,
+            shutdown_grace: duration(
+                "api.shutdown_grace",
+                api.shutdown_grace,
+                DEFAULT_SHUTDOWN_GRACE,
+            )?,
+            max_connections: positive(
+                "api.max_connections",
+                api.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            max_headers: positive("api.max_headers", api.max_headers, DEFAULT_MAX_HEADERS)?,
+            max_header_bytes: positive(
+                "api.max_header_bytes",
+                api.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+            )?,
+        };
+        if api.header_read_timeout.is_zero() {
+            return Err(bad("api.header_read_timeout", "must be more than 0".into()));
+        }
+        // Below a few KiB ordinary clients (a JWT is ~300 bytes, plus cookies from
+        // proxies) would be refused; 8 KiB is also hyper's smallest read buffer.
+        if api.max_header_bytes < 8192 {
+            return Err(bad("api.max_header_bytes", "must be at least 8192".into()));
+        }
+
+        if let Some(endpoint) = &raw.ovm_endpoint {
+            check_endpoint(endpoint).map_err(|p| bad("ovm_endpoint", p))?;
+        }
+
+        let manager = raw.manager.unwrap_or_default();
+        if let Some(ca) = &manager.ca_certificate {
+            crate::server::tls::load_certs(ca)
+                .map_err(|e| bad("manager.ca_certificate", e.to_string()))?;
+        }
+        let manager = ManagerConfig {
+            ca_certificate: manager.ca_certificate,
+            timeout: duration("manager.timeout", manager.timeout, DEFAULT_MANAGER_TIMEOUT)?,
+        };
+
+        let auth = raw.auth.unwrap_or_default();
+        let mut users = Vec::with_capacity(auth.users.len());
+        for u in auth.users {
+            if u.username.is_empty() {
+                return Err(bad("auth.users.username", "empty".into()));
+            }
+            crate::api::auth::check_password_hash(&u.password_hash).map_err(|p| {
+                bad(
+                    "auth.users.password_hash",
+                    format!("user {:?}: {p}", u.username),
+                )
+            })?;
+            if users.iter().any(|x: &LocalUser| x.username == u.username) {
+                return Err(bad(
+                    "auth.users.username",
+                    format!("{:?} listed twice", u.username),
+                ));
+            }
+            users.push(LocalUser {
+                username: u.username,
+                password_hash: u.password_hash,
+            });
+        }
+        let login_max_failures = match auth.login_max_failures {
+            None => DEFAULT_LOGIN_MAX_FAILURES,
+            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(bad(
+                    "auth.login_max_failures",
+                    format!("{n}: must be at least 1"),
+                ))
+            }
+        };
+        let auth = AuthConfig {
+            users,
+            login_max_failures,
+            login_window: duration("auth.login_window", auth.login_window, DEFAULT_LOGIN_WINDOW)?,
+        };
+
+        let metrics = raw.metrics.unwrap_or_default();
+        let metrics = match (metrics.auth.as_deref().unwrap_or("none"), metrics.token) {
+            ("none", None) => MetricsAuth::None,
+            ("jwt", None) => MetricsAuth::Jwt,
+            ("token", Some(t)) if t.len() >= MIN_SECRET_BYTES => MetricsAuth::Token(t),
+            ("token", Some(_)) => {
+                return Err(bad(
+                    "metrics.token",
+                    format!("too short, at least {MIN_SECRET_BYTES} bytes"),
+                ))
+            }
+            ("token", None) => return Err(bad("metrics.token", "missing".into())),
+            ("none" | "jwt", Some(_)) => {
+                return Err(bad(
+                    "metrics.token",
+                    "set, but metrics.auth is not \"token\"".into(),
+                ))
+            }
+            (other, _) => {
+                return Err(bad(
+                    "metrics.auth",
+                    format!("{other:?}: expected \"none\", \"jwt\" or \"token\""),
+                ))
+            }
+        };
+
+        Ok(Config {
+            path: path.to_owned(),
+            db_file: raw.db_file.unwrap_or_else(|| DEFAULT_DB_FILE.into()),
+            ovm_endpoint: raw.ovm_endpoint.map(|e| e.trim_end_matches('/').to_owned()),
+            log_file: raw.log_file,
+            jwt: JwtConfig {
+                secret,
+                time_to_live,
+            },
+            api,
+            manager,
+            auth,
+            metrics,
+            inventory: raw.inventory,
+            store: raw.store,
+            io: raw.io,
+        })
+    }
+}
+
+/// `ovm_endpoint` must be an http(s) URL with a host.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .ok_or_else(|| format!("{endpoint:?}: expected https://HOST[:PORT]"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(format!("{endpoint:?}: no host"));
+    }
+    Ok(())
+}
+
+/// Parse a Go `time.ParseDuration` string: a sequence of decimal numbers,
+/// each with an optional fraction and a unit (`ns`, `us`, `µs`, `ms`, `s`,
+/// `m`, `h`), e.g. `168h`, `1h30m`, `1.5s`; `0` alone is zero. Negative
+/// durations are refused (none of ours can be negative).
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    // Units in nanoseconds, longest names first so `ms` wins over `m`.
+    const UNITS: [(&str, u128); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("µs", 1_000),
+        ("μs", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if s.starts_with('-') {
+        return Err("negative duration".into());
+    }
+    let mut rest = s;
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let int_part = &rest[..int_len];
+        rest = &rest[int_len..];
+        let mut frac_part = "";
+        if let Some(r) = rest.strip_prefix('.') {
+            let n = r.bytes().take_while(u8::is_ascii_digit).count();
+            frac_part = &r[..n];
+            rest = &r[n..];
+        }
+        if int_part.is_empty() && frac_part.is_empty() {
+            return Err("expected a number like 168h or 1h30m".into());
+        }
+        let (unit, scale) = UNITS
+            .iter()
+            .filter(|(name, _)| rest.starts_with(name))
+            .max_by_key(|(name, _)| name.len())
+            .ok_or_else(|| "missing or unknown unit (ns, us, ms, s, m, h)".to_string())?;
+        rest = &rest[unit.len()..];
+        let int: u128 = if int_part.is_empty() {
+            0
+        } else {
+            int_part
+                .parse()
+                .map_err(|_| "number too large".to_string())?
+        };
+        let mut value = int.checked_mul(*scale).ok_or("duration too large")?;
+        // Fraction digits past nanosecond precision are dropped, as Go does.
+        let mut place = *scale;
+        for d in frac_part.bytes() {
+            place /= 10;
+            if place == 0 {
+                break;
+            }
+            value += u128::from(d - b'0') * place;
+        }
+        total = total.checked_add(value).ok_or("duration too large")?;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| "duration too large")?;
+    Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        let d = |s| parse_go_duration(s);
+        assert_eq!(d("168h"), Ok(Duration::from_secs(168 * 3600)));
+        assert_eq!(d("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(d("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(d("2m3.5s"), Ok(Duration::from_millis(123_500)));
+        assert_eq!(d("10us"), Ok(Duration::from_micros(10)));
+        assert_eq!(d("10µs"), Ok(Duration::from_micros(10)));
+        assert_eq!(d(".5h"), Ok(Duration::from_secs(1800)));
+        assert_eq!(d("0"), Ok(Duration::ZERO));
+        assert_eq!(d("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "10",
+            "h",
+            "1x",
+            "-1h",
+            "1h-",
+            "1.h2",
+            "99999999999999999999999h",
+        ] {
+            assert!(d(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,1361 @@
+//! End-to-end tests of the HTTPS API: the real binary, real TLS with
+//! certificates made here by the `openssl` CLI, and a stand-in OVM Manager
+//! (a small HTTPS server speaking the Manager's real login endpoint with
+//! basic auth). Route-level behaviour over a backend with VMs is tested in
+//! `src/api/router/tests.rs`; here the binary serves an empty node.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
+const SECRET: &str = "integration-test-secret-0123456789abcdef";
+const MGR_USER: &str = "admin";
+const MGR_PASS: &str = "Welcome1-pw";
+/// A Manager user whose check the stand-in answers slowly (shutdown test).
+const SLOW_USER: &str = "slowpoke";
+const LOCAL_USER: &str = "backup";
+const LOCAL_PASS: &str = "local-pass-42";
+/// Upper bound of any wait in these tests: nothing legitimate takes longer.
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---- scratch folders and certificates -------------------------------------
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "coe-api-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI is needed (scripts/deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificates for one test: a CA, the exporter's server and client
+/// certificates signed by it, a second CA signing the stand-in Manager's
+/// certificate, and a stray key that matches nothing.
+struct Pki {
+    dir: Scratch,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = Scratch::new("pki");
+        let d = &dir.0;
+        for ca in ["ca", "mgr-ca"] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=coe test {ca}"),
+                ],
+            );
+        }
+        for (name, ca, eku) in [
+            ("srv", "ca", "serverAuth"),
+            ("client", "ca", "clientAuth"),
+            ("mgr", "mgr-ca", "serverAuth"),
+        ] {
+            std::fs::write(
+                d.join(format!("{name}.ext")),
+                format!("basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={eku}\n"),
+            )
+            .unwrap();
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-out",
+                "stray.key",
+            ],
+        );
+        Pki { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path(name)
+    }
+    fn certs(&self, name: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(self.path(name))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+    fn key(&self, name: &str) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_file(self.path(name)).unwrap()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---- the stand-in OVM Manager ----------------------------------------------
+
+/// An HTTPS server answering `GET /ovm/core/wsapi/rest/Repository/id` like
+/// the Manager: 200 and a JSON list for the right basic-auth pair, 401
+/// otherwise. Counts the requests it gets.
+struct StandInManager {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+}
+
+impl StandInManager {
+    fn start(pki: &Pki) -> StandInManager {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(pki.certs("mgr.pem"), pki.key("mgr.key"))
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let (config, h) = (config.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(WAIT));
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let Some(head) = read_head(&mut tls) else {
+                        return;
+                    };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let good = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{MGR_USER}:{MGR_PASS}"))
+                    );
+                    let slow = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{SLOW_USER}:{MGR_PASS}"))
+                    );
+                    let lines: Vec<&str> = head.split("\r\n").collect();
+                    let header = |name: &str| {
+                        lines.iter().find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                        })
+                    };
+                    let auth = header("authorization").unwrap_or_default();
+                    let right_request = lines[0]
+                        == "GET /ovm/core/wsapi/rest/Repository/id HTTP/1.1"
+                        && header("accept").as_deref() == Some("application/json");
+                    if auth == slow {
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    let resp = if right_request && (auth == good || auth == slow) {
+                        let body = r#"[{"name":"repo1","type":"com.oracle.ovm.mgr.ws.model.Repository","uri":"https://m/ovm/core/wsapi/rest/Repository/0004fb0000030000","value":"0004fb0000030000"}]"#;
+                        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                    } else {
+                        "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+                    };
+                    let _ = tls.write_all(resp.as_bytes());
+                    let _ = tls.flush();
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        StandInManager { port, hits }
+    }
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// Read an HTTP head (up to the blank line), bounded.
+fn read_head(r: &mut impl Read) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if buf.len() > 64 * 1024 || r.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    String::from_utf8(buf).ok()
+}
+
+// ---- the exporter under test ------------------------------------------------
+
+#[derive(Default)]
+struct Options {
+    manager: Option<String>,
+    manager_ca: Option<PathBuf>,
+    local_users: bool,
+    mtls: bool,
+    metrics_token: Option<String>,
+}
+
+struct Exporter {
+    child: Child,
+    port: u16,
+    notify: UnixDatagram,
+    dir: Scratch,
+    ca: Vec<CertificateDer<'static>>,
+}
+
+fn local_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(8 * 1024, 1, 1, None).unwrap();
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    a.hash_password(
+        password.as_bytes(),
+        &SaltString::encode_b64(b"integration salt").unwrap(),
+    )
+    .unwrap()
+    .to_string()
+}
+
+impl Exporter {
+    fn config(pki: &Pki, dir: &Scratch, port: u16, o: &Options) -> String {
+        let mut c = format!(
+            "db_file = {db:?}\nlog_file = {log:?}\n",
+            db = dir.path("exporter.db"),
+            log = dir.path("exporter.log")
+        );
+        if let Some(m) = &o.manager {
+            c += &format!("ovm_endpoint = {m:?}\n");
+        }
+        c += &format!("\n[jwt]\nsecret = {SECRET:?}\ntime_to_live = \"1h\"\n");
+        c += &format!(
+            "\n[api]\nbind = \"127.0.0.1\"\nport = {port}\nheader_read_timeout = \"1s\"\ntls_handshake_timeout = \"2s\"\nshutdown_grace = \"10s\"\n"
+        );
+        c += &format!(
+            "\n[api.tls]\ncertificate = {:?}\nkey = {:?}\nca_certificate = {:?}\nrequire_client_certificate = {}\n",
+            pki.path("srv.pem"),
+            pki.path("srv.key"),
+            pki.path("ca.pem"),
+            o.mtls
+        );
+        c += "\n[manager]\ntimeout = \"5s\"\n";
+        if let Some(ca) = &o.manager_ca {
+            c += &format!("ca_certificate = {ca:?}\n");
+        }
+        c += "\n[auth]\nlogin_max_failures = 3\nlogin_window = \"10m\"\n";
+        if o.local_users {
+            c += &format!(
+                "\n[[auth.users]]\nusername = {LOCAL_USER:?}\npassword_hash = {:?}\n",
+                local_hash(LOCAL_PASS)
+            );
+        }
+        if let Some(t) = &o.metrics_token {
+            c += &format!("\n[metrics]\nauth = \"token\"\ntoken = {t:?}\n");
+        }
+        c
+    }
+
+    fn start(pki: &Pki, o: Options) -> Exporter {
+        let dir = Scratch::new("exporter");
+        let port = free_port();
+        std::fs::write(dir.path("config.toml"), Self::config(pki, &dir, port, &o)).unwrap();
+        let notify_path = dir.path("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(WAIT)).unwrap();
+        let stderr = std::fs::File::create(dir.path("stderr.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.path("config.toml"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut e = Exporter {
+            child,
+            port,
+            notify,
+            dir,
+            ca: pki.certs("ca.pem"),
+        };
+        let msg = e.notification();
+        assert_eq!(msg, "READY=1", "first notification; log:\n{}", e.log());
+        e
+    }
+
+    fn notification(&mut self) -> String {
+        let mut buf = [0u8; 256];
+        match self.notify.recv(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("no sd_notify message ({e}); log:\n{}", self.log())
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        let a = std::fs::read_to_string(self.dir.path("exporter.log")).unwrap_or_default();
+        let b = std::fs::read_to_string(self.dir.path("stderr.log")).unwrap_or_default();
+        a + &b
+    }
+
+    fn client_config(
+        &self,
+        client_cert: Option<&Pki>,
+        alpn: &[&[u8]],
+        tls12_only: bool,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone()).unwrap();
+        }
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut c = match client_cert {
+            Some(pki) => b
+                .with_client_auth_cert(pki.certs("client.pem"), pki.key("client.key"))
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(c)
+    }
+
+    /// A TLS connection to the exporter, handshake done.
+    fn connect_with(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port))?;
+        tcp.set_read_timeout(Some(WAIT))?;
+        let conn =
+            rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap())
+                .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        Ok(tls)
+    }
+
+    fn connect(&self) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        self.connect_with(self.client_config(None, &[b"http/1.1"], false))
+            .expect("TLS handshake")
+    }
+
+    /// Send raw request bytes on a fresh connection and read the answer.
+    fn raw(&self, request: &[u8]) -> Answer {
+        let mut tls = self.connect();
+        tls.write_all(request).unwrap();
+        tls.flush().unwrap();
+        read_answer(&mut tls)
+    }
+
+    fn request(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
+        self.raw(&http_request(method, path, token, &[], body))
+    }
+
+    fn login(&self, user: &str, pass: &str) -> Answer {
+        let body = serde_json::json!({"username": user, "password": pass}).to_string();
+        self.request("POST", "/api/v1/auth/login", None, &body)
+    }
+
+    fn token(&self, user: &str, pass: &str) -> String {
+        let a = self.login(user, pass);
+        assert_eq!(a.status, 200, "login: {}", a.text());
+        a.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the exporter did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_request(
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        r += &format!("Authorization: Bearer {t}\r\n");
+    }
+    for (k, v) in headers {
+        r += &format!("{k}: {v}\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        r += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    r += "\r\n";
+    r += body;
+    r.into_bytes()
+}
+
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// The error contract: status, JSON content type, `error` and `details`.
+    fn assert_error(&self, status: u16, short: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let v = self.json();
+        assert_eq!(v["error"], short, "{}", self.text());
+        assert!(v["details"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+}
+
+/// Read a whole HTTP/1.1 answer from a `Connection: close` exchange.
+fn read_answer(r: &mut impl Read) -> Answer {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // A peer closing without close_notify after a complete answer.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
+            Err(e) => panic!("reading the answer: {e} (got {} bytes)", raw.len()),
+        }
+    }
+    parse_answer(&raw)
+}
+
+fn parse_answer(raw: &[u8]) -> Answer {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            rest = &rest[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn jwt(
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+    key: Option<(&str, &[u8])>,
+) -> String {
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = match key {
+        None => String::new(),
+        Some((alg, secret)) => {
+            let alg = match alg {
+                "HS256" => jsonwebtoken::Algorithm::HS256,
+                "HS384" => jsonwebtoken::Algorithm::HS384,
+                "HS512" => jsonwebtoken::Algorithm::HS512,
+                other => panic!("{other}"),
+            };
+            jsonwebtoken::crypto::sign(
+                signing_input.as_bytes(),
+                &jsonwebtoken::EncodingKey::from_secret(secret),
+                alg,
+            )
+            .unwrap()
+        }
+    };
+    format!("{signing_input}.{sig}")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+// ---- the tests ------------------------------------------------------------
+
+#[test]
+fn version_flags() {
+    for flag in ["-version", "--version"] {
+        let out = Command::new(BIN).arg(flag).output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("coriolis-ovm-exporter {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+#[test]
+fn bad_configs_stop_the_start_with_one_line_naming_the_key() {
+    let pki = Pki::new();
+    let dir = Scratch::new("badcfg");
+    let good = Exporter::config(&pki, &dir, 5544, &Options::default());
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace(&format!("secret = {SECRET:?}\n"), ""),
+            "jwt.secret: missing",
+        ),
+        (
+            good.replace(&format!("secret = {SECRET:?}"), "secret = \"short\""),
+            "jwt.secret: 5 bytes long",
+        ),
+        (
+            good.replace("port = 5544", "port = 70000"),
+            "api.port: 70000",
+        ),
+        (good.replace("port = 5544", "port = 0"), "api.port: 0"),
+        (
+            good.replace("bind = \"127.0.0.1\"", "bind = \"not-an-address\""),
+            "api.bind",
+        ),
+        (
+            good.replace(
+                pki.path("srv.pem").to_str().unwrap(),
+                "/nonexistent/srv.pem",
+            ),
+            "api.tls.certificate",
+        ),
+        (
+            good.replace(
+                pki.path("srv.key").to_str().unwrap(),
+                pki.path("stray.key").to_str().unwrap(),
+            ),
+            "api.tls.key",
+        ),
+        (
+            good.replace("time_to_live = \"1h\"", "time_to_live = \"forever\""),
+            "jwt.time_to_live",
+        ),
+        (
+            good.clone() + "\n[metrics]\nauth = \"maybe\"\n",
+            "metrics.auth",
+        ),
+        (
+            good.replace(
+                "[manager]\n",
+                "[manager]\nca_certificate = \"/nonexistent/ca.pem\"\n",
+            ),
+            "manager.ca_certificate",
+        ),
+        (
+            good.replace(
+                "[auth]\n",
+                "[auth]\nusers = [{username = \"u\", password_hash = \"plain\"}]\n",
+            ),
+            "auth.users.password_hash",
+        ),
+        (
+            good.clone() + "\nunknown_key = 1\n",
+            "unknown field `unknown_key`",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = dir.path("bad.toml");
+        std::fs::write(&path, &text).unwrap();
+        let out = Command::new(BIN)
+            .arg("-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{want}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line for {want}: {err}");
+        assert!(err.contains(want), "{want:?} not in {err:?}");
+        assert!(!err.contains(SECRET), "the secret leaked: {err}");
+    }
+    let out = Command::new(BIN)
+        .arg("-config")
+        .arg(dir.path("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn login_against_the_manager_and_bearer_tokens() {
+    let pki = Pki::new();
+    let mgr = StandInManager::start(&pki);
+    let ex = Exporter::start(
+        &pki,
+        Options {
+            manager: Some(mgr.endpoint()),
+            manager_ca: Some(pki.path("mgr-ca.pem")),
+            ..Options::default()
+        },
+    );
+    let login = ex.login(MGR_USER, MGR_PASS);
+    assert_eq!(login.status, 200, "{}", login.text());
+    assert_eq!(login.header("content-type"), Some("application/json"));
+    assert_eq!(mgr.hits(), 1);
+    let token = login.json()["token"].as_str().unwrap().to_owned();
+    // The claims API.md names, signed HS256 with the configured secret.
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_issuer(&["coriolis-ovm-exporter"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["user"], MGR_USER);
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(
+        exp > now() + 3500 && exp <= now() + 3600,
+        "time_to_live is 1h: {exp}"
+    );
+
+    // An empty node: no VMs, and VM routes 404 with the error body.
+    let vms = ex.request("GET", "/api/v1/vms/", Some(&token), "");
+    assert_eq!(vms.status, 200);
+    assert_eq!(vms.json(), serde_json::json!([]));
+    for path in [
+        "/api/v1/vms/0004fb0000060000ccaf98a0baa2c186",
+        "/api/v1/vms/0004fb0000060000ccaf98a0baa2c186/snapshots",
+        "/api/v1/vms/0004fb0000060000ccaf98a0baa2c186/snapshots/9633d114-8270-41eb-bffc-67cc342957d9",
+        "/api/v1/vms/0004fb0000060000ccaf98a0baa2c186/snapshots/9633d114-8270-41eb-bffc-67cc342957d9/disks/d.img",
+    ] {
+        ex.request("GET", path, Some(&token), "").assert_error(404, "Not Found");
+    }
+    let head = ex.raw(&http_request("HEAD", "/api/v1/vms/0004fb0000060000ccaf98a0baa2c186/snapshots/9633d114-8270-41eb-bffc-67cc342957d9/disks/d.img", Some(&token), &[], ""));
+    assert_eq!(head.status, 404);
+
+    // Rejected credentials: 401, and the Manager was asked.
+    ex.login(MGR_USER, "wrong")
+        .assert_error(401, "Not Authorized");
+    assert_eq!(mgr.hits(), 2);
+
+    // Forged and expired tokens.
+    let claims = |exp: u64| serde_json::json!({"user": MGR_USER, "exp": exp, "iss": "coriolis-ovm-exporter"});
+    let hs = |alg: &str| serde_json::json!({"alg": alg, "typ": "JWT"});
+    let forged = [
+        (
+            "none",
+            jwt(
+                &serde_json::json!({"alg": "none", "typ": "JWT"}),
+                &claims(now() + 600),
+                None,
+            ),
+        ),
+        (
+            "HS384",
+            jwt(
+                &hs("HS384"),
+                &claims(now() + 600),
+                Some(("HS384", SECRET.as_bytes())),
+            ),
+        ),
+        (
+            "HS512",
+            jwt(
+                &hs("HS512"),
+                &claims(now() + 600),
+                Some(("HS512", SECRET.as_bytes())),
+            ),
+        ),
+        (
+            "wrong secret",
+            jwt(
+                &hs("HS256"),
+                &claims(now() + 600),
+                Some(("HS256", b"not-the-secret-not-the-secret-32b!")),
+            ),
+        ),
+        (
+            "expired",
+            jwt(
+                &hs("HS256"),
+                &claims(now() - 120),
+                Some(("HS256", SECRET.as_bytes())),
+            ),
+        ),
+        (
+            "no exp",
+            jwt(
+                &hs("HS256"),
+                &serde_json::json!({"user": "x", "iss": "coriolis-ovm-exporter"}),
+                Some(("HS256", SECRET.as_bytes())),
+            ),
+        ),
+        (
+            "other iss",
+            jwt(
+                &hs("HS256"),
+                &serde_json::json!({"user": "x", "exp": now() + 600, "iss": "gopherbin"}),
+                Some(("HS256", SECRET.as_bytes())),
+            ),
+        ),
+        ("garbage", "not.a.jwt".to_owned()),
+        (
+            "alg none, HS256 signature",
+            format!(
+                "{}.{}",
+                jwt(
+                    &serde_json::json!({"alg": "none"}),
+                    &claims(now() + 600),
+                    None
+                )
+                .trim_end_matches('.'),
+                token.rsplit('.').next().unwrap()
+            ),
+        ),
+    ];
+    for (what, t) in &forged {
+        let a = ex.request("GET", "/api/v1/vms", Some(t), "");
+        assert_eq!(a.status, 401, "{what} was accepted");
+        a.assert_error(401, "Not Authorized");
+    }
+    // The control: the same construction with the right key and claims works.
+    let good = jwt(
+        &hs("HS256"),
+        &claims(now() + 600),
+        Some(("HS256", SECRET.as_bytes())),
+    );
+    assert_eq!(
+        ex.request("GET", "/api/v1/vms", Some(&good), "").status,
+        200
+    );
+    ex.request("GET", "/api/v1/vms", None, "")
+        .assert_error(401, "Not Authorized");
+
+    // The access log: a line per request, never a password or token.
+    let log = ex.log();
+    assert!(
+        log.contains("access") && log.contains("\"/api/v1/vms/\"") && log.contains("status=200"),
+        "{log}"
+    );
+    assert!(
+        log.contains("user=\"admin\"") || log.contains("user=admin"),
+        "{log}"
+    );
+    assert!(!log.contains(MGR_PASS), "a password reached the log");
+    assert!(!log.contains(&token), "a token reached the log");
+}
+
+#[test]
+fn manager_unreachable_or_untrusted_is_502_and_failures_are_rate_limited() {
+    let pki = Pki::new();
+    let mgr = StandInManager::start(&pki);
+    // Trusting the exporter's CA, not the one that signed the Manager.
+    let untrusted = Exporter::start(
+        &pki,
+        Options {
+            manager: Some(mgr.endpoint()),
+            manager_ca: Some(pki.path("ca.pem")),
+            ..Options::default()
+        },
+    );
+    let a = untrusted.login(MGR_USER, MGR_PASS);
+    a.assert_error(502, "Bad Gateway");
+    assert!(
+        a.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("TLS identity rejected"),
+        "{}",
+        a.text()
+    );
+    assert_eq!(mgr.hits(), 0, "no request may follow a refused handshake");
+
+    let closed = format!("https://127.0.0.1:{}", free_port());
+    let unreachable = Exporter::start(
+        &pki,
+        Options {
+            manager: Some(closed),
+            ..Options::default()
+        },
+    );
+    let a = unreachable.login(MGR_USER, MGR_PASS);
+    a.assert_error(502, "Bad Gateway");
+    assert!(
+        a.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{}",
+        a.text()
+    );
+
+    // Without a Manager CA: not verified (old behaviour), warned at start.
+    let lax = Exporter::start(
+        &pki,
+        Options {
+            manager: Some(mgr.endpoint()),
+            ..Options::default()
+        },
+    );
+    assert!(lax.log().contains("NOT verified"), "{}", lax.log());
+    assert_eq!(lax.login(MGR_USER, MGR_PASS).status, 200);
+    let before = mgr.hits();
+    for _ in 0..3 {
+        lax.login(MGR_USER, "guess")
+            .assert_error(401, "Not Authorized");
+    }
+    assert_eq!(mgr.hits(), before + 3);
+    // Limit reached: refused before the Manager is asked, even when right.
+    let limited = lax.login(MGR_USER, MGR_PASS);
+    limited.assert_error(429, "Too Many Requests");
+    assert!(
+        limited
+            .header("retry-after")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        mgr.hits(),
+        before + 3,
+        "a rate-limited login reached the Manager"
+    );
+    let metrics = lax.request("GET", "/metrics", None, "").text();
+    assert!(
+        metrics.contains("coe_login_failures_total{reason=\"rejected\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("coe_login_failures_total{reason=\"rate_limited\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn local_users_bodies_routes_and_ids() {
+    let pki = Pki::new();
+    let ex = Exporter::start(
+        &pki,
+        Options {
+            local_users: true,
+            metrics_token: Some("t".repeat(40)),
+            ..Options::default()
+        },
+    );
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    assert_eq!(
+        ex.request("GET", "/api/v1/vms", Some(&token), "").status,
+        200
+    );
+    ex.login(LOCAL_USER, "nope")
+        .assert_error(401, "Not Authorized");
+    // No Manager configured: unknown users are rejected, not 502.
+    ex.login("someone", "else")
+        .assert_error(401, "Not Authorized");
+
+    for body in [
+        "{",
+        "not json",
+        r#"{"username": "backup"}"#,
+        r#"["backup", "local-pass-42"]"#,
+        r#"{"username": 5, "password": "x"}"#,
+    ] {
+        ex.request("POST", "/api/v1/auth/login/", None, body)
+            .assert_error(400, "Bad Request");
+    }
+
+    // Health without auth; metrics with the static token only.
+    let h = ex.request("GET", "/api/v1/health", None, "");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+    ex.request("GET", "/metrics", None, "")
+        .assert_error(401, "Not Authorized");
+    let m = ex.request("GET", "/metrics/", Some(&"t".repeat(40)), "");
+    assert_eq!(m.status, 200);
+    assert!(
+        m.text().contains(
+            "coe_http_requests_total{route=\"/api/v1/health\",method=\"GET\",status=\"200\"} 1"
+        ),
+        "{}",
+        m.text()
+    );
+    assert!(m.text().contains("coe_connections_open"));
+
+    ex.request("GET", "/api/v1/nothing", Some(&token), "")
+        .assert_error(404, "Not Found");
+    ex.request("GET", "/nothing", None, "")
+        .assert_error(404, "Not Found");
+    ex.request("PUT", "/api/v1/vms", Some(&token), "")
+        .assert_error(405, "Method Not Allowed");
+    let long = "a".repeat(4000);
+    for path in [
+        "/api/v1/vms/..%2F..%2Fetc%2Fpasswd".to_owned(),
+        "/api/v1/vms/x/snapshots/..%2F..%2F..%2Fetc/disks/passwd".to_owned(),
+        format!("/api/v1/vms/{long}"),
+    ] {
+        ex.request("GET", &path, Some(&token), "")
+            .assert_error(400, "Bad Request");
+    }
+    // Dot segments sent raw are no route at all.
+    ex.request("GET", "/api/v1/vms/../../etc/passwd", Some(&token), "")
+        .assert_error(404, "Not Found");
+}
+
+#[test]
+fn header_limits_timeouts_and_big_bodies() {
+    let pki = Pki::new();
+    let ex = Exporter::start(
+        &pki,
+        Options {
+            local_users: true,
+            ..Options::default()
+        },
+    );
+    let pad: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("X-Pad-{i}"), "v".to_owned()))
+        .collect();
+    let pad_ref = |n: usize| {
+        pad[..n]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ex.raw(&http_request(
+            "GET",
+            "/api/v1/health",
+            None,
+            &pad_ref(50),
+            ""
+        ))
+        .status,
+        200
+    );
+    assert_eq!(
+        ex.raw(&http_request(
+            "GET",
+            "/api/v1/health",
+            None,
+            &pad_ref(200),
+            ""
+        ))
+        .status,
+        431
+    );
+    let huge = "h".repeat(100 * 1024);
+    assert_eq!(
+        ex.raw(&http_request(
+            "GET",
+            "/api/v1/health",
+            None,
+            &[("X-Huge", &huge)],
+            ""
+        ))
+        .status,
+        431
+    );
+
+    // A slow-header client is cut after header_read_timeout (1s).
+    let mut tls = ex.connect();
+    tls.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    tls.flush().unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    let n = loop {
+        match tls.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break 0,
+        }
+    };
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(10),
+        "closed after {took:?}"
+    );
+    // hyper may say 408 before closing; it never serves the request.
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // A client that never starts TLS is cut after tls_handshake_timeout (2s).
+    let mut tcp = TcpStream::connect(("127.0.0.1", ex.port)).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let start = Instant::now();
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A 10 MB login body is refused without being read, and the server lives on.
+    let ten_mb = 10 * 1024 * 1024;
+    let mut tls = ex.connect();
+    let head = format!("POST /api/v1/auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {ten_mb}\r\n\r\n");
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.write_all(&vec![b' '; 64 * 1024]).unwrap();
+    tls.flush().unwrap();
+    let a = read_answer(&mut tls);
+    a.assert_error(413, "Payload Too Large");
+    // The same body sent without a length (chunked) is cut at the limit too.
+    let mut tls = ex.connect();
+    let head =
+        "POST /api/v1/auth/login HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n";
+    tls.write_all(head.as_bytes()).unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 32 * 1024, " ".repeat(32 * 1024));
+    tls.write_all(chunk.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    read_answer(&mut tls).assert_error(413, "Payload Too Large");
+    assert_eq!(ex.request("GET", "/api/v1/health", None, "").status, 200);
+}
+
+#[test]
+fn tls_versions_alpn_and_mtls() {
+    let pki = Pki::new();
+    let ex = Exporter::start(&pki, Options::default());
+    // TLS 1.2 works; HTTP/2 is chosen by ALPN.
+    let mut t12 = ex
+        .connect_with(ex.client_config(None, &[b"http/1.1"], true))
+        .unwrap();
+    assert_eq!(
+        t12.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    t12.write_all(&http_request("GET", "/api/v1/health", None, &[], ""))
+        .unwrap();
+    assert_eq!(read_answer(&mut t12).status, 200);
+    let h2 = ex
+        .connect_with(ex.client_config(None, &[b"h2", b"http/1.1"], false))
+        .unwrap();
+    assert_eq!(h2.conn.alpn_protocol(), Some(b"h2".as_slice()));
+    assert_eq!(
+        h2.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    drop(h2);
+    h2_health(&ex);
+
+    // A TLS 1.1 ClientHello (no supported_versions extension) gets a fatal
+    // alert (handshake_failure or protocol_version), never a ServerHello.
+    let mut tcp = TcpStream::connect(("127.0.0.1", ex.port)).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(&tls11_client_hello()).unwrap();
+    let mut reply = [0u8; 7];
+    tcp.read_exact(&mut reply).unwrap();
+    // Record type alert (21), level fatal (2), handshake_failure (40) or
+    // protocol_version (70) (RFC 5246 7.2).
+    assert_eq!(reply[0], 21, "expected an alert record, got {reply:?}");
+    assert_eq!(reply[5], 2, "{reply:?}");
+    assert!([40, 70].contains(&reply[6]), "{reply:?}");
+
+    // mTLS: no certificate, no service; the CA's client certificate works.
+    let mtls = Exporter::start(
+        &pki,
+        Options {
+            mtls: true,
+            ..Options::default()
+        },
+    );
+    let refused = mtls
+        .connect_with(mtls.client_config(None, &[b"http/1.1"], false))
+        .and_then(|mut t| {
+            t.write_all(&http_request("GET", "/api/v1/health", None, &[], ""))?;
+            t.flush()?;
+            let mut b = Vec::new();
+            t.read_to_end(&mut b).map(|_| b)
+        });
+    assert!(
+        refused.is_err() || refused.as_ref().is_ok_and(|b| b.is_empty()),
+        "served without a client certificate: {refused:?}"
+    );
+    let mut ok = mtls
+        .connect_with(mtls.client_config(Some(&pki), &[b"http/1.1"], false))
+        .unwrap();
+    ok.write_all(&http_request("GET", "/api/v1/health", None, &[], ""))
+        .unwrap();
+    assert_eq!(read_answer(&mut ok).status, 200);
+}
+
+/// `GET /api/v1/health` over HTTP/2 with hyper's client.
+fn h2_health(ex: &Exporter) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = ex.client_config(None, &[b"h2"], false);
+    let port = ex.port;
+    let status = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("https://localhost:{port}/api/v1/health"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        resp.status()
+    });
+    assert_eq!(status, 200);
+}
+
+/// A minimal TLS 1.1 ClientHello (RFC 4346 7.4.1.2): version 3.2, AES-CBC
+/// suites, no extensions.
+fn tls11_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x02]; // client_version TLS 1.1
+    hello.extend_from_slice(&[0x42; 32]); // random
+    hello.push(0); // no session id
+    let suites: [u16; 3] = [0x002f, 0x0035, 0xc013]; // AES128-SHA, AES256-SHA, ECDHE-RSA-AES128-SHA
+    hello.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+    for s in suites {
+        hello.extend_from_slice(&s.to_be_bytes());
+    }
+    hello.extend_from_slice(&[1, 0]); // compression: null
+    let mut hs = vec![1]; // ClientHello
+    hs.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&hello);
+    let mut rec = vec![22, 0x03, 0x01]; // handshake record, TLS 1.0 record version
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let pki = Pki::new();
+    let mgr = StandInManager::start(&pki);
+    let mut ex = Exporter::start(
+        &pki,
+        Options {
+            manager: Some(mgr.endpoint()),
+            ..Options::default()
+        },
+    );
+    // A login the Manager answers in 2 s, in flight when SIGTERM comes.
+    let mut tls = ex.connect();
+    let body = serde_json::json!({"username": SLOW_USER, "password": MGR_PASS}).to_string();
+    tls.write_all(&http_request(
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        &[],
+        &body,
+    ))
+    .unwrap();
+    tls.flush().unwrap();
+    let start = Instant::now();
+    while mgr.hits() == 0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the login never reached the Manager"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ex.sigterm();
+    assert_eq!(ex.notification(), "STOPPING=1");
+    // New connections are refused once the listener is closed.
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", ex.port)).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = read_answer(&mut tls);
+    assert_eq!(a.status, 200, "the in-flight login was cut: {}", a.text());
+    let status = ex.wait_exit();
+    assert!(status.success(), "{status:?}; log:\n{}", ex.log());
+    assert!(ex.log().contains("SIGTERM"), "{}", ex.log());
+}

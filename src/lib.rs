@@ -4,10 +4,14 @@
 //! - [`sys`]: the only place that issues syscalls needing `unsafe`
 //!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs).
 //! - [`extent`]: pure extent-map algebra: squash and diff.
+//! - [`io`]: the io core: range reads into pooled aligned buffers on
+//!   io_uring or a `pread` thread pool, `Range` parsing and the incremental
+//!   stream framing.
 //! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
 //!   `.ovsmeta`, or the static inventory of the config).
 #![deny(unsafe_code)]
 
 pub mod extent;
+pub mod io;
 pub mod ovm;
 pub mod sys;

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use coriolis_ovm_exporter::io::range::{self, Multipart};
 use coriolis_ovm_exporter::io::stream::{self, Change, ChangeKind, Event};
+use coriolis_ovm_exporter::io::threads::ThreadsBackend;
+use coriolis_ovm_exporter::io::uring::UringBackend;
 use coriolis_ovm_exporter::io::{
-    BackendChoice, BackendKind, DiskFile, IoConfig, IoEngine, IoError,
+    BackendChoice, BackendKind, Batch, BatchDone, DiskFile, IoConfig, IoEngine, IoError,
+    ReadBackend,
 };
 
 use crate::common::Fs;
@@ -461,4 +464,110 @@ async fn incremental_plan_is_checked() {
     ] {
         assert!(matches!(e.incremental(&file, bad), Err(IoError::Plan(_))));
     }
+}
+
+/// A real backend behind a filter that answers every read on an `O_DIRECT`
+/// descriptor with EINVAL, as a filesystem or device that accepts the open
+/// but refuses direct reads does (none of the test filesystems does so on
+/// demand).
+struct RefuseDirect(Box<dyn ReadBackend>);
+
+impl ReadBackend for RefuseDirect {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn submit(&self, batch: Batch) {
+        let flags = rustix::fs::fcntl_getfl(&*batch.file).unwrap();
+        if flags.contains(rustix::fs::OFlags::DIRECT) {
+            let results = batch
+                .segments
+                .iter()
+                .map(|_| Err(std::io::Error::from_raw_os_error(libc_einval())))
+                .collect();
+            let _ = batch.reply.send(BatchDone {
+                buf: batch.buf,
+                results,
+            });
+        } else {
+            self.0.submit(batch);
+        }
+    }
+}
+
+fn libc_einval() -> i32 {
+    rustix::io::Errno::INVAL.raw_os_error()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn einval_on_direct_reads_falls_back_to_buffered() {
+    let dir = Fs::Xfs.scratch("io-einval");
+    let path = dir.path("disk.img");
+    let size = 5 << 20;
+    let data = random_file(&path, size, 12);
+    let cfg = IoConfig {
+        buffer_size: 256 << 10,
+        ..IoConfig::default()
+    };
+    let backends: [Box<dyn ReadBackend>; 2] = [
+        Box::new(UringBackend::start(1, 64).unwrap()),
+        Box::new(ThreadsBackend::start(4).unwrap()),
+    ];
+    for backend in backends {
+        let kind = backend.kind();
+        let e = IoEngine::with_backend(&cfg, Box::new(RefuseDirect(backend))).unwrap();
+        let file = open(&e, &path, true);
+        let got = e
+            .read(&file, 3..size as u64 - 3)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert!(got == data[3..size - 3], "{kind}: bytes after the fallback");
+        assert!(!file.is_direct(), "{kind}: the file stays buffered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_errors_break_the_stream() {
+    // A descriptor that cannot read: a directory gives EISDIR. On btrfs a
+    // directory's size counts its entries' names, so a range fits inside.
+    let dir = Fs::Btrfs.scratch("io-eisdir");
+    let sub = dir.path("d");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("some-entry-name"), b"x").unwrap();
+    for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
+        let e = engine(backend, false, |_| {});
+        let file = e.open(&sub).unwrap();
+        assert!(file.size() > 0, "btrfs directory size");
+        let err = e.read(&file, 0..1).unwrap().collect().await.unwrap_err();
+        assert!(matches!(err, IoError::Read { .. }), "{backend:?}: {err}");
+    }
+}
+
+#[test]
+fn auto_picks_io_uring_here_and_falls_back_when_the_kernel_refuses() {
+    let auto = IoEngine::start(&IoConfig::default()).unwrap();
+    assert_eq!(
+        auto.backend(),
+        BackendKind::IoUring,
+        "this kernel has io_uring"
+    );
+    // io_uring_setup refuses more than 32768 entries (EINVAL): a real
+    // refusal by the kernel, the same path as seccomp or the sysctl.
+    let refused = IoConfig {
+        ring_entries: 1 << 20,
+        ..IoConfig::default()
+    };
+    assert_eq!(
+        IoEngine::start(&refused).unwrap().backend(),
+        BackendKind::Threads
+    );
+    let forced = IoConfig {
+        backend: BackendChoice::IoUring,
+        ..refused
+    };
+    assert!(matches!(
+        IoEngine::start(&forced),
+        Err(IoError::UringUnavailable { .. })
+    ));
 }

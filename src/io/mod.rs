@@ -341,6 +341,16 @@ impl IoEngine {
                 }
             },
         };
+        IoEngine::with_backend(cfg, backend)
+    }
+
+    /// An engine on a given backend (tests wrap a real backend to inject
+    /// failures no local filesystem produces on demand).
+    pub fn with_backend(
+        cfg: &IoConfig,
+        backend: Box<dyn ReadBackend>,
+    ) -> Result<IoEngine, IoError> {
+        cfg.validate()?;
         Ok(IoEngine {
             inner: Arc::new(EngineInner {
                 backend,

@@ -4,6 +4,9 @@
 //! - [`sys`]: the only place that issues syscalls needing `unsafe`
 //!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs).
 //! - [`extent`]: pure extent-map algebra: squash and diff.
+//! - [`io`]: the io core: range reads into pooled aligned buffers on
+//!   io_uring or a `pread` thread pool, `Range` parsing and the incremental
+//!   stream framing.
 //! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
 //!   `.ovsmeta`, or the static inventory of the config).
 //! - [`store`]: snapshot metadata in LMDB (heed).
@@ -16,6 +19,7 @@
 pub mod api;
 pub mod config;
 pub mod extent;
+pub mod io;
 pub mod ovm;
 pub mod snapshot;
 pub mod store;

@@ -11,3 +11,4 @@ mod fs_core;
 mod ovm;
 mod snapshot;
 mod snapshot_crash;
+mod io;

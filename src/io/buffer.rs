@@ -1,0 +1,319 @@
+//! The pool of page-aligned read buffers, and how a filled buffer becomes a
+//! response frame without a copy.
+//!
+//! `O_DIRECT` needs the memory of a read aligned to the device's logical
+//! block size; [`ALIGN`] (one page) satisfies every device this serves. The
+//! alignment is obtained without `unsafe`: each buffer over-allocates a
+//! `Vec<u8>` by `ALIGN - 1` bytes and uses the aligned window inside it. A
+//! `Vec`'s heap block never moves while it is not resized, so the window
+//! stays aligned for the buffer's whole life (the `Vec` is never resized).
+//!
+//! The pool bounds the number of buffers alive at once (a semaphore), so the
+//! memory of all reads together is capped; a [`PooledBuf`] goes back to the
+//! free list when dropped. [`PooledBuf::freeze`] turns a filled buffer into a
+//! `bytes::Bytes` whose owner is the buffer itself ([`Bytes::from_owner`]):
+//! hyper writes it to the socket and drops it, and that drop returns the
+//! buffer to the pool. Each buffer may also carry a permit of the stream that
+//! asked for it, which caps the memory a single stream (connection) holds,
+//! frames waiting in hyper included.
+//!
+//! This module must not do I/O; it only owns memory.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Alignment of every buffer: one 4 KiB page, a multiple of every logical
+/// block size Linux accepts for `O_DIRECT` on the disks this serves (512 and
+/// 4096; `statx` `STATX_DIOALIGN` reports the same on such devices).
+pub const ALIGN: usize = 4096;
+
+/// A heap buffer of `len` bytes whose start is aligned to [`ALIGN`].
+pub struct AlignedBuf {
+    /// Over-allocated by `ALIGN - 1`; never resized, so its heap block (and
+    /// the aligned window at `start`) never moves.
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes aligned to [`ALIGN`]. `len` is rounded up
+    /// to a multiple of [`ALIGN`].
+    pub fn new(len: usize) -> AlignedBuf {
+        let len = len.div_ceil(ALIGN).max(1) * ALIGN;
+        // `vec![0; n]` is a calloc: untouched pages cost no resident memory.
+        let storage = vec![0u8; len + ALIGN - 1];
+        // For a `*const u8` the offset is computed exactly at run time; the
+        // `min` only keeps the slicing below in bounds if it ever were not.
+        let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN - 1);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// A bounded pool of [`AlignedBuf`]s of one size. Cheap to clone.
+#[derive(Clone)]
+pub struct BufferPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    buf_len: usize,
+    /// One permit per buffer that may exist; a [`PooledBuf`] holds one.
+    permits: Arc<Semaphore>,
+    /// Buffers allocated earlier and now unused. Allocated lazily, so a pool
+    /// that is never busy costs no memory.
+    free: Mutex<Vec<AlignedBuf>>,
+    capacity: usize,
+}
+
+impl BufferPool {
+    /// A pool of at most `count` buffers of `buf_len` bytes (rounded up to a
+    /// multiple of [`ALIGN`]).
+    pub fn new(buf_len: usize, count: usize) -> BufferPool {
+        let buf_len = buf_len.div_ceil(ALIGN).max(1) * ALIGN;
+        BufferPool {
+            inner: Arc::new(PoolInner {
+                buf_len,
+                permits: Arc::new(Semaphore::new(count)),
+                free: Mutex::new(Vec::with_capacity(count)),
+                capacity: count,
+            }),
+        }
+    }
+
+    /// Size of each buffer in bytes.
+    pub fn buf_len(&self) -> usize {
+        self.inner.buf_len
+    }
+
+    /// How many buffers may exist at once.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// How many buffers are handed out right now.
+    pub fn in_use(&self) -> usize {
+        self.inner.capacity - self.inner.permits.available_permits()
+    }
+
+    /// Waits for a free buffer.
+    pub async fn get(&self) -> PooledBuf {
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .expect("the pool semaphore is never closed");
+        self.take(permit)
+    }
+
+    /// A free buffer, or `None` when all are handed out.
+    pub fn try_get(&self) -> Option<PooledBuf> {
+        let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
+        Some(self.take(permit))
+    }
+
+    fn take(&self, permit: OwnedSemaphorePermit) -> PooledBuf {
+        let reused = self
+            .inner
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let buf = reused.unwrap_or_else(|| AlignedBuf::new(self.inner.buf_len));
+        PooledBuf {
+            buf: Some(buf),
+            pool: Arc::clone(&self.inner),
+            _pool_permit: permit,
+            stream_permit: None,
+            filled: 0,
+        }
+    }
+}
+
+/// A buffer borrowed from a [`BufferPool`]; returns there when dropped.
+///
+/// `filled` says how many leading bytes hold data (what [`freeze`] exposes):
+/// a reused buffer still holds an earlier read's bytes past that point, which
+/// must never reach a client.
+///
+/// [`freeze`]: PooledBuf::freeze
+pub struct PooledBuf {
+    /// `Some` until dropped.
+    buf: Option<AlignedBuf>,
+    pool: Arc<PoolInner>,
+    _pool_permit: OwnedSemaphorePermit,
+    stream_permit: Option<OwnedSemaphorePermit>,
+    filled: usize,
+}
+
+impl PooledBuf {
+    fn buf(&self) -> &AlignedBuf {
+        self.buf.as_ref().expect("present until drop")
+    }
+
+    /// The whole buffer, for a read to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.buf
+            .as_mut()
+            .expect("present until drop")
+            .as_mut_slice()
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf().is_empty()
+    }
+
+    /// Marks the first `n` bytes as data (clamped to the buffer length).
+    pub fn set_filled(&mut self, n: usize) {
+        self.filled = n.min(self.len());
+    }
+
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Ties a per-stream permit to this buffer: it is released when the
+    /// buffer (and every frame made from it) is dropped.
+    pub fn attach_permit(&mut self, permit: OwnedSemaphorePermit) {
+        self.stream_permit = Some(permit);
+    }
+
+    /// The filled bytes as a `Bytes` that owns this buffer: no copy; the
+    /// buffer returns to the pool when the last clone or slice is dropped.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(FrameOwner(self))
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool
+                .free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(buf);
+        }
+        // The permits are fields: they are released after the buffer is back
+        // on the free list, so a waiter woken by them finds it there.
+    }
+}
+
+/// The owner behind a frame: exposes only the filled bytes.
+struct FrameOwner(PooledBuf);
+
+impl AsRef<[u8]> for FrameOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.buf().as_slice()[..self.0.filled]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_rounded_up() {
+        for len in [1, ALIGN - 1, ALIGN, ALIGN + 1, 1 << 20] {
+            let b = AlignedBuf::new(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0, "len {len}");
+            assert!(b.len() >= len && b.len() % ALIGN == 0);
+        }
+    }
+
+    #[test]
+    fn pool_is_bounded_and_buffers_come_back() {
+        let pool = BufferPool::new(8192, 2);
+        let a = pool.try_get().unwrap();
+        let b = pool.try_get().unwrap();
+        assert!(pool.try_get().is_none(), "a third buffer past the bound");
+        assert_eq!(pool.in_use(), 2);
+        let a_ptr = a.buf().as_slice().as_ptr();
+        drop(a);
+        let c = pool.try_get().expect("a dropped buffer is free again");
+        assert_eq!(c.buf().as_slice().as_ptr(), a_ptr, "the buffer is reused");
+        drop((b, c));
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn frozen_frame_is_zero_copy_and_returns_on_last_drop() {
+        let pool = BufferPool::new(ALIGN, 1);
+        let mut buf = pool.try_get().unwrap();
+        buf.as_mut_slice()[..5].copy_from_slice(b"hello");
+        buf.set_filled(5);
+        let ptr = buf.buf().as_slice().as_ptr();
+        let frame = buf.freeze();
+        assert_eq!(&frame[..], b"hello");
+        assert_eq!(frame.as_ptr(), ptr, "the frame points into the buffer");
+        let part = frame.slice(1..3);
+        drop(frame);
+        assert!(pool.try_get().is_none(), "a slice still holds the buffer");
+        assert_eq!(&part[..], b"el");
+        drop(part);
+        assert!(pool.try_get().is_some());
+    }
+
+    #[test]
+    fn frame_never_shows_bytes_past_filled() {
+        let pool = BufferPool::new(ALIGN, 1);
+        let mut buf = pool.try_get().unwrap();
+        buf.as_mut_slice().fill(0xAA);
+        buf.set_filled(3);
+        let f = buf.freeze();
+        assert_eq!(f.len(), 3);
+        drop(f);
+        let mut again = pool.try_get().unwrap();
+        again.set_filled(0);
+        assert!(again.freeze().is_empty());
+    }
+
+    #[test]
+    fn stream_permit_is_released_with_the_frame() {
+        let pool = BufferPool::new(ALIGN, 4);
+        let stream = Arc::new(Semaphore::new(1));
+        let mut buf = pool.try_get().unwrap();
+        buf.attach_permit(Arc::clone(&stream).try_acquire_owned().unwrap());
+        let frame = buf.freeze();
+        assert_eq!(stream.available_permits(), 0);
+        drop(frame);
+        assert_eq!(stream.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn get_waits_for_a_buffer_to_come_back() {
+        let pool = BufferPool::new(ALIGN, 1);
+        let held = pool.get().await;
+        let p2 = pool.clone();
+        let waiter = tokio::spawn(async move { p2.get().await.len() });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), ALIGN);
+    }
+}

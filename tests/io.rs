@@ -1,0 +1,573 @@
+//! The io core on real XFS and btrfs files: every test runs against both
+//! backends (io_uring and the pread thread pool), with O_DIRECT on and off.
+
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coriolis_ovm_exporter::io::range::{self, Multipart};
+use coriolis_ovm_exporter::io::stream::{self, Change, ChangeKind, Event};
+use coriolis_ovm_exporter::io::threads::ThreadsBackend;
+use coriolis_ovm_exporter::io::uring::UringBackend;
+use coriolis_ovm_exporter::io::{
+    BackendChoice, BackendKind, Batch, BatchDone, DiskFile, IoConfig, IoEngine, IoError,
+    ReadBackend,
+};
+
+use crate::common::Fs;
+
+/// Both backends, O_DIRECT on and off.
+fn variants() -> Vec<(BackendChoice, bool)> {
+    let mut v = Vec::new();
+    for b in [BackendChoice::IoUring, BackendChoice::Threads] {
+        for direct in [true, false] {
+            v.push((b, direct));
+        }
+    }
+    v
+}
+
+fn engine(backend: BackendChoice, direct: bool, tweak: impl FnOnce(&mut IoConfig)) -> IoEngine {
+    let mut cfg = IoConfig {
+        backend,
+        direct_io: direct,
+        ..IoConfig::default()
+    };
+    tweak(&mut cfg);
+    let e = IoEngine::start(&cfg).expect("engine starts (io_uring must work on this machine)");
+    let want = match backend {
+        BackendChoice::IoUring => BackendKind::IoUring,
+        _ => BackendKind::Threads,
+    };
+    assert_eq!(e.backend(), want);
+    e
+}
+
+/// A file of `size` random bytes written in uneven pieces.
+fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn open(e: &IoEngine, path: &Path, direct: bool) -> DiskFile {
+    let f = e.open(path).unwrap();
+    assert_eq!(f.is_direct(), direct, "O_DIRECT accepted on {path:?}");
+    f
+}
+
+fn random_ranges(rng: &mut fastrand::Rng, size: u64, n: usize) -> Vec<Range<u64>> {
+    (0..n)
+        .map(|i| {
+            let start = match i % 4 {
+                0 => rng.u64(0..size),
+                1 => rng.u64(0..size / 4096) * 4096,
+                2 => size - rng.u64(1..10_000.min(size)),
+                _ => rng.u64(0..size / 2),
+            };
+            let max_len = size - start;
+            let len = match i % 3 {
+                0 => rng.u64(1..=max_len.min(10)),
+                1 => rng.u64(1..=max_len.min(3 << 20)),
+                _ => max_len,
+            };
+            start..start + len
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_ranges_equal_the_file_bytes() {
+    for fs in Fs::ALL {
+        let dir = fs.scratch("io-ranges");
+        let path = dir.path("disk.img");
+        // Not a multiple of the page size: the tail read is short.
+        let size = (9 << 20) + 1234;
+        let data = random_file(&path, size, 1);
+        for (backend, direct) in variants() {
+            // Small buffers too, so one range spans many batches.
+            for buffer_size in [64 << 10, 1 << 20] {
+                let e = engine(backend, direct, |c| c.buffer_size = buffer_size);
+                let file = open(&e, &path, direct);
+                assert_eq!(file.size(), size as u64);
+                let mut rng = fastrand::Rng::with_seed(buffer_size as u64);
+                for r in random_ranges(&mut rng, size as u64, 60) {
+                    let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+                    assert!(
+                        got == data[r.start as usize..r.end as usize],
+                        "{fs:?} {backend:?} direct={direct} buf={buffer_size}: range {r:?} differs"
+                    );
+                }
+                let whole = e
+                    .read(&file, 0..size as u64)
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                assert!(
+                    whole == data,
+                    "{fs:?} {backend:?} direct={direct}: whole file"
+                );
+                assert_eq!(e.pool().in_use(), 0, "every buffer back in the pool");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_are_big_and_alias_pool_buffers() {
+    let dir = Fs::Xfs.scratch("io-frames");
+    let path = dir.path("disk.img");
+    let data = random_file(&path, 8 << 20, 2);
+    for (backend, direct) in variants() {
+        // This test keeps every frame, so the stream may hold them all (with
+        // the default read-ahead it would wait for frames to be dropped).
+        let e = engine(backend, direct, |c| c.read_ahead = 8);
+        let file = open(&e, &path, direct);
+        let mut s = e.read(&file, 4097..(8 << 20) - 1).unwrap();
+        let mut frames = Vec::new();
+        while let Some(f) = s.next().await {
+            frames.push(f.unwrap());
+        }
+        // Full 1 MiB buffers, sliced: the first read starts at the page
+        // holding byte 4097 and its frame one byte into it; the last frame
+        // ends one byte before the end of the file.
+        assert_eq!(frames.len(), 8);
+        assert_eq!(frames[0].len(), (1 << 20) - 1);
+        assert!(frames[1..7].iter().all(|f| f.len() == 1 << 20));
+        assert_eq!(frames[0][..], data[4097..(1 << 20) + 4096]);
+        assert_eq!(frames[7][..], data[(7 << 20) + 4096..(8 << 20) - 1]);
+        // Zero copy: a frame of an aligned offset starts on a page.
+        assert_eq!(frames[1].as_ptr() as usize % 4096, 0);
+        assert_eq!(frames[0].as_ptr() as usize % 4096, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_past_eof_and_empty_ranges_are_refused() {
+    let dir = Fs::Btrfs.scratch("io-eof");
+    let path = dir.path("disk.img");
+    random_file(&path, 10_000, 3);
+    for (backend, direct) in variants() {
+        let e = engine(backend, direct, |_| {});
+        let file = open(&e, &path, direct);
+        for r in [9_999..10_001, 10_000..10_001, 20_000..30_000, 5..5] {
+            assert!(
+                matches!(e.read(&file, r.clone()), Err(IoError::OutOfBounds { .. })),
+                "{r:?}"
+            );
+        }
+        let last = e
+            .read(&file, 9_999..10_000)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(last.len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_truncated_while_streaming_breaks_the_stream() {
+    for fs in Fs::ALL {
+        let dir = fs.scratch("io-trunc");
+        let path = dir.path("disk.img");
+        random_file(&path, 4 << 20, 4);
+        for (backend, direct) in variants() {
+            let e = engine(backend, direct, |_| {});
+            let file = open(&e, &path, direct);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            let err = e
+                .read(&file, 0..4 << 20)
+                .unwrap()
+                .collect()
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, IoError::ShortRead { .. }),
+                "{fs:?} {backend:?}: {err}"
+            );
+            random_file(&path, 4 << 20, 4);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_streams_share_a_small_pool() {
+    let dir = Fs::Xfs.scratch("io-many");
+    let path = dir.path("disk.img");
+    let size = 16 << 20;
+    let data = Arc::new(random_file(&path, size, 5));
+    for (backend, direct) in variants() {
+        // 32 streams × 2 buffers could want 64; only 8 exist.
+        let e = engine(backend, direct, |c| {
+            c.buffer_size = 256 << 10;
+            c.read_ahead = 2;
+            c.pool_buffers = 8;
+        });
+        let file = open(&e, &path, direct);
+        let mut tasks = Vec::new();
+        for i in 0..32u64 {
+            let (e, file, data) = (e.clone(), file.clone(), Arc::clone(&data));
+            tasks.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(i);
+                for r in random_ranges(&mut rng, size as u64, 8) {
+                    let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+                    assert!(
+                        got == data[r.start as usize..r.end as usize],
+                        "stream {i} {r:?}"
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            time_limit(t).await;
+        }
+        assert_eq!(e.pool().in_use(), 0);
+    }
+}
+
+/// Awaits a task with a generous bound, so a deadlock fails instead of
+/// hanging the suite.
+async fn time_limit<T>(t: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), t)
+        .await
+        .expect("stream finished in time (no deadlock)")
+        .expect("task did not panic")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_stream_holds_at_most_its_read_ahead() {
+    let dir = Fs::Btrfs.scratch("io-bound");
+    let path = dir.path("disk.img");
+    random_file(&path, 32 << 20, 6);
+    for (backend, direct) in variants() {
+        let e = engine(backend, direct, |c| {
+            c.buffer_size = 1 << 20;
+            c.read_ahead = 3;
+            c.pool_buffers = 64;
+        });
+        let file = open(&e, &path, direct);
+        let s = e.read(&file, 0..32 << 20).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let held = e.pool().in_use();
+        assert!((1..=3).contains(&held), "{backend:?}: {held} buffers held");
+        // Dropping the stream mid-way gives every buffer back.
+        drop(s);
+        wait_until(|| e.pool().in_use() == 0).await;
+    }
+}
+
+async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+fn resident_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) is installed by scripts/deps.sh");
+    assert!(out.status.success(), "fincore: {:?}", out);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn drop_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reads_leave_the_page_cache_alone() {
+    for fs in Fs::ALL {
+        let dir = fs.scratch("io-cache");
+        let path = dir.path("disk.img");
+        let size = 16 << 20;
+        random_file(&path, size, 7);
+        for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
+            for direct in [true, false] {
+                drop_cache(&path);
+                assert!(resident_bytes(&path) < 1 << 20, "{fs:?}: cache dropped");
+                let e = engine(backend, direct, |_| {});
+                let file = open(&e, &path, direct);
+                let got = e
+                    .read(&file, 0..size as u64)
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                assert_eq!(got.len(), size);
+                let cached = resident_bytes(&path);
+                if direct {
+                    assert!(
+                        cached < 1 << 20,
+                        "{fs:?} {backend:?}: O_DIRECT cached {cached}"
+                    );
+                } else {
+                    assert!(
+                        cached > (size as u64) / 2,
+                        "{fs:?} {backend:?}: buffered cached {cached}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_body_is_exact() {
+    let dir = Fs::Xfs.scratch("io-multipart");
+    let path = dir.path("disk.img");
+    let size = 3 << 20;
+    let data = random_file(&path, size, 8);
+    for (backend, direct) in variants() {
+        let e = engine(backend, direct, |c| c.buffer_size = 64 << 10);
+        let file = open(&e, &path, direct);
+        let header = b"bytes=-100, 0-0, 1000-2000, 1500-70000, 2000000-, 5-5";
+        let ranges = range::parse(header, size as u64, range::DEFAULT_MAX_RANGES).unwrap();
+        assert_eq!(
+            ranges,
+            vec![0..1, 5..6, 1000..70_001, 2_000_000..size as u64]
+        );
+        let m = Multipart::new("application/octet-stream");
+        let mut want = Vec::new();
+        for r in &ranges {
+            want.extend_from_slice(m.part_header(r, size as u64).as_bytes());
+            want.extend_from_slice(&data[r.start as usize..r.end as usize]);
+        }
+        want.extend_from_slice(m.trailer().as_bytes());
+        let len = m.body_len(&ranges, size as u64);
+        let got = e
+            .read_multipart(&file, ranges, m)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(got.len() as u64, len);
+        assert!(got == want, "{backend:?} direct={direct}");
+    }
+}
+
+/// A plan of `n` scattered changes over `size` bytes: data and zero ranges.
+fn scattered_plan(rng: &mut fastrand::Rng, size: u64, n: u64) -> Vec<Change> {
+    let step = size / n;
+    (0..n)
+        .map(|i| {
+            let offset = i * step + rng.u64(0..step / 2);
+            let len = rng.u64(1..=(step / 2).min(200_000));
+            let kind = if rng.u8(0..4) == 0 {
+                ChangeKind::Zero
+            } else {
+                ChangeKind::Data
+            };
+            Change { kind, offset, len }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_stream_rebuilds_the_disk() {
+    for fs in Fs::ALL {
+        let dir = fs.scratch("io-incr");
+        let path = dir.path("disk.img");
+        let size = 8 << 20;
+        let data = random_file(&path, size, 9);
+        for (backend, direct) in variants() {
+            let e = engine(backend, direct, |_| {});
+            let file = open(&e, &path, direct);
+            let mut rng = fastrand::Rng::with_seed(10);
+            for n in [0, 1, 17, 2000] {
+                let plan = scattered_plan(&mut rng, size as u64, n.max(1)).into_iter();
+                let plan: Vec<Change> = plan.take(n as usize).collect();
+                let body = e
+                    .incremental(&file, plan.clone())
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                // A replica that starts out as garbage: only the plan's
+                // ranges are checked.
+                let mut replica = vec![0x5Au8; size];
+                let mut records = 0;
+                for ev in stream::decode_all(&body, 65_537).unwrap() {
+                    match ev {
+                        Event::Data { offset, bytes } => replica
+                            [offset as usize..offset as usize + bytes.len()]
+                            .copy_from_slice(&bytes),
+                        Event::Zero { offset, len } => {
+                            records += 1;
+                            replica[offset as usize..(offset + len) as usize].fill(0)
+                        }
+                        Event::DataEnd { .. } => records += 1,
+                        Event::Header(h) => assert_eq!(h.disk_size, size as u64),
+                        _ => {}
+                    }
+                }
+                assert_eq!(records, plan.len());
+                for c in &plan {
+                    let r = c.offset as usize..(c.offset + c.len) as usize;
+                    match c.kind {
+                        ChangeKind::Data => {
+                            assert!(replica[r.clone()] == data[r], "{fs:?} {backend:?}")
+                        }
+                        ChangeKind::Zero => assert!(replica[r].iter().all(|&b| b == 0)),
+                    }
+                }
+                // Damage one byte anywhere: the decoder notices.
+                if !body.is_empty() {
+                    let mut bad = body.clone();
+                    let at = rng.usize(0..bad.len());
+                    bad[at] ^= 0x10;
+                    assert!(
+                        stream::decode_all(&bad, 4096).is_err(),
+                        "flip at {at} unnoticed"
+                    );
+                }
+            }
+            assert_eq!(e.pool().in_use(), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_plan_is_checked() {
+    let dir = Fs::Xfs.scratch("io-incr-bad");
+    let path = dir.path("disk.img");
+    random_file(&path, 100_000, 11);
+    let e = engine(BackendChoice::Threads, true, |_| {});
+    let file = e.open(&path).unwrap();
+    let d = |offset, len| Change {
+        kind: ChangeKind::Data,
+        offset,
+        len,
+    };
+    for bad in [
+        vec![d(0, 0)],
+        vec![d(10, 10), d(15, 10)],
+        vec![d(99_999, 2)],
+    ] {
+        assert!(matches!(e.incremental(&file, bad), Err(IoError::Plan(_))));
+    }
+}
+
+/// A real backend behind a filter that answers every read on an `O_DIRECT`
+/// descriptor with EINVAL, as a filesystem or device that accepts the open
+/// but refuses direct reads does (none of the test filesystems does so on
+/// demand).
+struct RefuseDirect(Box<dyn ReadBackend>);
+
+impl ReadBackend for RefuseDirect {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn submit(&self, batch: Batch) {
+        let flags = rustix::fs::fcntl_getfl(&*batch.file).unwrap();
+        if flags.contains(rustix::fs::OFlags::DIRECT) {
+            let results = batch
+                .segments
+                .iter()
+                .map(|_| Err(std::io::Error::from_raw_os_error(libc_einval())))
+                .collect();
+            let _ = batch.reply.send(BatchDone {
+                buf: batch.buf,
+                results,
+            });
+        } else {
+            self.0.submit(batch);
+        }
+    }
+}
+
+fn libc_einval() -> i32 {
+    rustix::io::Errno::INVAL.raw_os_error()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn einval_on_direct_reads_falls_back_to_buffered() {
+    let dir = Fs::Xfs.scratch("io-einval");
+    let path = dir.path("disk.img");
+    let size = 5 << 20;
+    let data = random_file(&path, size, 12);
+    let cfg = IoConfig {
+        buffer_size: 256 << 10,
+        ..IoConfig::default()
+    };
+    let backends: [Box<dyn ReadBackend>; 2] = [
+        Box::new(UringBackend::start(1, 64).unwrap()),
+        Box::new(ThreadsBackend::start(4).unwrap()),
+    ];
+    for backend in backends {
+        let kind = backend.kind();
+        let e = IoEngine::with_backend(&cfg, Box::new(RefuseDirect(backend))).unwrap();
+        let file = open(&e, &path, true);
+        let got = e
+            .read(&file, 3..size as u64 - 3)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert!(got == data[3..size - 3], "{kind}: bytes after the fallback");
+        assert!(!file.is_direct(), "{kind}: the file stays buffered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_errors_break_the_stream() {
+    // A descriptor that cannot read: a directory gives EISDIR. On btrfs a
+    // directory's size counts its entries' names, so a range fits inside.
+    let dir = Fs::Btrfs.scratch("io-eisdir");
+    let sub = dir.path("d");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("some-entry-name"), b"x").unwrap();
+    for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
+        let e = engine(backend, false, |_| {});
+        let file = e.open(&sub).unwrap();
+        assert!(file.size() > 0, "btrfs directory size");
+        let err = e.read(&file, 0..1).unwrap().collect().await.unwrap_err();
+        assert!(matches!(err, IoError::Read { .. }), "{backend:?}: {err}");
+    }
+}
+
+#[test]
+fn auto_picks_io_uring_here_and_falls_back_when_the_kernel_refuses() {
+    let auto = IoEngine::start(&IoConfig::default()).unwrap();
+    assert_eq!(
+        auto.backend(),
+        BackendKind::IoUring,
+        "this kernel has io_uring"
+    );
+    // io_uring_setup refuses more than 32768 entries (EINVAL): a real
+    // refusal by the kernel, the same path as seccomp or the sysctl.
+    let refused = IoConfig {
+        ring_entries: 1 << 20,
+        ..IoConfig::default()
+    };
+    assert_eq!(
+        IoEngine::start(&refused).unwrap().backend(),
+        BackendKind::Threads
+    );
+    let forced = IoConfig {
+        backend: BackendChoice::IoUring,
+        ..refused
+    };
+    assert!(matches!(
+        IoEngine::start(&forced),
+        Err(IoError::UringUnavailable { .. })
+    ));
+}

@@ -12,7 +12,9 @@
 //! folder only when its own stamp changed. The clone probe is cached per
 //! mount point and device; a failed probe is retried after
 //! [`PROBE_RETRY`], a successful one is kept until the device changes
-//! (a remount).
+//! (a remount). A repository database that stops parsing (ovs-agent
+//! rewriting it, or damage) is read again once, then the last good list is
+//! used with a warning; only with no good list yet is the listing an error.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -41,6 +43,9 @@ pub const OVSMETA: &str = ".ovsmeta";
 pub const MAX_VM_CFG: u64 = 1 << 20;
 /// Largest .ovsmeta read.
 pub const MAX_OVSMETA: u64 = 16 << 20;
+/// Pause before reading a database again that did not parse (ovs-agent
+/// may have been writing it).
+const DB_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// How long a failed clone probe is trusted before it is tried again.
 pub const PROBE_RETRY: Duration = Duration::from_secs(60);
 
@@ -344,15 +349,27 @@ fn repositories_from_db(
             return Ok(repos.clone());
         }
     }
-    let bytes = read_bounded(path, MAX_DB_FILE)?;
-    let db = HashDb::open(&bytes).map_err(|source| InventoryError::Db {
-        path: path.to_owned(),
-        source,
-    })?;
-    let pairs = db.pairs().map_err(|source| InventoryError::Db {
-        path: path.to_owned(),
-        source,
-    })?;
+    let pairs = match read_pairs(path) {
+        Ok(p) => p,
+        Err(_) => {
+            // ovs-agent may be rewriting the file right now: look again.
+            std::thread::sleep(DB_RETRY_DELAY);
+            match read_pairs(path) {
+                Ok(p) => p,
+                Err(e) => match &st.repo_db {
+                    // Better the last good list than no VM at all.
+                    Some((_, repos)) => {
+                        w.warn(
+                            path.display().to_string(),
+                            format!("{}; using the repositories read before", error_chain(&e)),
+                        );
+                        return Ok(repos.clone());
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+    };
     let mut repos = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
         match RepositoryRecord::from_pickle(&k, &v) {
@@ -379,6 +396,18 @@ fn repositories_from_db(
     let repos = Arc::new(repos);
     st.repo_db = Some((s, repos.clone()));
     Ok(repos)
+}
+
+fn read_pairs(path: &Path) -> Result<Vec<crate::ovm::bdb::Pair>, InventoryError> {
+    let bytes = read_bounded(path, MAX_DB_FILE)?;
+    let db = HashDb::open(&bytes).map_err(|source| InventoryError::Db {
+        path: path.to_owned(),
+        source,
+    })?;
+    db.pairs().map_err(|source| InventoryError::Db {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A repository is usable when its mount point is a readable folder (and,

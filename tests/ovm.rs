@@ -610,7 +610,11 @@ fn listings_follow_changes_on_disk() {
     put_u32(&mut bytes, META_MAGIC, 0xdead_beef);
     fs::write(&db, &bytes).unwrap();
     assert_eq!(inv.repositories().unwrap().len(), 4);
-    assert_eq!(inv.vms().unwrap().len(), 4, "VM2, VM3, VM4 and the repaired one");
+    assert_eq!(
+        inv.vms().unwrap().len(),
+        4,
+        "VM2, VM3, VM4 and the repaired one"
+    );
     assert!(matches!(
         agent_inventory(&node).repositories(),
         Err(InventoryError::Db {

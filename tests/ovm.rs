@@ -602,7 +602,26 @@ fn listings_follow_changes_on_disk() {
         fs::create_dir_all(base.join(r["id"].as_str().unwrap())).unwrap();
     }
     assert_eq!(inv.repositories().unwrap().len(), 4);
-    let _ = &node.repo_b;
+
+    // A damaged database (or one caught mid-write) keeps the last good
+    // list; a fresh inventory, with no good list, reports the error.
+    let db = node.db_dir.join("repository");
+    let mut bytes = fs::read(&db).unwrap();
+    put_u32(&mut bytes, META_MAGIC, 0xdead_beef);
+    fs::write(&db, &bytes).unwrap();
+    assert_eq!(inv.repositories().unwrap().len(), 4);
+    assert_eq!(
+        inv.vms().unwrap().len(),
+        4,
+        "VM2, VM3, VM4 and the repaired one"
+    );
+    assert!(matches!(
+        agent_inventory(&node).repositories(),
+        Err(InventoryError::Db {
+            source: BdbError::BadMagic { magic: 0xdead_beef },
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -722,6 +722,15 @@ mod tests {
     }
 
     #[test]
+    fn another_hash_function_falls_back_to_a_scan() {
+        let mut f = tiny_db(&[(b"k1", b"v1"), (b"k2", b"v2")], P_HASH);
+        f[HMETA_H_CHARKEY..HMETA_H_CHARKEY + 4].copy_from_slice(&7u32.to_le_bytes());
+        let db = HashDb::open(&f).unwrap();
+        assert!(!db.meta().default_hash_function());
+        assert_eq!(db.get(b"k2").unwrap(), Some(b"v2".to_vec()));
+    }
+
+    #[test]
     fn meta_errors_are_typed() {
         let good = tiny_db(&[(b"a", b"b")], P_HASH);
         assert_eq!(

@@ -12,7 +12,9 @@
 //! folder only when its own stamp changed. The clone probe is cached per
 //! mount point and device; a failed probe is retried after
 //! [`PROBE_RETRY`], a successful one is kept until the device changes
-//! (a remount).
+//! (a remount). A repository database that stops parsing (ovs-agent
+//! rewriting it, or damage) is read again once, then the last good list is
+//! used with a warning; only with no good list yet is the listing an error.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -41,6 +43,9 @@ pub const OVSMETA: &str = ".ovsmeta";
 pub const MAX_VM_CFG: u64 = 1 << 20;
 /// Largest .ovsmeta read.
 pub const MAX_OVSMETA: u64 = 16 << 20;
+/// Pause before reading a database again that did not parse (ovs-agent
+/// may have been writing it).
+const DB_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// How long a failed clone probe is trusted before it is tried again.
 pub const PROBE_RETRY: Duration = Duration::from_secs(60);
 
@@ -282,6 +287,7 @@ impl NodeInventory {
         let live: HashSet<&Path> = views.iter().map(|v| v.repo.mount_point.as_path()).collect();
         st.probes.retain(|p, _| live.contains(p.as_path()));
 
+        let index = RepoIndex::new(&views);
         let mut vms: Vec<Vm> = Vec::with_capacity(configs.len());
         let mut names = HashSet::new();
         for c in configs {
@@ -296,7 +302,7 @@ impl NodeInventory {
                 name: c.name.clone(),
                 uuid: c.uuid.clone().unwrap_or_default(),
                 friendly_name: c.simple_name.clone().unwrap_or_else(|| c.name.clone()),
-                disks: c.disks.iter().map(|d| build_disk(d, &views)).collect(),
+                disks: c.disks.iter().map(|d| build_disk(d, &index)).collect(),
             });
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
@@ -344,15 +350,27 @@ fn repositories_from_db(
             return Ok(repos.clone());
         }
     }
-    let bytes = read_bounded(path, MAX_DB_FILE)?;
-    let db = HashDb::open(&bytes).map_err(|source| InventoryError::Db {
-        path: path.to_owned(),
-        source,
-    })?;
-    let pairs = db.pairs().map_err(|source| InventoryError::Db {
-        path: path.to_owned(),
-        source,
-    })?;
+    let pairs = match read_pairs(path) {
+        Ok(p) => p,
+        Err(_) => {
+            // ovs-agent may be rewriting the file right now: look again.
+            std::thread::sleep(DB_RETRY_DELAY);
+            match read_pairs(path) {
+                Ok(p) => p,
+                Err(e) => match &st.repo_db {
+                    // Better the last good list than no VM at all.
+                    Some((_, repos)) => {
+                        w.warn(
+                            path.display().to_string(),
+                            format!("{}; using the repositories read before", error_chain(&e)),
+                        );
+                        return Ok(repos.clone());
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+    };
     let mut repos = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
         match RepositoryRecord::from_pickle(&k, &v) {
@@ -379,6 +397,18 @@ fn repositories_from_db(
     let repos = Arc::new(repos);
     st.repo_db = Some((s, repos.clone()));
     Ok(repos)
+}
+
+fn read_pairs(path: &Path) -> Result<Vec<crate::ovm::bdb::Pair>, InventoryError> {
+    let bytes = read_bounded(path, MAX_DB_FILE)?;
+    let db = HashDb::open(&bytes).map_err(|source| InventoryError::Db {
+        path: path.to_owned(),
+        source,
+    })?;
+    db.pairs().map_err(|source| InventoryError::Db {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A repository is usable when its mount point is a readable folder (and,
@@ -579,28 +609,79 @@ fn file_name_text(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The repository of a disk file: one whose `.ovsmeta` names it (one whose
-/// mount point also holds the path first), else the deepest mount point
-/// holding the path.
-fn find_repo<'a>(path: &Path, name: &str, repos: &'a [RepoView]) -> Option<&'a RepoView> {
-    let named: Vec<&RepoView> = repos
-        .iter()
-        .filter(|r| r.ovsmeta.as_ref().is_some_and(|m| m.contains_key(name)))
-        .collect();
-    if let Some(r) = named
-        .iter()
-        .find(|r| path.starts_with(&r.repo.mount_point))
-        .or(named.first())
-    {
-        return Some(r);
-    }
-    repos
-        .iter()
-        .filter(|r| path.starts_with(&r.repo.mount_point))
-        .max_by_key(|r| r.repo.mount_point.components().count())
+/// Finds the repository of a disk, built once per listing so that 1000
+/// disks over 20 repositories cost a hash lookup and a few byte compares
+/// each (`Path::starts_with` re-parses components every call).
+struct RepoIndex<'a> {
+    views: &'a [RepoView],
+    /// Each mount point as `/a/b` bytes (`` for `/`); `None` for a mount
+    /// point with `..` in it, which nothing is taken to be inside.
+    mounts: Vec<Option<Vec<u8>>>,
+    /// File name -> the repositories whose `.ovsmeta` names it.
+    named: HashMap<&'a str, Vec<usize>>,
 }
 
-fn build_disk(spec: &DiskSpec, repos: &[RepoView]) -> Disk {
+/// `p` as `/a/b` bytes, `None` if it has `..` or is relative.
+fn normalized(p: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Component;
+    let mut out = Vec::with_capacity(p.as_os_str().len());
+    let mut rooted = false;
+    for c in p.components() {
+        match c {
+            Component::RootDir => rooted = true,
+            Component::Normal(n) => {
+                out.push(b'/');
+                out.extend_from_slice(n.as_bytes());
+            }
+            _ => return None,
+        }
+    }
+    rooted.then_some(out)
+}
+
+impl<'a> RepoIndex<'a> {
+    fn new(views: &'a [RepoView]) -> Self {
+        let mut named: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        for (i, v) in views.iter().enumerate() {
+            for name in v.ovsmeta.iter().flat_map(|m| m.keys()) {
+                named.entry(name.as_str()).or_default().push(i);
+            }
+        }
+        RepoIndex {
+            views,
+            mounts: views
+                .iter()
+                .map(|v| normalized(&v.repo.mount_point))
+                .collect(),
+            named,
+        }
+    }
+
+    /// The repository of a disk file: one whose `.ovsmeta` names it (one
+    /// whose mount point also holds the path first), else the deepest mount
+    /// point holding the path.
+    fn find(&self, path: &Path, name: &str) -> Option<&'a RepoView> {
+        let p = normalized(path);
+        let inside = |i: &usize| match (&p, &self.mounts[*i]) {
+            (Some(p), Some(m)) => p.len() > m.len() && p.starts_with(m) && p[m.len()] == b'/',
+            _ => false,
+        };
+        if let Some(cands) = self.named.get(name) {
+            return cands
+                .iter()
+                .find(|i| inside(i))
+                .or(cands.first())
+                .map(|&i| &self.views[i]);
+        }
+        (0..self.views.len())
+            .filter(inside)
+            .max_by_key(|&i| self.mounts[i].as_ref().map_or(0, Vec::len))
+            .map(|i| &self.views[i])
+    }
+}
+
+fn build_disk(spec: &DiskSpec, repos: &RepoIndex) -> Disk {
     let mut disk = Disk {
         name: String::new(),
         path: PathBuf::new(),
@@ -634,7 +715,7 @@ fn build_disk(spec: &DiskSpec, repos: &[RepoView]) -> Disk {
         DiskTarget::File(p) => {
             disk.name = file_name_text(p);
             disk.path = p.clone();
-            let repo = find_repo(p, &disk.name, repos);
+            let repo = repos.find(p, &disk.name);
             disk.repository = repo.map(|r| r.repo.clone());
             file_disk_reason(spec, p, &disk.name, repo)
         }
@@ -719,6 +800,7 @@ mod tests {
                 error: None,
             },
         }];
+        let repos = RepoIndex::new(&repos);
         for t in [
             "file:/OVS/Repositories/r/../../../etc/shadow,xvda,w",
             "file:relative/x.img,xvda,w",

@@ -1060,10 +1060,17 @@ impl RepositoryRecord {
         Self::from_value(id, &v)
     }
 
+    /// Reads a record from a decoded dict; a pickled object instance whose
+    /// state is a dict (what `INST`/`OBJ`/`NEWOBJ` + `BUILD` make) counts
+    /// as that dict.
     pub fn from_value(id: &[u8], v: &Value) -> Result<Self, RecordError> {
-        if !matches!(v, Value::Dict(_)) {
-            return Err(RecordError::NotADict);
-        }
+        let v = match v {
+            Value::Object {
+                state: Some(state), ..
+            } if matches!(**state, Value::Dict(_)) => state,
+            Value::Dict(_) => v,
+            _ => return Err(RecordError::NotADict),
+        };
         for key in REPOSITORY_KEYS {
             if v.dict_get(key).is_none() {
                 return Err(RecordError::MissingKey { key });
@@ -1255,5 +1262,12 @@ mod tests {
             RepositoryRecord::from_pickle(b"r1", b"N."),
             Err(RecordError::NotADict)
         );
+        // The same dict as the state of an old-style instance (INST, BUILD).
+        let inst = format!(
+            "(iagent.repo\nRepository\np0\n{}b.",
+            &full[..full.len() - 1]
+        );
+        let r2 = RepositoryRecord::from_pickle(b"r1", inst.as_bytes()).unwrap();
+        assert_eq!(r2, r);
     }
 }

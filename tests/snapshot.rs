@@ -566,6 +566,35 @@ fn an_incompatible_or_failing_disk_creates_nothing() {
         Err(SnapshotError::Clone { .. })
     ));
     assert_eq!(s.snapshot_folders(), Vec::<String>::new());
+
+    // CoriolisSnapshots replaced by a symlink: refused, nothing written
+    // where it points.
+    std::fs::remove_file(&vm.disks[2].path).unwrap();
+    std::fs::write(&vm.disks[2].path, b"disk c").unwrap();
+    let elsewhere = s.scratch.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir(s.repo().join(SNAPSHOTS_DIR)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, s.repo().join(SNAPSHOTS_DIR)).unwrap();
+    assert!(matches!(s.mgr.create("vm"), Err(SnapshotError::Io { .. })));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    std::fs::remove_file(s.repo().join(SNAPSHOTS_DIR)).unwrap();
+
+    // Created with restrictive modes.
+    use std::os::unix::fs::PermissionsExt;
+    let snap = s.mgr.create("vm").unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let folder = s.repo().join(SNAPSHOTS_DIR).join(&snap.id);
+    assert_eq!(mode(&s.repo().join(SNAPSHOTS_DIR)), 0o700);
+    assert_eq!(mode(&folder), 0o700);
+    for name in [
+        ".coriolis-manifest.json",
+        ".coriolis-owner",
+        "a.img",
+        "b.img",
+        "c.img",
+    ] {
+        assert_eq!(mode(&folder.join(name)), 0o600, "{name}");
+    }
 }
 
 #[test]

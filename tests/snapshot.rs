@@ -910,3 +910,74 @@ fn a_create_on_a_full_filesystem_fails_cleanly_and_leaves_nothing() {
     }
     drop(s);
 }
+
+#[test]
+fn a_vm_on_two_repositories_gets_one_folder_in_each() {
+    let s = Setup::new(Fs::Btrfs, "snap-tworepos");
+    let repo2 = s.scratch.path("repo2");
+    let mut vm = vm_with(&s.repo(), "vm", &["a.img"]);
+    let other = vm_with(&repo2, "vm", &["b.img"]);
+    vm.disks.extend(other.disks);
+    let mut rng = fastrand::Rng::with_seed(8);
+    for d in &vm.disks {
+        fill_random(&d.path, MIB, &mut rng);
+    }
+    s.inv.set(vm.clone());
+    let s1 = s.mgr.create("vm").unwrap();
+    let s2 = s.mgr.create("vm").unwrap();
+    assert_eq!(s.snapshot_folders(), {
+        let mut v = vec![s1.id.clone(), s2.id.clone()];
+        v.sort();
+        v
+    });
+    assert_eq!(folders(&repo2), s.snapshot_folders());
+    assert_eq!(
+        PathBuf::from(&s2.disks[1].path),
+        repo2.join(SNAPSHOTS_DIR).join(&s2.id).join("b.img")
+    );
+
+    // Lose the database: both folders of each snapshot are adopted as one.
+    let Setup { scratch, inv, mgr } = s;
+    drop(mgr);
+    std::fs::remove_dir_all(scratch.path("db")).unwrap();
+    let mgr = Manager::open(&scratch.path("db/exporter.db"), &config(), inv).unwrap();
+    let repos = [scratch.path("repo"), repo2.clone()];
+    let report = mgr.rebuild(&repos).unwrap();
+    assert_eq!(
+        report
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Adopted { .. }))
+            .count(),
+        2,
+        "{report:?}"
+    );
+    assert_eq!(mgr.ids("vm").unwrap(), vec![s1.id.clone(), s2.id.clone()]);
+    // Rebuilding from one repository alone adopts nothing it cannot see
+    // whole, and removes nothing.
+    let partial = mgr.rebuild(&repos[..1]).unwrap();
+    assert!(
+        partial
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Skipped { .. })),
+        "{partial:?}"
+    );
+    assert_eq!(folders(&repo2).len(), 2);
+    mgr.rebuild(&repos).unwrap();
+
+    // A lost half: the record is dropped and the other half removed.
+    std::fs::remove_dir_all(repo2.join(SNAPSHOTS_DIR).join(&s1.id)).unwrap();
+    let report = mgr.reconcile(&repos).unwrap();
+    assert!(
+        report
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::DroppedRecord { id, .. } if *id == s1.id)),
+        "{report:?}"
+    );
+    assert_eq!(folders(&scratch.path("repo")), vec![s2.id.clone()]);
+    mgr.delete("vm", &s2.id).unwrap();
+    assert_eq!(folders(&scratch.path("repo")), Vec::<String>::new());
+    assert_eq!(folders(&repo2), Vec::<String>::new());
+}

@@ -566,6 +566,35 @@ fn an_incompatible_or_failing_disk_creates_nothing() {
         Err(SnapshotError::Clone { .. })
     ));
     assert_eq!(s.snapshot_folders(), Vec::<String>::new());
+
+    // CoriolisSnapshots replaced by a symlink: refused, nothing written
+    // where it points.
+    std::fs::remove_file(&vm.disks[2].path).unwrap();
+    std::fs::write(&vm.disks[2].path, b"disk c").unwrap();
+    let elsewhere = s.scratch.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir(s.repo().join(SNAPSHOTS_DIR)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, s.repo().join(SNAPSHOTS_DIR)).unwrap();
+    assert!(matches!(s.mgr.create("vm"), Err(SnapshotError::Io { .. })));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    std::fs::remove_file(s.repo().join(SNAPSHOTS_DIR)).unwrap();
+
+    // Created with restrictive modes.
+    use std::os::unix::fs::PermissionsExt;
+    let snap = s.mgr.create("vm").unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let folder = s.repo().join(SNAPSHOTS_DIR).join(&snap.id);
+    assert_eq!(mode(&s.repo().join(SNAPSHOTS_DIR)), 0o700);
+    assert_eq!(mode(&folder), 0o700);
+    for name in [
+        ".coriolis-manifest.json",
+        ".coriolis-owner",
+        "a.img",
+        "b.img",
+        "c.img",
+    ] {
+        assert_eq!(mode(&folder.join(name)), 0o600, "{name}");
+    }
 }
 
 #[test]
@@ -880,4 +909,75 @@ fn a_create_on_a_full_filesystem_fails_cleanly_and_leaves_nothing() {
         assert!(read_all(f) == std::fs::read(&d.parent_path).unwrap());
     }
     drop(s);
+}
+
+#[test]
+fn a_vm_on_two_repositories_gets_one_folder_in_each() {
+    let s = Setup::new(Fs::Btrfs, "snap-tworepos");
+    let repo2 = s.scratch.path("repo2");
+    let mut vm = vm_with(&s.repo(), "vm", &["a.img"]);
+    let other = vm_with(&repo2, "vm", &["b.img"]);
+    vm.disks.extend(other.disks);
+    let mut rng = fastrand::Rng::with_seed(8);
+    for d in &vm.disks {
+        fill_random(&d.path, MIB, &mut rng);
+    }
+    s.inv.set(vm.clone());
+    let s1 = s.mgr.create("vm").unwrap();
+    let s2 = s.mgr.create("vm").unwrap();
+    assert_eq!(s.snapshot_folders(), {
+        let mut v = vec![s1.id.clone(), s2.id.clone()];
+        v.sort();
+        v
+    });
+    assert_eq!(folders(&repo2), s.snapshot_folders());
+    assert_eq!(
+        PathBuf::from(&s2.disks[1].path),
+        repo2.join(SNAPSHOTS_DIR).join(&s2.id).join("b.img")
+    );
+
+    // Lose the database: both folders of each snapshot are adopted as one.
+    let Setup { scratch, inv, mgr } = s;
+    drop(mgr);
+    std::fs::remove_dir_all(scratch.path("db")).unwrap();
+    let mgr = Manager::open(&scratch.path("db/exporter.db"), &config(), inv).unwrap();
+    let repos = [scratch.path("repo"), repo2.clone()];
+    let report = mgr.rebuild(&repos).unwrap();
+    assert_eq!(
+        report
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Adopted { .. }))
+            .count(),
+        2,
+        "{report:?}"
+    );
+    assert_eq!(mgr.ids("vm").unwrap(), vec![s1.id.clone(), s2.id.clone()]);
+    // Rebuilding from one repository alone adopts nothing it cannot see
+    // whole, and removes nothing.
+    let partial = mgr.rebuild(&repos[..1]).unwrap();
+    assert!(
+        partial
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Skipped { .. })),
+        "{partial:?}"
+    );
+    assert_eq!(folders(&repo2).len(), 2);
+    mgr.rebuild(&repos).unwrap();
+
+    // A lost half: the record is dropped and the other half removed.
+    std::fs::remove_dir_all(repo2.join(SNAPSHOTS_DIR).join(&s1.id)).unwrap();
+    let report = mgr.reconcile(&repos).unwrap();
+    assert!(
+        report
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::DroppedRecord { id, .. } if *id == s1.id)),
+        "{report:?}"
+    );
+    assert_eq!(folders(&scratch.path("repo")), vec![s2.id.clone()]);
+    mgr.delete("vm", &s2.id).unwrap();
+    assert_eq!(folders(&scratch.path("repo")), Vec::<String>::new());
+    assert_eq!(folders(&repo2), Vec::<String>::new());
 }

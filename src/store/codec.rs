@@ -64,7 +64,16 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[inline]
 fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, CodecError> {
+    // Most values of a map (gaps, flag changes, contiguous deltas) fit in
+    // one byte.
+    if let Some(&b) = buf.get(*pos) {
+        if b < 0x80 {
+            *pos += 1;
+            return Ok(u64::from(b));
+        }
+    }
     let start = *pos;
     let mut v = 0u64;
     for i in 0..MAX_VARINT_LEN {

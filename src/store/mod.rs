@@ -255,6 +255,31 @@ impl Store {
             }
         };
 
+        // Refuse a newer schema before writing anything into it.
+        let rtxn = env.read_txn().map_err(open_err)?;
+        let found = env
+            .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_, heed::Error> {
+                let found = match dbo.open_database::<Str, Bytes>(rtxn, Some("meta"))? {
+                    Some(meta) => meta.get(rtxn, KEY_SCHEMA)?.map(<[u8]>::to_vec),
+                    None => None,
+                };
+                Ok(CommitOrAbort::<(), _>::Abort(found))
+            })
+            .map_err(open_err)?;
+        if let CommitOrAbort::Abort(Some(raw)) = found {
+            let raw: [u8; 4] = raw.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                what: "schema version",
+            })?;
+            let found = u32::from_be_bytes(raw);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+
         let wtxn = env.write_txn().map_err(open_err)?;
         let (meta, snapshots, by_vm, maps) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {

@@ -1099,6 +1099,27 @@ fn local_users_bodies_routes_and_ids() {
     // Dot segments sent raw are no route at all.
     ex.request("GET", "/api/v1/vms/../../etc/passwd", Some(&token), "")
         .assert_error(404, "Not Found");
+
+    // logrotate: move the log away, SIGHUP, and logging goes on in a new file.
+    std::fs::rename(ex.dir.path("exporter.log"), ex.dir.path("exporter.log.1")).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &ex.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + WAIT;
+    while !ex.dir.path("exporter.log").exists() {
+        assert!(Instant::now() < deadline, "the log was not reopened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ex.request("GET", "/api/v1/health", None, "").status, 200);
+    let fresh = std::fs::read_to_string(ex.dir.path("exporter.log")).unwrap();
+    assert!(
+        fresh.contains("log file reopened") && fresh.contains("\"/api/v1/health\""),
+        "{fresh}"
+    );
+    let rotated = std::fs::read_to_string(ex.dir.path("exporter.log.1")).unwrap();
+    assert!(rotated.contains("access"), "{rotated}");
 }
 
 #[test]
@@ -1179,6 +1200,31 @@ fn header_limits_timeouts_and_big_bodies() {
         n == 0 || buf.starts_with(b"HTTP/1.1 408"),
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
+    );
+
+    // An idle keep-alive connection is cut too: a slot is not held forever.
+    let mut tls = ex.connect();
+    let keep = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    tls.write_all(keep).unwrap();
+    tls.flush().unwrap();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "idle connection kept {:?}",
+        start.elapsed()
     );
 
     // A client that never starts TLS is cut after tls_handshake_timeout (2s).

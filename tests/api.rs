@@ -295,12 +295,24 @@ struct Options {
     metrics_token: Option<String>,
 }
 
+/// An HTTPS client of the API that trusts the test CA.
+struct Client {
+    port: u16,
+    ca: Vec<CertificateDer<'static>>,
+}
+
 struct Exporter {
     child: Child,
-    port: u16,
     notify: UnixDatagram,
     dir: Scratch,
-    ca: Vec<CertificateDer<'static>>,
+    client: Client,
+}
+
+impl std::ops::Deref for Exporter {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 fn local_hash(password: &str) -> String {
@@ -354,9 +366,14 @@ impl Exporter {
     }
 
     fn start(pki: &Pki, o: Options) -> Exporter {
+        Self::start_with(pki, |dir, port| Self::config(pki, dir, port, &o))
+    }
+
+    /// Start with the config text `make(dir, port)` returns.
+    fn start_with(pki: &Pki, make: impl FnOnce(&Scratch, u16) -> String) -> Exporter {
         let dir = Scratch::new("exporter");
         let port = free_port();
-        std::fs::write(dir.path("config.toml"), Self::config(pki, &dir, port, &o)).unwrap();
+        std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
         let notify_path = dir.path("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(WAIT)).unwrap();
@@ -372,10 +389,12 @@ impl Exporter {
             .unwrap();
         let mut e = Exporter {
             child,
-            port,
             notify,
             dir,
-            ca: pki.certs("ca.pem"),
+            client: Client {
+                port,
+                ca: pki.certs("ca.pem"),
+            },
         };
         let msg = e.notification();
         assert_eq!(msg, "READY=1", "first notification; log:\n{}", e.log());
@@ -399,6 +418,31 @@ impl Exporter {
         a + &b
     }
 
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the exporter did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Client {
     fn client_config(
         &self,
         client_cert: Option<&Pki>,
@@ -471,29 +515,6 @@ impl Exporter {
         let a = self.login(user, pass);
         assert_eq!(a.status, 200, "login: {}", a.text());
         a.json()["token"].as_str().unwrap().to_owned()
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "the exporter did not exit; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 
@@ -1078,6 +1099,27 @@ fn local_users_bodies_routes_and_ids() {
     // Dot segments sent raw are no route at all.
     ex.request("GET", "/api/v1/vms/../../etc/passwd", Some(&token), "")
         .assert_error(404, "Not Found");
+
+    // logrotate: move the log away, SIGHUP, and logging goes on in a new file.
+    std::fs::rename(ex.dir.path("exporter.log"), ex.dir.path("exporter.log.1")).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &ex.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + WAIT;
+    while !ex.dir.path("exporter.log").exists() {
+        assert!(Instant::now() < deadline, "the log was not reopened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ex.request("GET", "/api/v1/health", None, "").status, 200);
+    let fresh = std::fs::read_to_string(ex.dir.path("exporter.log")).unwrap();
+    assert!(
+        fresh.contains("log file reopened") && fresh.contains("\"/api/v1/health\""),
+        "{fresh}"
+    );
+    let rotated = std::fs::read_to_string(ex.dir.path("exporter.log.1")).unwrap();
+    assert!(rotated.contains("access"), "{rotated}");
 }
 
 #[test]
@@ -1158,6 +1200,31 @@ fn header_limits_timeouts_and_big_bodies() {
         n == 0 || buf.starts_with(b"HTTP/1.1 408"),
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
+    );
+
+    // An idle keep-alive connection is cut too: a slot is not held forever.
+    let mut tls = ex.connect();
+    let keep = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    tls.write_all(keep).unwrap();
+    tls.flush().unwrap();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "idle connection kept {:?}",
+        start.elapsed()
     );
 
     // A client that never starts TLS is cut after tls_handshake_timeout (2s).
@@ -1358,4 +1425,267 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let status = ex.wait_exit();
     assert!(status.success(), "{status:?}; log:\n{}", ex.log());
     assert!(ex.log().contains("SIGTERM"), "{}", ex.log());
+}
+
+#[test]
+fn the_example_config_starts_the_service() {
+    let pki = Pki::new();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/config.example.toml"
+    ))
+    .unwrap();
+    let ex = Exporter::start_with(&pki, |dir, port| {
+        let etc = "/etc/coriolis-ovm-exporter/";
+        example
+            .replace(
+                &format!("{etc}srv-pub.pem"),
+                pki.path("srv.pem").to_str().unwrap(),
+            )
+            .replace(
+                &format!("{etc}srv-key.pem"),
+                pki.path("srv.key").to_str().unwrap(),
+            )
+            .replace(
+                &format!("{etc}ca-pub.pem"),
+                pki.path("ca.pem").to_str().unwrap(),
+            )
+            .replace(
+                &format!("{etc}exporter.db"),
+                dir.path("exporter.db").to_str().unwrap(),
+            )
+            .replace(
+                "/var/log/coriolis-ovm-exporter.log",
+                dir.path("exporter.log").to_str().unwrap(),
+            )
+            .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+            .replace("port = 5544", &format!("port = {port}"))
+            // Nothing listens there: a Manager login answers 502.
+            .replace(
+                "https://ovm-manager.example:7002",
+                &format!("https://127.0.0.1:{}", free_port()),
+            )
+    });
+    // The example's local user, with the password its comment gives.
+    assert_eq!(ex.login("coriolis", "change-me").status, 200);
+    ex.login("coriolis", "wrong")
+        .assert_error(401, "Not Authorized");
+    ex.login("someone-else", "x")
+        .assert_error(502, "Bad Gateway");
+}
+
+// ---- disk bytes over the wire, with an in-test backend ----------------------
+
+const WIRE_VM: &str = "0004fb0000060000ccaf98a0baa2c186";
+const WIRE_SNAP: &str = "9633d114-8270-41eb-bffc-67cc342957d9";
+const WIRE_DISK: &str = "0004fb000012000005bcf25e906ce843.img";
+
+/// A node with one snapshot of one disk: a real file. Everything else is
+/// unknown.
+struct FileNode {
+    disk: PathBuf,
+}
+
+impl coriolis_ovm_exporter::api::Backend for FileNode {
+    fn list_vms(&self) -> Result<Vec<coriolis_ovm_exporter::api::types::Vm>, BackendError> {
+        Ok(Vec::new())
+    }
+    fn get_vm(&self, vm: &str) -> Result<coriolis_ovm_exporter::api::types::Vm, BackendError> {
+        Err(BackendError::NotFound(format!("VM {vm} not found")))
+    }
+    fn list_snapshots(&self, vm: &str, _: bool) -> Result<Vec<Snapshot>, BackendError> {
+        Err(BackendError::NotFound(format!("VM {vm} not found")))
+    }
+    fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError> {
+        Err(BackendError::NotFound(format!("VM {vm} not found")))
+    }
+    fn get_snapshot(
+        &self,
+        vm: &str,
+        _: &str,
+        _: bool,
+        _: Option<&str>,
+        _: bool,
+    ) -> Result<Snapshot, BackendError> {
+        Err(BackendError::NotFound(format!("VM {vm} not found")))
+    }
+    fn delete_snapshot(&self, _: &str, _: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn purge_snapshots(&self, vm: &str) -> Result<(), BackendError> {
+        Err(BackendError::NotFound(format!("VM {vm} not found")))
+    }
+    fn open_disk(
+        &self,
+        vm: &str,
+        snap: &str,
+        disk: &str,
+    ) -> Result<(std::fs::File, u64), BackendError> {
+        if (vm, snap, disk) != (WIRE_VM, WIRE_SNAP, WIRE_DISK) {
+            return Err(BackendError::NotFound("no such disk".into()));
+        }
+        let f =
+            std::fs::File::open(&self.disk).map_err(|e| BackendError::Internal(e.to_string()))?;
+        let size = f
+            .metadata()
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .len();
+        Ok((f, size))
+    }
+}
+
+use coriolis_ovm_exporter::api::types::Snapshot;
+use coriolis_ovm_exporter::api::BackendError;
+
+#[test]
+fn disk_bytes_over_tls_with_http1_and_http2() {
+    let pki = Pki::new();
+    let dir = Scratch::new("wire");
+    // Five 1 MiB frames and a bit, so bodies span several frames.
+    let size = 5 * (1 << 20) + 77;
+    let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(dir.path(WIRE_DISK), &bytes).unwrap();
+    let port = free_port();
+    let text = Exporter::config(
+        &pki,
+        &dir,
+        port,
+        &Options {
+            local_users: true,
+            ..Options::default()
+        },
+    );
+    let config =
+        coriolis_ovm_exporter::config::Config::parse(&text, &dir.path("config.toml")).unwrap();
+    let backend = Arc::new(FileNode {
+        disk: dir.path(WIRE_DISK),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(coriolis_ovm_exporter::server::serve(
+            Arc::new(config),
+            backend,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |addr| ready_tx.send(addr).unwrap(),
+        ))
+    });
+    let addr = ready_rx
+        .recv_timeout(WAIT)
+        .expect("the server did not start");
+    assert_eq!(addr.port(), port);
+    let client = Client {
+        port,
+        ca: pki.certs("ca.pem"),
+    };
+    let token = client.token(LOCAL_USER, LOCAL_PASS);
+    let path = format!("/api/v1/vms/{WIRE_VM}/snapshots/{WIRE_SNAP}/disks/{WIRE_DISK}");
+
+    let whole = client.request("GET", &path, Some(&token), "");
+    assert_eq!(whole.status, 200);
+    assert_eq!(
+        whole.header("content-length"),
+        Some(size.to_string().as_str())
+    );
+    assert_eq!(whole.header("accept-ranges"), Some("bytes"));
+    assert!(
+        whole.body == bytes,
+        "whole body differs ({} bytes)",
+        whole.body.len()
+    );
+
+    // The Python client's request: one range per chunk.
+    let (a, b) = ((1 << 20) - 3, 3 * (1 << 20) + 5);
+    let range = format!("bytes={a}-{b}");
+    let part = client.raw(&http_request(
+        "GET",
+        &path,
+        Some(&token),
+        &[("Range", &range)],
+        "",
+    ));
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes {a}-{b}/{size}").as_str())
+    );
+    assert!(part.body == bytes[a..=b], "range body differs");
+    let tail = client.raw(&http_request(
+        "GET",
+        &path,
+        Some(&token),
+        &[("Range", "bytes=-10")],
+        "",
+    ));
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, bytes[size - 10..]);
+    let bad = client.raw(&http_request(
+        "GET",
+        &path,
+        Some(&token),
+        &[("Range", &format!("bytes={size}-"))],
+        "",
+    ));
+    bad.assert_error(416, "Range Not Satisfiable");
+    assert_eq!(
+        bad.header("content-range"),
+        Some(format!("bytes */{size}").as_str())
+    );
+
+    // HEAD: the headers of the whole answer, no body.
+    let head = client.raw(&http_request("HEAD", &path, Some(&token), &[], ""));
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some(size.to_string().as_str())
+    );
+    assert_eq!(head.header("accept-ranges"), Some("bytes"));
+    assert!(head.body.is_empty());
+
+    // The same range over HTTP/2.
+    let config = client.client_config(None, &[b"h2"], false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("https://localhost:{port}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("range", &range)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, body)
+    });
+    assert_eq!(status, 206);
+    assert!(body == bytes[a..=b], "HTTP/2 range body differs");
+
+    stop_tx.send(()).unwrap();
+    server.join().unwrap().unwrap();
 }

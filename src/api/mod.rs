@@ -15,8 +15,6 @@ pub mod metrics;
 pub mod router;
 pub mod types;
 
-use std::sync::Arc;
-
 use http::{header, HeaderValue, Response, StatusCode};
 
 pub use backend::{Backend, BackendError, NoInventory};
@@ -156,6 +154,3 @@ where
         Err(e) => Err(ApiError::Internal(format!("backend task failed: {e}"))),
     }
 }
-
-/// Shared handle type for the state of the API.
-pub type SharedState = Arc<State>;

@@ -201,6 +201,20 @@ pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send, ServerError>
     })
 }
 
+/// Reopen the log file on every SIGHUP (logrotate's `postrotate`).
+fn reopen_logs_on_sighup() -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = logging::reopen() {
+                tracing::error!(error = %e, "cannot reopen the log file");
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Run the service to the end: a multi-threaded runtime, the API on the
 /// configured address, `READY=1` to systemd once listening, and a graceful
 /// stop on SIGTERM/SIGINT. This is what `main` calls; the backend is the
@@ -220,6 +234,7 @@ pub fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), ServerError>
     let config = Arc::new(config);
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
+        reopen_logs_on_sighup()?;
         serve(config, backend, shutdown, |_| {
             match notify::notify("READY=1") {
                 Ok(_) => {}

@@ -401,6 +401,7 @@ async fn incremental_stream_rebuilds_the_disk() {
                     .collect()
                     .await
                     .unwrap();
+                assert_eq!(body.len() as u64, stream::encoded_len(&plan));
                 // A replica that starts out as garbage: only the plan's
                 // ranges are checked.
                 let mut replica = vec![0x5Au8; size];

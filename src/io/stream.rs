@@ -110,6 +110,18 @@ fn check_record(offset: u64, len: u64, size: u64, prev_end: u64) -> Result<(), S
     Ok(())
 }
 
+/// Exact length of the stream for `changes`: the `Content-Length`.
+pub fn encoded_len(changes: &[Change]) -> u64 {
+    let records: u64 = changes
+        .iter()
+        .map(|c| match c.kind {
+            ChangeKind::Data => (RECORD_LEN + TRAILER_LEN) as u64 + c.len,
+            ChangeKind::Zero => RECORD_LEN as u64,
+        })
+        .sum();
+    (HEADER_LEN + RECORD_LEN) as u64 + records
+}
+
 /// Merges a diff's ranges to copy and its zeroed ranges (each sorted and
 /// disjoint, as the extent algebra returns them) into one plan. A byte in
 /// both is sent as zero: a zeroed range reads as zeros in the newer
@@ -698,6 +710,7 @@ mod tests {
             HEADER_LEN + 5 * RECORD_LEN + 3 * TRAILER_LEN + 28,
             "layout as the spec says"
         );
+        assert_eq!(encoded_len(&changes), stream.len() as u64);
         for chunk in [1, 2, 7, 32, 40, 41, 1000, stream.len()] {
             let events = decode_all(&stream, chunk).unwrap();
             assert_eq!(

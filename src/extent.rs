@@ -112,7 +112,9 @@ impl ByteRange {
 pub enum MapError {
     #[error("extent {index} at offset {logical} has length 0")]
     EmptyExtent { index: usize, logical: u64 },
-    #[error("extent {index} at offset {logical} with length {length} overflows the 64-bit offset space")]
+    #[error(
+        "extent {index} at offset {logical} with length {length} overflows the 64-bit offset space"
+    )]
     Overflow {
         index: usize,
         logical: u64,

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use coriolis_ovm_exporter::api::{Backend, NoInventory};
+use coriolis_ovm_exporter::api::Backend;
 use coriolis_ovm_exporter::config::{Config, DEFAULT_CONFIG_PATH};
+use coriolis_ovm_exporter::node::Node;
 use coriolis_ovm_exporter::server;
 
 /// Exit status for a usage or config error (sysexits' EX_USAGE/EX_CONFIG
@@ -61,9 +62,21 @@ fn serve(args: &[String]) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_START);
     }
-    // The inventory and snapshot manager are wired here; until then a node
-    // has no VMs.
-    let backend: Arc<dyn Backend> = Arc::new(NoInventory);
+    let backend: Arc<dyn Backend> = match Node::open(&config) {
+        Ok(node) => Arc::new(node),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cur = c.source();
+            }
+            tracing::error!(error = %msg, "cannot open the node");
+            eprintln!("coriolis-ovm-exporter: {msg}");
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
     match server::run(config, backend) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

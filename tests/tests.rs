@@ -8,7 +8,7 @@
 mod api;
 mod common;
 mod fs_core;
+mod io;
 mod ovm;
 mod snapshot;
 mod snapshot_crash;
-mod io;

@@ -24,8 +24,7 @@ use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
 /// `{ __u64 old_path; __u64 new_path; __u64 preserve; }`.
 pub const OCFS2_REFLINK_ARGS_LEN: usize = 24;
 /// `OCFS2_IOC_REFLINK = _IOW('o', 4, struct reflink_arguments)`.
-pub const OCFS2_IOC_REFLINK: Opcode =
-    opcode::write::<[u8; OCFS2_REFLINK_ARGS_LEN]>(b'o', 4);
+pub const OCFS2_IOC_REFLINK: Opcode = opcode::write::<[u8; OCFS2_REFLINK_ARGS_LEN]>(b'o', 4);
 
 /// How a clone was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -193,10 +193,8 @@ pub fn extent_map_batched(
         // SAFETY: see `impl Ioctl for FiemapCall`: the buffer holds the
         // header and room for `batch` extents, which is `fm_extent_count`.
         #[allow(unsafe_code)]
-        unsafe {
-            rustix::ioctl::ioctl(&fd, FiemapCall { buf: &mut buf })
-        }
-        .map_err(|e| FiemapError::Ioctl(e.into()))?;
+        unsafe { rustix::ioctl::ioctl(&fd, FiemapCall { buf: &mut buf }) }
+            .map_err(|e| FiemapError::Ioctl(e.into()))?;
         fm_flags &= !FLAG_SYNC;
         scratch.clear();
         let got = parse(as_bytes(&buf), &mut scratch)?;

@@ -1,0 +1,299 @@
+//! The node: the inventory and the snapshot manager behind the API.
+//!
+//! This is the glue between layers that do not know each other: the
+//! inventory (`ovm`) answers which VMs and disks exist, the snapshot manager
+//! (`snapshot`) clones, records and compares them, and the API sees both as
+//! one [`Backend`]. It owns the mapping of domain errors to HTTP classes
+//! (the API then maps classes to statuses, once) and nothing else.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::types::{ByteRange, Chunk, Snapshot, SnapshotDisk, Vm};
+use crate::api::{Backend, BackendError};
+use crate::config::Config;
+use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
+use crate::snapshot::{GetOptions, Manager, SnapshotError, SnapshotInfo, StoreConfig, VmLookup};
+
+/// Why the node could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("config {path}: [{section}]: {message}")]
+    Section {
+        path: PathBuf,
+        section: &'static str,
+        message: String,
+    },
+    #[error("the inventory cannot be opened")]
+    Inventory(#[source] InventoryError),
+    #[error("the snapshot database cannot be opened")]
+    Snapshot(#[source] SnapshotError),
+}
+
+/// The inventory as the snapshot manager's VM lookup.
+struct Lookup(Arc<dyn Inventory>);
+
+impl VmLookup for Lookup {
+    fn vm(&self, name: &str) -> Result<Option<ovm::Vm>, String> {
+        self.0.vm(name).map_err(|e| error_chain(&e))
+    }
+}
+
+/// The node's inventory and snapshots.
+pub struct Node {
+    inventory: Arc<dyn Inventory>,
+    manager: Manager,
+    manager_endpoint: Option<String>,
+}
+
+/// Parses one raw section of the config into its layer's typed config.
+pub fn section<T: serde::de::DeserializeOwned + Default>(
+    config: &Config,
+    name: &'static str,
+    table: &toml::Table,
+) -> Result<T, NodeError> {
+    if table.is_empty() {
+        return Ok(T::default());
+    }
+    toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| NodeError::Section {
+            path: config.path.clone(),
+            section: name,
+            message: e.message().to_owned(),
+        })
+}
+
+impl Node {
+    /// Opens the inventory and the snapshot database the config names, and
+    /// reconciles the database with the repositories (SEMANTICS.md §3).
+    pub fn open(config: &Config) -> Result<Node, NodeError> {
+        let inv_cfg: InventoryConfig = section(config, "inventory", &config.inventory)?;
+        inv_cfg.validate().map_err(|message| NodeError::Section {
+            path: config.path.clone(),
+            section: "inventory",
+            message,
+        })?;
+        let store_cfg: StoreConfig = section(config, "store", &config.store)?;
+        let inventory = ovm::open_inventory(&inv_cfg).map_err(NodeError::Inventory)?;
+        let manager = Manager::open(
+            &config.db_file,
+            &store_cfg,
+            Arc::new(Lookup(inventory.clone())),
+        )
+        .map_err(NodeError::Snapshot)?;
+        let manager_endpoint = match ovm::manager_ip(&inv_cfg.ovs_agent_db_dir) {
+            Ok(Some(ip)) => Some(manager_url(&ip)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot read the Manager address from ovs-agent");
+                None
+            }
+        };
+        let node = Node {
+            inventory,
+            manager,
+            manager_endpoint,
+        };
+        node.reconcile();
+        Ok(node)
+    }
+
+    /// Reconciles the database with every usable repository; failures are
+    /// logged, never fatal (the API stays up to serve what is intact).
+    pub fn reconcile(&self) {
+        let repos = match self.inventory.repositories() {
+            Ok(r) => r.into_iter().map(|r| r.mount_point).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reconcile skipped: no repository list");
+                return;
+            }
+        };
+        match self.manager.reconcile(&repos) {
+            Ok(report) => tracing::info!(?report, "reconciled snapshots with repositories"),
+            Err(e) => tracing::error!(error = %error_chain(&e), "reconcile failed"),
+        }
+    }
+
+    fn model_vm(&self, vm: &str) -> Result<ovm::Vm, BackendError> {
+        self.inventory
+            .vm(vm)
+            .map_err(|e| BackendError::Internal(error_chain(&e)))?
+            .ok_or_else(|| BackendError::NotFound(format!("VM {vm} not found")))
+    }
+}
+
+/// `https://<ip>:7002`, bracketing IPv6 addresses.
+fn manager_url(ip: &str) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("https://[{ip}]:7002")
+    } else {
+        format!("https://{ip}:7002")
+    }
+}
+
+/// An error and its sources on one line: `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl From<SnapshotError> for BackendError {
+    fn from(e: SnapshotError) -> Self {
+        let msg = error_chain(&e);
+        match e {
+            SnapshotError::NotFound { .. } => BackendError::NotFound(msg),
+            SnapshotError::Conflict { .. } => BackendError::Conflict(msg),
+            SnapshotError::BadRequest { .. } | SnapshotError::Incompatible { .. } => {
+                BackendError::BadRequest(msg)
+            }
+            // The base of a diff is gone or changed: answering would risk a
+            // missed change, and retrying will not help: 409, with details.
+            SnapshotError::BaseChanged { .. } => BackendError::Conflict(msg),
+            SnapshotError::Busy { .. } => BackendError::Conflict(msg),
+            _ => BackendError::Internal(msg),
+        }
+    }
+}
+
+fn to_api(s: SnapshotInfo) -> Snapshot {
+    Snapshot {
+        id: s.id,
+        vm_id: s.vm_id,
+        disks: s
+            .disks
+            .into_iter()
+            .map(|d| SnapshotDisk {
+                parent_path: d.parent_path,
+                path: d.path,
+                snapshot_id: d.snapshot_id,
+                chunks: d
+                    .chunks
+                    .into_iter()
+                    .map(|c| Chunk {
+                        start: c.start,
+                        length: c.length,
+                        physical_start: c.physical_start,
+                    })
+                    .collect(),
+                name: d.name,
+                repo_mountpoint: d.repo_mountpoint,
+                size: d.size,
+                zeroed: d.zeroed.map(|z| {
+                    z.into_iter()
+                        .map(|r| ByteRange {
+                            start: r.start,
+                            length: r.length,
+                        })
+                        .collect()
+                }),
+            })
+            .collect(),
+    }
+}
+
+impl Backend for Node {
+    fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
+        let vms = self
+            .inventory
+            .vms()
+            .map_err(|e| BackendError::Internal(error_chain(&e)))?;
+        vms.iter()
+            .map(|vm| Ok(Vm::from_model(vm, self.manager.ids(&vm.name)?)))
+            .collect()
+    }
+
+    fn get_vm(&self, vm: &str) -> Result<Vm, BackendError> {
+        let m = self.model_vm(vm)?;
+        Ok(Vm::from_model(&m, self.manager.ids(&m.name)?))
+    }
+
+    fn list_snapshots(&self, vm: &str, _squash: bool) -> Result<Vec<Snapshot>, BackendError> {
+        // API.md: the list always answers squashed chunks.
+        Ok(self.manager.list(vm)?.into_iter().map(to_api).collect())
+    }
+
+    fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError> {
+        Ok(to_api(self.manager.create(vm)?))
+    }
+
+    fn get_snapshot(
+        &self,
+        vm: &str,
+        snap: &str,
+        squash: bool,
+        compare_to: Option<&str>,
+        zeroed_separate: bool,
+    ) -> Result<Snapshot, BackendError> {
+        let options = GetOptions {
+            squash,
+            compare_to: compare_to.map(str::to_owned),
+            zeroed_separate,
+        };
+        Ok(to_api(self.manager.get(vm, snap, &options)?))
+    }
+
+    fn delete_snapshot(&self, vm: &str, snap: &str) -> Result<(), BackendError> {
+        Ok(self.manager.delete(vm, snap)?)
+    }
+
+    fn purge_snapshots(&self, vm: &str) -> Result<(), BackendError> {
+        self.manager.purge(vm)?;
+        Ok(())
+    }
+
+    fn open_disk(&self, vm: &str, snap: &str, disk: &str) -> Result<(File, u64), BackendError> {
+        Ok(self.manager.open_disk(vm, snap, disk)?)
+    }
+
+    fn manager_endpoint(&self) -> Option<String> {
+        self.manager_endpoint.clone()
+    }
+
+    fn health(&self) -> Result<(), BackendError> {
+        self.inventory
+            .repositories()
+            .map(|_| ())
+            .map_err(|e| BackendError::Internal(error_chain(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manager_url_brackets_ipv6() {
+        assert_eq!(manager_url("10.0.0.5"), "https://10.0.0.5:7002");
+        assert_eq!(manager_url("fd00::5"), "https://[fd00::5]:7002");
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_http_classes() {
+        let nf: BackendError = SnapshotError::NotFound {
+            what: "snapshot x".into(),
+        }
+        .into();
+        assert!(matches!(nf, BackendError::NotFound(m) if m.contains("snapshot x")));
+        let inc: BackendError = SnapshotError::Incompatible {
+            disk: "d".into(),
+            reason: "phy".into(),
+        }
+        .into();
+        assert!(matches!(inc, BackendError::BadRequest(_)));
+        let base: BackendError = SnapshotError::BaseChanged {
+            id: "a".into(),
+            disk: "d".into(),
+            reason: "inode".into(),
+        }
+        .into();
+        assert!(matches!(base, BackendError::Conflict(_)));
+    }
+}

@@ -390,6 +390,7 @@ fn fake_node() -> Node {
             file(img(&repo_b, "b1.img"), "xvdb", "w"),
             file(repo_a.join("ISOs/install.iso"), "xvdc:cdrom", "r"),
             "phy:/dev/mapper/360014059,xvdd,w".to_owned(),
+            ",xvde:cdrom,r".to_owned(),
         ],
     );
     write_vm(
@@ -458,7 +459,11 @@ fn fake_ovm_node_on_xfs() {
     let vm1 = inv.vm(VM1).unwrap().unwrap();
     assert_eq!(vm1.friendly_name, "web \"front\"");
     assert_eq!(vm1.uuid, "0004fb00-0000");
-    assert_eq!(vm1.disks.len(), 4, "no disk is dropped");
+    assert_eq!(
+        vm1.disks.len(),
+        4,
+        "no disk is dropped; the empty cdrom drive is not a disk"
+    );
     let [a1, b1, iso, phy] = &vm1.disks[..] else {
         unreachable!()
     };

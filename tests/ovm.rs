@@ -769,6 +769,7 @@ fn skipped_repositories_and_vms_are_logged_once() {
     let broken = repo.join("VirtualMachines").join(VM2).join("vm.cfg");
     write_vm(&repo, VM2, "broken", &[]);
     fs::write(&broken, "name = [unclosed\n").unwrap();
+    fs::write(repo.join(".ovsmeta"), "{\"a.img\": ").unwrap();
     let cfg = InventoryConfig {
         source: InventorySource::Static,
         repositories: vec![
@@ -798,7 +799,10 @@ fn skipped_repositories_and_vms_are_logged_once() {
             assert_eq!(vms[0].name, VM1);
         }
         let got = log.lock().unwrap().clone();
-        assert_eq!(got.len(), 2, "each problem once: {got:#?}");
+        assert_eq!(got.len(), 3, "each problem once: {got:#?}");
+        assert!(got
+            .iter()
+            .any(|m| m.contains(".ovsmeta") && m.contains("not valid JSON")));
         assert!(got
             .iter()
             .any(|m| m.contains("gone") && m.contains("skipped")));
@@ -809,6 +813,6 @@ fn skipped_repositories_and_vms_are_logged_once() {
         assert_eq!(inv.vms().unwrap().len(), 2);
         fs::write(&broken, "name = \n").unwrap();
         assert_eq!(inv.vms().unwrap().len(), 1);
-        assert_eq!(log.lock().unwrap().len(), 3);
+        assert_eq!(log.lock().unwrap().len(), 4);
     });
 }

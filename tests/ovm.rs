@@ -390,6 +390,7 @@ fn fake_node() -> Node {
             file(img(&repo_b, "b1.img"), "xvdb", "w"),
             file(repo_a.join("ISOs/install.iso"), "xvdc:cdrom", "r"),
             "phy:/dev/mapper/360014059,xvdd,w".to_owned(),
+            ",xvde:cdrom,r".to_owned(),
         ],
     );
     write_vm(
@@ -458,7 +459,11 @@ fn fake_ovm_node_on_xfs() {
     let vm1 = inv.vm(VM1).unwrap().unwrap();
     assert_eq!(vm1.friendly_name, "web \"front\"");
     assert_eq!(vm1.uuid, "0004fb00-0000");
-    assert_eq!(vm1.disks.len(), 4, "no disk is dropped");
+    assert_eq!(
+        vm1.disks.len(),
+        4,
+        "no disk is dropped; the empty cdrom drive is not a disk"
+    );
     let [a1, b1, iso, phy] = &vm1.disks[..] else {
         unreachable!()
     };
@@ -764,6 +769,7 @@ fn skipped_repositories_and_vms_are_logged_once() {
     let broken = repo.join("VirtualMachines").join(VM2).join("vm.cfg");
     write_vm(&repo, VM2, "broken", &[]);
     fs::write(&broken, "name = [unclosed\n").unwrap();
+    fs::write(repo.join(".ovsmeta"), "{\"a.img\": ").unwrap();
     let cfg = InventoryConfig {
         source: InventorySource::Static,
         repositories: vec![
@@ -793,7 +799,10 @@ fn skipped_repositories_and_vms_are_logged_once() {
             assert_eq!(vms[0].name, VM1);
         }
         let got = log.lock().unwrap().clone();
-        assert_eq!(got.len(), 2, "each problem once: {got:#?}");
+        assert_eq!(got.len(), 3, "each problem once: {got:#?}");
+        assert!(got
+            .iter()
+            .any(|m| m.contains(".ovsmeta") && m.contains("not valid JSON")));
         assert!(got
             .iter()
             .any(|m| m.contains("gone") && m.contains("skipped")));
@@ -804,6 +813,6 @@ fn skipped_repositories_and_vms_are_logged_once() {
         assert_eq!(inv.vms().unwrap().len(), 2);
         fs::write(&broken, "name = \n").unwrap();
         assert_eq!(inv.vms().unwrap().len(), 1);
-        assert_eq!(log.lock().unwrap().len(), 3);
+        assert_eq!(log.lock().unwrap().len(), 4);
     });
 }

@@ -302,7 +302,14 @@ impl NodeInventory {
                 name: c.name.clone(),
                 uuid: c.uuid.clone().unwrap_or_default(),
                 friendly_name: c.simple_name.clone().unwrap_or_else(|| c.name.clone()),
-                disks: c.disks.iter().map(|d| build_disk(d, &index)).collect(),
+                // An empty drive (`',xvdc:cdrom,r'`) holds no data: it is
+                // not a disk, and must not make the VM incompatible.
+                disks: c
+                    .disks
+                    .iter()
+                    .filter(|d| d.target != DiskTarget::Empty)
+                    .map(|d| build_disk(d, &index))
+                    .collect(),
             });
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));

@@ -261,6 +261,16 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
         s.inv.set(vm.clone());
         let s1 = s.mgr.create(&vm_name).unwrap();
         assert_eq!(s1.disks.len(), 2);
+        assert_eq!(s1.disks[1].file_size, 3 * MIB + 123);
+        for d in &s1.disks {
+            for c in &d.chunks {
+                assert!(
+                    c.start + c.length <= d.file_size,
+                    "{c:?} past the end of {}",
+                    d.name
+                );
+            }
+        }
 
         for d in &vm.disks {
             mutate(&d.path, &mut rng, 40);

@@ -261,6 +261,16 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
         s.inv.set(vm.clone());
         let s1 = s.mgr.create(&vm_name).unwrap();
         assert_eq!(s1.disks.len(), 2);
+        assert_eq!(s1.disks[1].file_size, 3 * MIB + 123);
+        for d in &s1.disks {
+            for c in &d.chunks {
+                assert!(
+                    c.start + c.length <= d.file_size,
+                    "{c:?} past the end of {}",
+                    d.name
+                );
+            }
+        }
 
         for d in &vm.disks {
             mutate(&d.path, &mut rng, 40);
@@ -734,6 +744,16 @@ fn the_database_is_rebuilt_from_the_manifests() {
     std::fs::create_dir(&fdir).unwrap();
     std::fs::write(fdir.join(".coriolis-owner"), "other-node").unwrap();
     std::fs::write(fdir.join("x.img"), "x").unwrap();
+    // Something that is no snapshot folder is left alone; an empty snapshot
+    // folder (a crash right after mkdir) goes; a half-made one of ours too.
+    let snaps = scratch.path("repo").join(SNAPSHOTS_DIR);
+    std::fs::create_dir(snaps.join("not-a-snapshot")).unwrap();
+    let empty = uuid::Uuid::new_v4().to_string();
+    std::fs::create_dir(snaps.join(&empty)).unwrap();
+    let half = uuid::Uuid::new_v4().to_string();
+    std::fs::create_dir(snaps.join(&half)).unwrap();
+    std::fs::write(snaps.join(&half).join(".coriolis-owner"), "test-owner\n").unwrap();
+    std::fs::write(snaps.join(&half).join("a.img"), "partial").unwrap();
 
     let report = mgr.rebuild(&[scratch.path("repo")]).unwrap();
     let adopted: Vec<&Action> = report
@@ -747,6 +767,18 @@ fn the_database_is_rebuilt_from_the_manifests() {
         .iter()
         .any(|a| matches!(a, Action::Skipped { reason, .. } if reason.contains("other-node"))));
     assert!(fdir.join("x.img").exists());
+    assert!(snaps.join("not-a-snapshot").is_dir());
+    assert!(!snaps.join(&empty).exists());
+    assert!(!snaps.join(&half).exists());
+    assert_eq!(
+        report
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::RemovedFolder { .. }))
+            .count(),
+        2,
+        "{report:?}"
+    );
     assert_eq!(mgr.ids("vm").unwrap(), ids, "creation order kept");
     for (w, before) in ids.windows(2).zip(&diffs) {
         let after = mgr

@@ -59,8 +59,6 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
-    #[error("manifest {path:?} is invalid: {reason}")]
-    Manifest { path: PathBuf, reason: String },
     /// The inventory could not answer.
     #[error("inventory lookup failed: {0}")]
     Inventory(String),

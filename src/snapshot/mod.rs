@@ -561,7 +561,13 @@ impl Manager {
 
     fn maps_of(&self, rec: &SnapshotRecord) -> Result<Vec<ExtentMap>, SnapshotError> {
         (0..rec.disks.len() as u32)
-            .map(|i| self.store.map(&rec.id, i).map_err(Into::into))
+            .map(|i| match self.store.map(&rec.id, i) {
+                // Deleted since its record was read.
+                Err(crate::store::StoreError::MissingMap { .. }) => Err(SnapshotError::NotFound {
+                    what: format!("snapshot {}", rec.id),
+                }),
+                r => r.map_err(Into::into),
+            })
             .collect()
     }
 
@@ -755,7 +761,9 @@ fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> SnapshotInfo 
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                let chunks = match maps.get(i) {
+                // FIEMAP maps whole blocks: cut the last one at the end of
+                // the file so that no chunk asks for bytes past it.
+                let chunks = match maps.get(i).map(|m| m.clip(d.size)) {
                     Some(m) if squash => extent::squash(m.extents())
                         .iter()
                         .map(Chunk::from)

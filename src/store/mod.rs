@@ -304,6 +304,8 @@ impl Store {
                 },
             })?
             .unwrap_commit();
+        // LMDB raises the map to what an existing file already uses.
+        let map_size = env.info().map_size.max(map_size);
         let store = Store {
             env,
             meta,

@@ -189,3 +189,20 @@ fn corrupt_map_bytes_are_an_error_not_a_panic() {
         Err(StoreError::CorruptMap { disk: 0, .. })
     ));
 }
+
+#[test]
+fn reopening_with_a_map_smaller_than_the_data_still_reads_it() {
+    let dir = TempDir::new("shrink");
+    let path = dir.0.join("db");
+    let store = Store::open(&path, &StoreOptions::default()).unwrap();
+    let mut r = record("vm", 1);
+    store.insert(&mut r, &[map(100_000, 1)]).unwrap();
+    drop(store);
+    let tiny = StoreOptions {
+        map_size: 4096,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&path, &tiny).unwrap();
+    assert!(store.map_size() > 100_000, "{}", store.map_size());
+    assert_eq!(store.map(&r.id, 0).unwrap(), map(100_000, 1));
+}

@@ -76,7 +76,7 @@ pub enum ConfigError {
 }
 
 /// How `GET /metrics` is protected.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum MetricsAuth {
     /// Open: the metrics hold counters by route template, no ids or names.
     None,
@@ -84,6 +84,17 @@ pub enum MetricsAuth {
     Jwt,
     /// A static bearer token (what Prometheus' `authorization` sends).
     Token(String),
+}
+
+// Secrets never reach a log line, even through `{:?}` of the config.
+impl std::fmt::Debug for MetricsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsAuth::None => f.write_str("None"),
+            MetricsAuth::Jwt => f.write_str("Jwt"),
+            MetricsAuth::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
 }
 
 /// A local user (non-OVM hosts, or an account independent of the Manager).
@@ -94,10 +105,19 @@ pub struct LocalUser {
     pub password_hash: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct JwtConfig {
     pub secret: Vec<u8>,
     pub time_to_live: Duration,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"<redacted>")
+            .field("time_to_live", &self.time_to_live)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -551,6 +571,21 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_the_config_hides_secrets() {
+        let jwt = JwtConfig {
+            secret: b"0123456789abcdef0123456789abcdef-secret".to_vec(),
+            time_to_live: DEFAULT_TOKEN_TTL,
+        };
+        let token = MetricsAuth::Token("scrape-token-0123456789abcdef0123".into());
+        let shown = format!("{jwt:?} {token:?}");
+        assert!(
+            !shown.contains("secret\"") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
+    }
 
     #[test]
     fn go_durations() {

@@ -49,6 +49,8 @@ pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_LOGIN_MAX_FAILURES: u32 = 5;
 /// The window over which failed logins are counted.
 pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(300);
+/// Group and other permission bits (`chmod 600` clears them).
+const OTHERS_BITS: u32 = 0o077;
 /// Largest accepted HTTP port number.
 const MAX_PORT: i64 = 65535;
 
@@ -171,6 +173,9 @@ pub struct Config {
     pub manager: ManagerConfig,
     pub auth: AuthConfig,
     pub metrics: MetricsAuth,
+    /// Whether group or others can read the file (it holds the JWT secret);
+    /// warned at start.
+    pub readable_by_others: bool,
     /// Raw `[inventory]` table, parsed by the inventory layer.
     pub inventory: toml::Table,
     /// Raw `[store]` table, parsed by the snapshot store.
@@ -268,7 +273,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.readable_by_others = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & OTHERS_BITS != 0)
+            .unwrap_or(false);
+        Ok(config)
     }
 
     /// Parse and validate config text; `path` names it in messages.
@@ -478,6 +487,7 @@ impl Config {
             manager,
             auth,
             metrics,
+            readable_by_others: false,
             inventory: raw.inventory,
             store: raw.store,
             io: raw.io,

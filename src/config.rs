@@ -49,6 +49,8 @@ pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_LOGIN_MAX_FAILURES: u32 = 5;
 /// The window over which failed logins are counted.
 pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(300);
+/// Group and other permission bits (`chmod 600` clears them).
+const OTHERS_BITS: u32 = 0o077;
 /// Largest accepted HTTP port number.
 const MAX_PORT: i64 = 65535;
 
@@ -76,7 +78,7 @@ pub enum ConfigError {
 }
 
 /// How `GET /metrics` is protected.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum MetricsAuth {
     /// Open: the metrics hold counters by route template, no ids or names.
     None,
@@ -84,6 +86,17 @@ pub enum MetricsAuth {
     Jwt,
     /// A static bearer token (what Prometheus' `authorization` sends).
     Token(String),
+}
+
+// Secrets never reach a log line, even through `{:?}` of the config.
+impl std::fmt::Debug for MetricsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsAuth::None => f.write_str("None"),
+            MetricsAuth::Jwt => f.write_str("Jwt"),
+            MetricsAuth::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
 }
 
 /// A local user (non-OVM hosts, or an account independent of the Manager).
@@ -94,10 +107,19 @@ pub struct LocalUser {
     pub password_hash: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct JwtConfig {
     pub secret: Vec<u8>,
     pub time_to_live: Duration,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"<redacted>")
+            .field("time_to_live", &self.time_to_live)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +173,9 @@ pub struct Config {
     pub manager: ManagerConfig,
     pub auth: AuthConfig,
     pub metrics: MetricsAuth,
+    /// Whether group or others can read the file (it holds the JWT secret);
+    /// warned at start.
+    pub readable_by_others: bool,
     /// Raw `[inventory]` table, parsed by the inventory layer.
     pub inventory: toml::Table,
     /// Raw `[store]` table, parsed by the snapshot store.
@@ -248,7 +273,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.readable_by_others = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & OTHERS_BITS != 0)
+            .unwrap_or(false);
+        Ok(config)
     }
 
     /// Parse and validate config text; `path` names it in messages.
@@ -458,6 +487,7 @@ impl Config {
             manager,
             auth,
             metrics,
+            readable_by_others: false,
             inventory: raw.inventory,
             store: raw.store,
             io: raw.io,
@@ -551,6 +581,21 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_the_config_hides_secrets() {
+        let jwt = JwtConfig {
+            secret: b"0123456789abcdef0123456789abcdef-secret".to_vec(),
+            time_to_live: DEFAULT_TOKEN_TTL,
+        };
+        let token = MetricsAuth::Token("scrape-token-0123456789abcdef0123".into());
+        let shown = format!("{jwt:?} {token:?}");
+        assert!(
+            !shown.contains("secret\"") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
+    }
 
     #[test]
     fn go_durations() {

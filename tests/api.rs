@@ -366,14 +366,21 @@ impl Exporter {
     }
 
     fn start(pki: &Pki, o: Options) -> Exporter {
-        Self::start_with(pki, |dir, port| Self::config(pki, dir, port, &o))
+        Self::start_with(pki, 0o600, |dir, port| Self::config(pki, dir, port, &o))
     }
 
-    /// Start with the config text `make(dir, port)` returns.
-    fn start_with(pki: &Pki, make: impl FnOnce(&Scratch, u16) -> String) -> Exporter {
+    /// Start with the config text `make(dir, port)` returns, in a file of
+    /// permissions `mode`.
+    fn start_with(pki: &Pki, mode: u32, make: impl FnOnce(&Scratch, u16) -> String) -> Exporter {
         let dir = Scratch::new("exporter");
         let port = free_port();
         std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
+        // The config holds the secret: the service warns unless it is private.
+        std::fs::set_permissions(
+            dir.path("config.toml"),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
         let notify_path = dir.path("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(WAIT)).unwrap();
@@ -997,6 +1004,7 @@ fn manager_unreachable_or_untrusted_is_502_and_failures_are_rate_limited() {
         },
     );
     assert!(lax.log().contains("NOT verified"), "{}", lax.log());
+    assert!(!lax.log().contains("chmod 600"), "{}", lax.log());
     assert_eq!(lax.login(MGR_USER, MGR_PASS).status, 200);
     let before = mgr.hits();
     for _ in 0..3 {
@@ -1435,7 +1443,8 @@ fn the_example_config_starts_the_service() {
         "/config/config.example.toml"
     ))
     .unwrap();
-    let ex = Exporter::start_with(&pki, |dir, port| {
+    // Copied with a common umask: world-readable, which the service warns of.
+    let ex = Exporter::start_with(&pki, 0o644, |dir, port| {
         let etc = "/etc/coriolis-ovm-exporter/";
         example
             .replace(
@@ -1466,6 +1475,7 @@ fn the_example_config_starts_the_service() {
                 &format!("https://127.0.0.1:{}", free_port()),
             )
     });
+    assert!(ex.log().contains("chmod 600"), "{}", ex.log());
     // The example's local user, with the password its comment gives.
     assert_eq!(ex.login("coriolis", "change-me").status, 200);
     ex.login("coriolis", "wrong")

@@ -220,6 +220,12 @@ fn reopen_logs_on_sighup() -> Result<(), ServerError> {
 /// stop on SIGTERM/SIGINT. This is what `main` calls; the backend is the
 /// only thing the caller chooses.
 pub fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), ServerError> {
+    if config.readable_by_others {
+        tracing::warn!(
+            path = %config.path.display(),
+            "the config file holds the JWT secret but group or others can read it; chmod 600 it"
+        );
+    }
     if config.manager.ca_certificate.is_none() {
         tracing::warn!(
             "manager.ca_certificate is not set: the OVM Manager's TLS identity is NOT verified \

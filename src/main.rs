@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use coriolis_ovm_exporter::api::Backend;
 use coriolis_ovm_exporter::config::{Config, DEFAULT_CONFIG_PATH};
-use coriolis_ovm_exporter::node::Node;
+use coriolis_ovm_exporter::node::{self, Node};
 use coriolis_ovm_exporter::server;
 
 /// Exit status for a usage or config error (sysexits' EX_USAGE/EX_CONFIG
@@ -26,7 +26,15 @@ fn main() -> ExitCode {
             println!("coriolis-ovm-exporter {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        // Snapshot administration (src/snapshot/admin.rs).
+        // With the config file: the node's own database and repositories.
+        Some(cmd @ ("reconcile" | "rebuild-db"))
+            if args[1..]
+                .iter()
+                .any(|a| a.starts_with("-config") || a.starts_with("--config")) =>
+        {
+            node_admin(cmd, &args[1..])
+        }
+        // Snapshot administration by flags (src/snapshot/admin.rs).
         Some(cmd @ ("reconcile" | "rebuild-db" | "snapshot")) => {
             let rest: Vec<String> = args[1..].to_vec();
             std::process::exit(coriolis_ovm_exporter::snapshot::admin::run(cmd, &rest));
@@ -82,6 +90,47 @@ fn serve(args: &[String]) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "server stopped");
             eprintln!("coriolis-ovm-exporter: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `reconcile -config PATH` / `rebuild-db -config PATH`: reconcile or
+/// rebuild the node's snapshot database against the repositories of its
+/// inventory, printing each action. Run with the service stopped.
+fn node_admin(cmd: &str, args: &[String]) -> ExitCode {
+    let config = match config_path(args).and_then(|p| Config::load(&p).map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("coriolis-ovm-exporter {cmd}: {msg}");
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
+    let _ = server::logging::init(None);
+    let result = Node::open_only(&config)
+        .map_err(|e| node::error_chain(&e))
+        .and_then(|node| {
+            let r = if cmd == "rebuild-db" {
+                node.rebuild()
+            } else {
+                node.reconcile()
+            };
+            r.map_err(|e| node::error_chain(&e))
+        });
+    match result {
+        Ok(report) => {
+            for a in &report.actions {
+                println!("{a}");
+            }
+            println!(
+                "{cmd}: {} kept, {} actions",
+                report.kept,
+                report.actions.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("coriolis-ovm-exporter {cmd}: {msg}");
             ExitCode::from(EXIT_FAILED)
         }
     }

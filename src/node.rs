@@ -14,7 +14,9 @@ use crate::api::types::{ByteRange, Chunk, Snapshot, SnapshotDisk, Vm};
 use crate::api::{Backend, BackendError};
 use crate::config::Config;
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
-use crate::snapshot::{GetOptions, Manager, SnapshotError, SnapshotInfo, StoreConfig, VmLookup};
+use crate::snapshot::{
+    GetOptions, Manager, ReconcileReport, SnapshotError, SnapshotInfo, StoreConfig, VmLookup,
+};
 
 /// Why the node could not be opened at start.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,17 @@ impl Node {
     /// Opens the inventory and the snapshot database the config names, and
     /// reconciles the database with the repositories (SEMANTICS.md §3).
     pub fn open(config: &Config) -> Result<Node, NodeError> {
+        let node = Node::open_only(config)?;
+        if let Err(e) = node.reconcile() {
+            // Logged, never fatal: the API stays up to serve what is intact.
+            tracing::error!(error = %error_chain(&e), "reconcile failed");
+        }
+        Ok(node)
+    }
+
+    /// Opens the node without reconciling (for the `reconcile` and
+    /// `rebuild-db` subcommands, which report what they do).
+    pub fn open_only(config: &Config) -> Result<Node, NodeError> {
         let inv_cfg: InventoryConfig = section(config, "inventory", &config.inventory)?;
         inv_cfg.validate().map_err(|message| NodeError::Section {
             path: config.path.clone(),
@@ -91,29 +104,37 @@ impl Node {
                 None
             }
         };
-        let node = Node {
+        Ok(Node {
             inventory,
             manager,
             manager_endpoint,
-        };
-        node.reconcile();
-        Ok(node)
+        })
     }
 
-    /// Reconciles the database with every usable repository; failures are
-    /// logged, never fatal (the API stays up to serve what is intact).
-    pub fn reconcile(&self) {
-        let repos = match self.inventory.repositories() {
-            Ok(r) => r.into_iter().map(|r| r.mount_point).collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "reconcile skipped: no repository list");
-                return;
-            }
-        };
-        match self.manager.reconcile(&repos) {
-            Ok(report) => tracing::info!(?report, "reconciled snapshots with repositories"),
-            Err(e) => tracing::error!(error = %error_chain(&e), "reconcile failed"),
-        }
+    fn repository_mounts(&self) -> Result<Vec<PathBuf>, SnapshotError> {
+        self.inventory
+            .repositories()
+            .map(|r| r.into_iter().map(|r| r.mount_point).collect())
+            .map_err(|e| SnapshotError::Inventory(error_chain(&e)))
+    }
+
+    /// Reconciles the database with every usable repository: half-made
+    /// folders removed, records whose files vanished dropped, complete
+    /// folders without a record adopted. Each action is logged.
+    pub fn reconcile(&self) -> Result<ReconcileReport, SnapshotError> {
+        let report = self.manager.reconcile(&self.repository_mounts()?)?;
+        tracing::info!(
+            kept = report.kept,
+            actions = report.actions.len(),
+            "reconciled snapshots with repositories"
+        );
+        Ok(report)
+    }
+
+    /// Forgets every record and rebuilds the database from the manifests on
+    /// the repositories.
+    pub fn rebuild(&self) -> Result<ReconcileReport, SnapshotError> {
+        self.manager.rebuild(&self.repository_mounts()?)
     }
 
     fn model_vm(&self, vm: &str) -> Result<ovm::Vm, BackendError> {
@@ -134,7 +155,7 @@ fn manager_url(ip: &str) -> String {
 }
 
 /// An error and its sources on one line: `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

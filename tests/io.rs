@@ -155,7 +155,12 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
     for (backend, direct) in variants() {
         let e = engine(backend, direct, |_| {});
         let file = open(&e, &path, direct);
-        for r in [9_999..10_001, 10_000..10_001, 20_000..30_000, 5..5] {
+        for r in [
+            9_999..10_001,
+            10_000..10_001,
+            20_000..30_000,
+            20_000..20_000,
+        ] {
             assert!(
                 matches!(e.read(&file, r.clone()), Err(IoError::OutOfBounds { .. })),
                 "{r:?}"
@@ -168,6 +173,17 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
             .await
             .unwrap();
         assert_eq!(last.len(), 1);
+        // Empty ranges inside the file are empty bodies (an empty disk's
+        // whole content).
+        for r in [5..5, 10_000..10_000] {
+            assert!(e
+                .read(&file, r)
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+                .is_empty());
+        }
     }
 }
 

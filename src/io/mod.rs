@@ -417,7 +417,12 @@ impl IoEngine {
 
     /// The bytes of `range` (half-open; must lie inside the file): a stream
     /// of frames whose lengths add up to the range's length.
+    /// An empty range (e.g. the whole of an empty file) gives an empty
+    /// stream.
     pub fn read(&self, file: &DiskFile, range: Range<u64>) -> Result<ReadStream, IoError> {
+        if range.start == range.end && range.end <= file.size() {
+            return self.spawn(file, Vec::new(), Plain);
+        }
         self.spawn(file, vec![range], Plain)
     }
 
@@ -519,6 +524,15 @@ pub struct ReadStream {
 impl ReadStream {
     pub async fn next(&mut self) -> Option<Result<Bytes, IoError>> {
         self.rx.recv().await
+    }
+
+    /// Poll form of [`ReadStream::next`], for a hand-written
+    /// `http_body::Body::poll_frame`.
+    pub fn poll_next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, IoError>>> {
+        self.rx.poll_recv(cx)
     }
 
     /// Reads the whole stream into memory (tests and small bodies).
@@ -787,6 +801,11 @@ impl Producer {
     async fn run<F: Framing>(mut self, mut framing: F) {
         if let Err(e) = self.pump(&mut framing).await {
             if let Some(e) = e {
+                tracing::warn!(
+                    path = %self.file.path().display(),
+                    error = %error_chain(&e),
+                    "disk read failed; the response body is cut short"
+                );
                 self.out.fail(e).await;
             }
             return;

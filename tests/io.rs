@@ -90,8 +90,16 @@ async fn random_ranges_equal_the_file_bytes() {
         let data = random_file(&path, size, 1);
         for (backend, direct) in variants() {
             // Small buffers too, so one range spans many batches.
-            for buffer_size in [64 << 10, 1 << 20] {
-                let e = engine(backend, direct, |c| c.buffer_size = buffer_size);
+            // io_uring also with reads tried inline in the ring thread.
+            let punts: &[bool] = match backend {
+                BackendChoice::IoUring => &[true, false],
+                _ => &[true],
+            };
+            for (&punt, buffer_size) in punts.iter().flat_map(|p| [(p, 64 << 10), (p, 1 << 20)]) {
+                let e = engine(backend, direct, |c| {
+                    c.buffer_size = buffer_size;
+                    c.uring_async = punt;
+                });
                 let file = open(&e, &path, direct);
                 assert_eq!(file.size(), size as u64);
                 let mut rng = fastrand::Rng::with_seed(buffer_size as u64);
@@ -495,7 +503,8 @@ impl ReadBackend for RefuseDirect {
     }
     fn submit(&self, batch: Batch) {
         let flags = rustix::fs::fcntl_getfl(&*batch.file).unwrap();
-        if flags.contains(rustix::fs::OFlags::DIRECT) {
+        assert_eq!(batch.direct, flags.contains(rustix::fs::OFlags::DIRECT));
+        if batch.direct {
             let results = batch
                 .segments
                 .iter()
@@ -525,8 +534,9 @@ async fn einval_on_direct_reads_falls_back_to_buffered() {
         buffer_size: 256 << 10,
         ..IoConfig::default()
     };
-    let backends: [Box<dyn ReadBackend>; 2] = [
-        Box::new(UringBackend::start(1, 64).unwrap()),
+    let backends: [Box<dyn ReadBackend>; 3] = [
+        Box::new(UringBackend::start(1, 64, true).unwrap()),
+        Box::new(UringBackend::start(1, 64, false).unwrap()),
         Box::new(ThreadsBackend::start(4).unwrap()),
     ];
     for backend in backends {

@@ -139,7 +139,8 @@ pub struct IoConfig {
     pub ring_entries: u32,
     /// Hand every io_uring read to the kernel's io-wq workers
     /// (`IOSQE_ASYNC`) instead of trying it inline in the ring thread
-    /// (default true: measured faster here, see `uring::UringBackend::start`).
+    /// (default true: the ring thread never blocks; see
+    /// `uring::UringBackend::start`).
     pub uring_async: bool,
 }
 

@@ -395,6 +395,9 @@ impl IoEngine {
             path: path.to_owned(),
             source,
         })?;
+        // Streams read front to back: let the kernel read ahead further on
+        // the buffered path (a hint; failure changes nothing).
+        let _ = rustix::fs::fadvise(&buffered, 0, None, rustix::fs::Advice::Sequential);
         let size = buffered
             .metadata()
             .map_err(|source| IoError::Stat {

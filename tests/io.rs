@@ -90,8 +90,16 @@ async fn random_ranges_equal_the_file_bytes() {
         let data = random_file(&path, size, 1);
         for (backend, direct) in variants() {
             // Small buffers too, so one range spans many batches.
-            for buffer_size in [64 << 10, 1 << 20] {
-                let e = engine(backend, direct, |c| c.buffer_size = buffer_size);
+            // io_uring also with reads tried inline in the ring thread.
+            let punts: &[bool] = match backend {
+                BackendChoice::IoUring => &[true, false],
+                _ => &[true],
+            };
+            for (&punt, buffer_size) in punts.iter().flat_map(|p| [(p, 64 << 10), (p, 1 << 20)]) {
+                let e = engine(backend, direct, |c| {
+                    c.buffer_size = buffer_size;
+                    c.uring_async = punt;
+                });
                 let file = open(&e, &path, direct);
                 assert_eq!(file.size(), size as u64);
                 let mut rng = fastrand::Rng::with_seed(buffer_size as u64);
@@ -155,7 +163,12 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
     for (backend, direct) in variants() {
         let e = engine(backend, direct, |_| {});
         let file = open(&e, &path, direct);
-        for r in [9_999..10_001, 10_000..10_001, 20_000..30_000, 5..5] {
+        for r in [
+            9_999..10_001,
+            10_000..10_001,
+            20_000..30_000,
+            20_000..20_000,
+        ] {
             assert!(
                 matches!(e.read(&file, r.clone()), Err(IoError::OutOfBounds { .. })),
                 "{r:?}"
@@ -168,6 +181,17 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
             .await
             .unwrap();
         assert_eq!(last.len(), 1);
+        // Empty ranges inside the file are empty bodies (an empty disk's
+        // whole content).
+        for r in [5..5, 10_000..10_000] {
+            assert!(e
+                .read(&file, r)
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+                .is_empty());
+        }
     }
 }
 
@@ -479,7 +503,8 @@ impl ReadBackend for RefuseDirect {
     }
     fn submit(&self, batch: Batch) {
         let flags = rustix::fs::fcntl_getfl(&*batch.file).unwrap();
-        if flags.contains(rustix::fs::OFlags::DIRECT) {
+        assert_eq!(batch.direct, flags.contains(rustix::fs::OFlags::DIRECT));
+        if batch.direct {
             let results = batch
                 .segments
                 .iter()
@@ -509,8 +534,9 @@ async fn einval_on_direct_reads_falls_back_to_buffered() {
         buffer_size: 256 << 10,
         ..IoConfig::default()
     };
-    let backends: [Box<dyn ReadBackend>; 2] = [
-        Box::new(UringBackend::start(1, 64).unwrap()),
+    let backends: [Box<dyn ReadBackend>; 3] = [
+        Box::new(UringBackend::start(1, 64, true).unwrap()),
+        Box::new(UringBackend::start(1, 64, false).unwrap()),
         Box::new(ThreadsBackend::start(4).unwrap()),
     ];
     for backend in backends {
@@ -571,4 +597,60 @@ fn auto_picks_io_uring_here_and_falls_back_when_the_kernel_refuses() {
         IoEngine::start(&forced),
         Err(IoError::UringUnavailable { .. })
     ));
+}
+
+/// Collects the fields of every event, to check what the log says.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct FieldText<'a>(&'a mut String);
+
+impl tracing::field::Visit for FieldText<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?} ", field.name(), value));
+    }
+}
+
+impl tracing::Subscriber for LogCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = String::new();
+        event.record(&mut FieldText(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn the_log_says_which_backend_runs_and_why() {
+    let logs = LogCapture::default();
+    tracing::subscriber::with_default(logs.clone(), || {
+        IoEngine::start(&IoConfig::default()).unwrap();
+        IoEngine::start(&IoConfig {
+            ring_entries: 1 << 20,
+            ..IoConfig::default()
+        })
+        .unwrap();
+    });
+    let lines = logs.0.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("backend=\"io_uring\"") && l.contains("probe passed")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("backend=\"threads\"")
+            && l.contains("io_uring_setup failed")
+            && l.contains("Invalid argument")),
+        "the fallback names the refusal: {lines:?}"
+    );
 }

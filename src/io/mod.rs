@@ -137,6 +137,11 @@ pub struct IoConfig {
     pub rings: usize,
     /// Submission queue entries per ring.
     pub ring_entries: u32,
+    /// Hand every io_uring read to the kernel's io-wq workers
+    /// (`IOSQE_ASYNC`) instead of trying it inline in the ring thread
+    /// (default true: the ring thread never blocks; see
+    /// `uring::UringBackend::start`).
+    pub uring_async: bool,
 }
 
 impl Default for IoConfig {
@@ -150,6 +155,7 @@ impl Default for IoConfig {
             threads: DEFAULT_THREADS,
             rings: DEFAULT_RINGS,
             ring_entries: DEFAULT_RING_ENTRIES,
+            uring_async: true,
         }
     }
 }
@@ -229,6 +235,8 @@ pub struct Segment {
 /// Work for a backend: fill segments of one buffer from one file.
 pub struct Batch {
     pub file: Arc<File>,
+    /// Whether `file` was opened with `O_DIRECT`.
+    pub direct: bool,
     pub buf: PooledBuf,
     pub segments: Vec<Segment>,
     pub reply: oneshot::Sender<BatchDone>,
@@ -322,24 +330,26 @@ impl IoEngine {
                 Box::new(threads::ThreadsBackend::start(cfg.threads)?)
             }
             BackendChoice::IoUring => {
-                let b = uring::UringBackend::start(cfg.rings, cfg.ring_entries)?;
+                let b = uring::UringBackend::start(cfg.rings, cfg.ring_entries, cfg.uring_async)?;
                 tracing::info!(backend = "io_uring", "io backend chosen by config");
                 Box::new(b)
             }
-            BackendChoice::Auto => match uring::UringBackend::start(cfg.rings, cfg.ring_entries) {
-                Ok(b) => {
-                    tracing::info!(backend = "io_uring", "io backend: io_uring probe passed");
-                    Box::new(b)
+            BackendChoice::Auto => {
+                match uring::UringBackend::start(cfg.rings, cfg.ring_entries, cfg.uring_async) {
+                    Ok(b) => {
+                        tracing::info!(backend = "io_uring", "io backend: io_uring probe passed");
+                        Box::new(b)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            backend = "threads",
+                            reason = %error_chain(&e),
+                            "io backend: io_uring refused, using the pread thread pool"
+                        );
+                        Box::new(threads::ThreadsBackend::start(cfg.threads)?)
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(
-                        backend = "threads",
-                        reason = %error_chain(&e),
-                        "io backend: io_uring refused, using the pread thread pool"
-                    );
-                    Box::new(threads::ThreadsBackend::start(cfg.threads)?)
-                }
-            },
+            }
         };
         IoEngine::with_backend(cfg, backend)
     }
@@ -385,6 +395,9 @@ impl IoEngine {
             path: path.to_owned(),
             source,
         })?;
+        // Streams read front to back: let the kernel read ahead further on
+        // the buffered path (a hint; failure changes nothing).
+        let _ = rustix::fs::fadvise(&buffered, 0, None, rustix::fs::Advice::Sequential);
         let size = buffered
             .metadata()
             .map_err(|source| IoError::Stat {
@@ -417,7 +430,12 @@ impl IoEngine {
 
     /// The bytes of `range` (half-open; must lie inside the file): a stream
     /// of frames whose lengths add up to the range's length.
+    /// An empty range (e.g. the whole of an empty file) gives an empty
+    /// stream.
     pub fn read(&self, file: &DiskFile, range: Range<u64>) -> Result<ReadStream, IoError> {
+        if range.start == range.end && range.end <= file.size() {
+            return self.spawn(file, Vec::new(), Plain);
+        }
         self.spawn(file, vec![range], Plain)
     }
 
@@ -519,6 +537,15 @@ pub struct ReadStream {
 impl ReadStream {
     pub async fn next(&mut self) -> Option<Result<Bytes, IoError>> {
         self.rx.recv().await
+    }
+
+    /// Poll form of [`ReadStream::next`], for a hand-written
+    /// `http_body::Body::poll_frame`.
+    pub fn poll_next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, IoError>>> {
+        self.rx.poll_recv(cx)
     }
 
     /// Reads the whole stream into memory (tests and small bodies).
@@ -787,6 +814,11 @@ impl Producer {
     async fn run<F: Framing>(mut self, mut framing: F) {
         if let Err(e) = self.pump(&mut framing).await {
             if let Some(e) = e {
+                tracing::warn!(
+                    path = %self.file.path().display(),
+                    error = %error_chain(&e),
+                    "disk read failed; the response body is cut short"
+                );
                 self.out.fail(e).await;
             }
             return;
@@ -834,8 +866,9 @@ impl Producer {
                     buf
                 };
                 let plan = next_plan.take().expect("checked");
-                let (file, direct) = self.file.reader();
-                let rx = self.submit(file, buf, &plan);
+                let reader = self.file.reader();
+                let direct = reader.1;
+                let rx = self.submit(reader, buf, &plan);
                 inflight.push_back(InFlight { plan, rx, direct });
                 next_plan = self.planner.next_plan();
             }
@@ -872,10 +905,16 @@ impl Producer {
         self.out.push(b).await.map_err(|Closed| None)
     }
 
-    fn submit(&self, file: Arc<File>, buf: PooledBuf, plan: &Plan) -> oneshot::Receiver<BatchDone> {
+    fn submit(
+        &self,
+        (file, direct): (Arc<File>, bool),
+        buf: PooledBuf,
+        plan: &Plan,
+    ) -> oneshot::Receiver<BatchDone> {
         let (reply, rx) = oneshot::channel();
         self.engine.backend.submit(Batch {
             file,
+            direct,
             buf,
             segments: plan.segments.clone(),
             reply,
@@ -896,8 +935,7 @@ impl Producer {
             if job.direct {
                 if let Some(e) = einval {
                     self.file.give_up_direct(e);
-                    let (file, _) = self.file.reader();
-                    job.rx = self.submit(file, done.buf, &job.plan);
+                    job.rx = self.submit(self.file.reader(), done.buf, &job.plan);
                     job.direct = false;
                     continue;
                 }
@@ -1024,6 +1062,16 @@ mod tests {
             }
             check_plan(ranges, ALIGN * rng.usize(1..8));
         }
+    }
+
+    #[test]
+    fn handles_cross_threads_as_hyper_needs() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        fn send<T: Send + 'static>() {}
+        send_sync::<IoEngine>();
+        send_sync::<DiskFile>();
+        send_sync::<IoError>();
+        send::<ReadStream>();
     }
 
     #[test]

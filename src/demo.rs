@@ -379,9 +379,23 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| DemoError::Hash(e.to_string()))
 }
 
-/// TOML string literal (basic string, escaped).
+/// TOML basic string literal: quotes, backslashes and control characters
+/// escaped (TOML 1.0, "Basic strings").
 fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Makes the filesystem and work folder.
@@ -632,6 +646,15 @@ mod tests {
             crate::ovm::vmcfg::parse_ovsmeta(&fs::read(dir.join(".ovsmeta")).unwrap()).unwrap();
         assert_eq!(meta.len(), 3);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn toml_strings_round_trip() {
+        for s in ["/plain/path", "quo\"te", "back\\slash", "tab\tnl\n", "é"] {
+            let doc = format!("k = {}", toml_str(s));
+            let v: toml::Table = toml::from_str(&doc).unwrap();
+            assert_eq!(v["k"].as_str(), Some(s), "{doc}");
+        }
     }
 
     #[test]

@@ -663,11 +663,18 @@ fn download_cmd(g: &Global, a: DownloadArgs) -> Result<()> {
         progress: !g.quiet,
     };
     let mut report = s.call(g, |api| download::download(api, &o))?;
+    // A verification that cannot run is reported after the download's own
+    // report: the replicas are complete either way.
+    let mut verify_error = None;
     if a.verify {
         let names: Vec<String> = report.disks.iter().map(|d| d.disk.clone()).collect();
-        let outcomes = verify_all(&s.api, &a.vm, &a.snap, &a.out, &names)?;
-        for (d, v) in report.disks.iter_mut().zip(outcomes) {
-            d.verify = Some(v);
+        match verify_all(&s.api, &a.vm, &a.snap, &a.out, &names) {
+            Ok(outcomes) => {
+                for (d, v) in report.disks.iter_mut().zip(outcomes) {
+                    d.verify = Some(v);
+                }
+            }
+            Err(e) => verify_error = Some(e),
         }
     }
     if g.json {
@@ -711,6 +718,9 @@ fn download_cmd(g: &Global, a: DownloadArgs) -> Result<()> {
             ]);
         }
         t.print();
+    }
+    if let Some(e) = verify_error {
+        return Err(e);
     }
     let outcomes: Vec<verify::VerifyOutcome> = report
         .disks

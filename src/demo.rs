@@ -23,6 +23,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -483,6 +484,36 @@ fn prepare(args: &DemoArgs) -> Result<(Setup, PathBuf, String)> {
     }
 }
 
+/// Catches SIGINT/SIGTERM from now on, so that a Ctrl-C during the setup
+/// (mkfs, mount, password hashing) does not kill the process with a mounted
+/// image left behind: the setup finishes, then is undone. The flag says
+/// whether such a signal came before the server took over.
+fn catch_early_signals() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            let _ = ready_tx.send(());
+            return;
+        };
+        rt.block_on(async move {
+            let signal = crate::server::shutdown_signal();
+            let _ = ready_tx.send(());
+            if let Ok(signal) = signal {
+                signal.await;
+                seen.store(true, Ordering::SeqCst);
+            }
+        });
+    });
+    // Handlers are installed once this returns.
+    let _ = ready_rx.recv();
+    flag
+}
+
 fn run_demo(args: &DemoArgs) -> Result<()> {
     // Refuse a taken port before building anything.
     TcpListener::bind(SocketAddr::new(args.bind, args.port)).map_err(|e| {
@@ -491,6 +522,7 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
             args.bind, args.port
         ))
     })?;
+    let interrupted = catch_early_signals();
     let (setup, repo, fs_desc) = prepare(args)?;
     let vms = make_repository(&repo)?;
     let (cert, key) = make_certificate(&setup.work, args.bind)?;
@@ -581,6 +613,10 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
             ""
         },
     );
+    if interrupted.load(Ordering::SeqCst) {
+        eprintln!("demo: interrupted during the setup; cleaning up");
+        return Ok(());
+    }
     println!("{out}");
     crate::server::run(config, backend).map_err(DemoError::Server)?;
     drop(setup);

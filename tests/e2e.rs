@@ -246,8 +246,11 @@ fn make_repo(repo: &Path, rng: &mut fastrand::Rng) {
             write_random(&f, rng, off, len);
         }
         f.write_all_at(&vec![0u8; 256 << 10], 40 << 20).unwrap();
-        // Data at the start, which the changes punch on disk B.
+        // Data at the start, which the changes punch on disk B, and one
+        // long extent: at the interrupted download's rate limit it takes
+        // seconds, so the interruption always lands in the middle.
         write_random(&f, rng, 0, 1 << 20);
+        write_random(&f, rng, 8 << 20, 8 << 20);
         f.sync_all().unwrap();
     }
     let vmdir = repo.join("VirtualMachines").join(VM);

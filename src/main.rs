@@ -22,6 +22,22 @@ const EXIT_BAD_START: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
+    // The client and the demo take their arguments as OS strings (paths
+    // need not be UTF-8): dispatch them before anything reads `args()`.
+    let first = std::env::args_os().nth(1);
+    match first.as_deref().and_then(|a| a.to_str()) {
+        // The command-line client (src/client/).
+        Some("client") => {
+            let rest = std::env::args_os().skip(2).collect();
+            std::process::exit(coriolis_ovm_exporter::client::main(rest));
+        }
+        // The self-contained demo (src/demo.rs).
+        Some("demo") => {
+            let rest = std::env::args_os().skip(2).collect();
+            std::process::exit(coriolis_ovm_exporter::demo::main(rest));
+        }
+        _ => {}
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("-version" | "--version") => {
@@ -32,16 +48,6 @@ fn main() -> ExitCode {
         Some(cmd @ ("reconcile" | "rebuild-db" | "snapshot")) => {
             let rest: Vec<String> = args[1..].to_vec();
             std::process::exit(coriolis_ovm_exporter::snapshot::admin::run(cmd, &rest));
-        }
-        // The command-line client (src/client/).
-        Some("client") => {
-            let rest = std::env::args_os().skip(2).collect();
-            std::process::exit(coriolis_ovm_exporter::client::main(rest));
-        }
-        // The self-contained demo (src/demo.rs).
-        Some("demo") => {
-            let rest = std::env::args_os().skip(2).collect();
-            std::process::exit(coriolis_ovm_exporter::demo::main(rest));
         }
         Some("-h" | "-help" | "--help") => {
             println!(

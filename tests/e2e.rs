@@ -372,6 +372,40 @@ fn e2e_on(fs_kind: Fs) {
         2
     );
 
+    // A cached token the server refuses (another secret, say) is replaced
+    // by a fresh login when the password is at hand; without it, exit 3.
+    let stale_cache = scratch.path("stale-cache");
+    let stale_dir = stale_cache.join("coriolis-ovm-exporter");
+    fs::create_dir_all(&stale_dir).unwrap();
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let forged = format!(
+        "{}.{}.{}",
+        b64(r#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(&format!(
+            r#"{{"user":"{USER}","exp":{exp},"iss":"coriolis-ovm-exporter"}}"#
+        )),
+        b64("not the signature")
+    );
+    let stale_file =
+        serde_json::json!({"tokens": {&server.url: {"user": USER, "token": forged, "exp": exp}}});
+    fs::write(stale_dir.join("tokens.json"), stale_file.to_string()).unwrap();
+    let mut stale = Client::new(&server, &stale_cache);
+    stale.env.remove("COE_PASSWORD");
+    assert_eq!(stale.code(&["vms", "list"]), 3);
+    stale.env.insert("COE_PASSWORD", server.password.clone());
+    assert_eq!(stale.json(&["vms", "list"]).as_array().unwrap().len(), 1);
+    assert!(!fs::read_to_string(stale_dir.join("tokens.json"))
+        .unwrap()
+        .contains(&forged));
+
     // Exit codes.
     assert_eq!(
         client.code(&["vms", "show", "0004fb0000060000000000000000dead"]),

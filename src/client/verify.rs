@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -133,6 +134,21 @@ pub fn verify_disk(
             blocks
         )));
     }
+    let (local_size, mismatched) = compare_blocks(path, sums.size, bs, &sums.crc32)?;
+    Ok(VerifyOutcome {
+        disk: disk.to_owned(),
+        size: sums.size,
+        local_size,
+        block_size: bs,
+        blocks,
+        mismatched,
+    })
+}
+
+/// Compares the file at `path` block by block with `crcs` (block i covers
+/// `[i*bs, min((i+1)*bs, size))`); its size and the indexes of the blocks
+/// that differ. Holes are not read: their CRC is that of zeros.
+pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(u64, Vec<u64>)> {
     let file = File::open(path).map_err(|source| ClientError::Local {
         what: "cannot open the replica",
         path: path.to_owned(),
@@ -146,21 +162,14 @@ pub fn verify_disk(
             source,
         })?
         .len();
-    let mut out = VerifyOutcome {
-        disk: disk.to_owned(),
-        size: sums.size,
-        local_size,
-        block_size: bs,
-        blocks,
-        mismatched: Vec::new(),
-    };
+    let mut mismatched = Vec::new();
     let mut buf = vec![0u8; bs as usize];
     let mut zero_crc: Option<u32> = None;
     // Next offset holding data; u64::MAX when none is left.
     let mut next_data = 0u64;
-    for (i, &want) in sums.crc32.iter().enumerate() {
+    for (i, &want) in crcs.iter().enumerate() {
         let start = i as u64 * bs;
-        let end = (start + bs).min(sums.size);
+        let end = (start + bs).min(size);
         let len = (end - start) as usize;
         if next_data < end {
             next_data = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(start)) {
@@ -192,16 +201,16 @@ pub fn verify_disk(
                 })?;
             if n < len {
                 // Past the local end: a short replica differs here.
-                out.mismatched.push(i as u64);
+                mismatched.push(i as u64);
                 continue;
             }
             crc32fast::hash(&buf[..len])
         };
         if got != want {
-            out.mismatched.push(i as u64);
+            mismatched.push(i as u64);
         }
     }
-    Ok(out)
+    Ok((local_size, mismatched))
 }
 
 /// Reads until `buf` is full or the end of the file; bytes read.
@@ -216,4 +225,55 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_compared_with_holes_unread_and_differences_found() {
+        let bs = MIN_BLOCK;
+        let path = std::env::temp_dir().join(format!("coe-verify-{}", std::process::id()));
+        // 5.5 blocks: data in block 1, a hole in 0, 2, 3, data at the end.
+        let size = 5 * bs + bs / 2;
+        let mut disk = vec![0u8; size as usize];
+        for (i, b) in disk[bs as usize..2 * bs as usize].iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let tail = size as usize - 1000;
+        disk[tail..].fill(7);
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(&disk[bs as usize..2 * bs as usize], bs)
+            .unwrap();
+        f.write_all_at(&disk[tail..], tail as u64).unwrap();
+        drop(f);
+        let crcs: Vec<u32> = disk.chunks(bs as usize).map(crc32fast::hash).collect();
+        assert_eq!(crcs.len(), 6);
+        assert_eq!(
+            compare_blocks(&path, size, bs, &crcs).unwrap(),
+            (size, vec![])
+        );
+        // One byte written into a hole, one flipped in the data.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[1], 3 * bs + 17).unwrap();
+        f.write_all_at(&[0], bs + 5).unwrap();
+        drop(f);
+        assert_eq!(
+            compare_blocks(&path, size, bs, &crcs).unwrap().1,
+            vec![1, 3]
+        );
+        // A replica cut short differs in the blocks it lacks.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4 * bs)
+            .unwrap();
+        let (local, bad) = compare_blocks(&path, size, bs, &crcs).unwrap();
+        assert_eq!(local, 4 * bs);
+        assert!(bad.contains(&4) && bad.contains(&5), "{bad:?}");
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -320,6 +320,7 @@ fn assert_replicas(out: &Path, snap: &Value) {
             panic!("{name}: replica differs from the snapshot first at byte {i}");
         }
         let m = fs::metadata(out.join(&name)).unwrap();
+        assert_eq!(m.mode() & 0o077, 0, "{name}: replica mode {:o}", m.mode());
         assert!(
             m.blocks() * 512 < m.len() / 2,
             "{name}: replica is not sparse ({} bytes allocated of {})",

@@ -17,6 +17,7 @@
 //!   not a complete copy of `OLD`.
 
 use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex, MutexGuard};
@@ -42,6 +43,8 @@ pub const PIECE_LEN: u64 = 8 << 20;
 /// Read and write buffer: 1 MiB, what python-ovmexporterclient streams at
 /// a time (API.md) and the top of the server's frame sizes.
 const IO_BUF: usize = 1 << 20;
+/// Mode of an output folder the client creates.
+const OUT_DIR_MODE: u32 = 0o700;
 /// Progress redraw interval.
 const TICK: Duration = Duration::from_millis(200);
 /// Resume state checkpoint interval: at most this much work is redone
@@ -730,11 +733,16 @@ fn run_plan(api: &Api, o: &Options, plan: Plan, progress: &Progress) -> Result<D
 
 /// Runs a download to the end; verification is the caller's.
 pub fn download(api: &Api, o: &Options) -> Result<Report> {
-    std::fs::create_dir_all(&o.out).map_err(|source| ClientError::Local {
-        what: "cannot create the output folder",
-        path: o.out.clone(),
-        source,
-    })?;
+    // Folders made here are private: they hold VM disks.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(OUT_DIR_MODE)
+        .create(&o.out)
+        .map_err(|source| ClientError::Local {
+            what: "cannot create the output folder",
+            path: o.out.clone(),
+            source,
+        })?;
     let t0 = Instant::now();
     let plans = match &o.diff_from {
         None => plan_full(api, o)?,

@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FallocateFlags;
@@ -26,6 +26,9 @@ use super::ranges::RangeSet;
 pub const ZERO_BLOCK: u64 = 4096;
 /// Buffer for writing zeros where punching holes is not supported.
 const ZERO_WRITE_BUF: usize = 1 << 20;
+/// A replica holds a VM's disk: readable by its owner only (the umask can
+/// only narrow this).
+pub const REPLICA_MODE: u32 = 0o600;
 /// Format version of the state file.
 const STATE_VERSION: u32 = 1;
 /// Suffix of the state file beside a replica.
@@ -175,6 +178,7 @@ impl Replica {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(REPLICA_MODE)
             .open(path)
             .map_err(|source| ClientError::Local {
                 what: "cannot create the replica",
@@ -317,6 +321,9 @@ mod tests {
         r.write_at(1000, &buf).unwrap();
         let back = std::fs::read(&p).unwrap();
         assert_eq!(back.len(), 64 * 1024);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "replica mode {mode:o}");
         let mut expect = vec![0u8; 64 * 1024];
         expect[1000..1000 + buf.len()].copy_from_slice(&buf);
         assert_eq!(back, expect);

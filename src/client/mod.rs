@@ -128,12 +128,20 @@ pub enum VmsCmd {
 #[derive(Subcommand, Debug)]
 pub enum SnapCmd {
     /// Snapshot every disk of a VM (crash-consistent, one id).
-    Create { vm: String },
+    Create {
+        /// VM id (the 32-hex name).
+        vm: String,
+    },
     /// The VM's snapshots, oldest first.
-    List { vm: String },
+    List {
+        /// VM id (the 32-hex name).
+        vm: String,
+    },
     /// One snapshot; with --compare-to, the diff from an older one.
     Show {
+        /// VM id (the 32-hex name).
         vm: String,
+        /// Snapshot id.
         snap: String,
         /// Older snapshot to diff against.
         #[arg(long)]
@@ -143,9 +151,15 @@ pub enum SnapCmd {
         chunks: bool,
     },
     /// Delete one snapshot.
-    Delete { vm: String, snap: String },
+    Delete {
+        /// VM id (the 32-hex name).
+        vm: String,
+        /// Snapshot id.
+        snap: String,
+    },
     /// Delete every snapshot of a VM.
     Purge {
+        /// VM id (the 32-hex name).
         vm: String,
         /// Confirm: every snapshot of the VM is deleted.
         #[arg(long)]
@@ -155,7 +169,9 @@ pub enum SnapCmd {
 
 #[derive(Args, Debug)]
 pub struct DownloadArgs {
+    /// VM id (the 32-hex name).
     pub vm: String,
+    /// Snapshot to copy.
     pub snap: String,
     /// Folder of the replicas (one sparse file per disk, named by disk).
     #[arg(long)]
@@ -182,7 +198,9 @@ pub struct DownloadArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// VM id (the 32-hex name).
     pub vm: String,
+    /// Snapshot the replicas should equal.
     pub snap: String,
     /// Folder of the replicas.
     #[arg(long)]

@@ -14,10 +14,14 @@
 //! - [`api`]: routes, JSON types, auth, disk answers, metrics.
 //! - [`server`] and [`config`]: TLS listener, connections, signals, logging;
 //!   the config file.
+//! - [`client`]: the command-line client (`coriolis-ovm-exporter client`).
+//! - [`demo`]: the self-contained demo (`coriolis-ovm-exporter demo`).
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod client;
 pub mod config;
+pub mod demo;
 pub mod extent;
 pub mod io;
 pub mod node;

@@ -1,8 +1,10 @@
 //! The `coriolis-ovm-exporter` binary: a thin shell over the library.
 //!
-//! Dispatch on the first argument: `-version`, and the server (the default,
-//! with `-config PATH` / `--config PATH`). Other subcommands are added here
-//! as one match arm each.
+//! Dispatch on the first argument: `-version`, `client ...` (the
+//! command-line client), `demo ...` (the self-contained demo), the snapshot
+//! administration commands, and the server (the default, with `-config PATH`
+//! / `--config PATH`). Other subcommands are added here as one match arm
+//! each.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +22,22 @@ const EXIT_BAD_START: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
+    // The client and the demo take their arguments as OS strings (paths
+    // need not be UTF-8): dispatch them before anything reads `args()`.
+    let first = std::env::args_os().nth(1);
+    match first.as_deref().and_then(|a| a.to_str()) {
+        // The command-line client (src/client/).
+        Some("client") => {
+            let rest = std::env::args_os().skip(2).collect();
+            std::process::exit(coriolis_ovm_exporter::client::main(rest));
+        }
+        // The self-contained demo (src/demo.rs).
+        Some("demo") => {
+            let rest = std::env::args_os().skip(2).collect();
+            std::process::exit(coriolis_ovm_exporter::demo::main(rest));
+        }
+        _ => {}
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("-version" | "--version") => {
@@ -40,7 +58,12 @@ fn main() -> ExitCode {
             std::process::exit(coriolis_ovm_exporter::snapshot::admin::run(cmd, &rest));
         }
         Some("-h" | "-help" | "--help") => {
-            println!("usage: coriolis-ovm-exporter [-config PATH] | -version");
+            println!(
+                "usage: coriolis-ovm-exporter [-config PATH] | -version\n\
+                 \x20      coriolis-ovm-exporter client --help   (the command-line client)\n\
+                 \x20      coriolis-ovm-exporter demo [--dir DIR] [--port N] [--keep]   (try it out)\n\
+                 \x20      coriolis-ovm-exporter reconcile | rebuild-db | snapshot ...   (administration)"
+            );
             ExitCode::SUCCESS
         }
         _ => serve(&args),

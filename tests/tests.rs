@@ -7,6 +7,7 @@
 
 mod api;
 mod common;
+mod e2e;
 mod fs_core;
 mod io;
 mod ovm;

@@ -7,6 +7,7 @@
 
 mod api;
 mod common;
+mod datapath;
 mod fs_core;
 mod io;
 mod ovm;

@@ -776,6 +776,22 @@ fn bad_configs_stop_the_start_with_one_line_naming_the_key() {
             good.clone() + "\nunknown_key = 1\n",
             "unknown field `unknown_key`",
         ),
+        (
+            good.clone() + "\n[io]\nbuffer_size = 1000\n",
+            "io: buffer_size must be a non-zero multiple of 4096",
+        ),
+        (
+            good.clone() + "\n[io]\nread_ahead = 8\npool_buffers = 4\n",
+            "io: read_ahead must be at least 1 and pool_buffers at least read_ahead",
+        ),
+        (
+            good.clone() + "\n[io]\nbackend = \"aio\"\n",
+            "unknown variant `aio`",
+        ),
+        (
+            good.clone() + "\n[io]\nqueue_depth = 4\n",
+            "unknown field `queue_depth`",
+        ),
     ];
     for (text, want) in cases {
         let path = dir.path("bad.toml");
@@ -1558,7 +1574,16 @@ use coriolis_ovm_exporter::api::types::Snapshot;
 use coriolis_ovm_exporter::api::BackendError;
 
 #[test]
-fn disk_bytes_over_tls_with_http1_and_http2() {
+fn disk_bytes_over_tls_with_http1_and_http2_threads() {
+    disk_bytes_over_tls_with_http1_and_http2("threads");
+}
+
+#[test]
+fn disk_bytes_over_tls_with_http1_and_http2_io_uring() {
+    disk_bytes_over_tls_with_http1_and_http2("io_uring");
+}
+
+fn disk_bytes_over_tls_with_http1_and_http2(backend: &str) {
     let pki = Pki::new();
     let dir = Scratch::new("wire");
     // Five 1 MiB frames and a bit, so bodies span several frames.
@@ -1574,7 +1599,7 @@ fn disk_bytes_over_tls_with_http1_and_http2() {
             local_users: true,
             ..Options::default()
         },
-    );
+    ) + &format!("\n[io]\nbackend = {backend:?}\n");
     let config =
         coriolis_ovm_exporter::config::Config::parse(&text, &dir.path("config.toml")).unwrap();
     let backend = Arc::new(FileNode {

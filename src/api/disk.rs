@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use super::body::{error_chain, ApiBody};
 use super::types::SnapshotDisk;
-use super::ApiError;
+use super::{ApiError, BackendError};
 use crate::io::range::{self, Multipart};
 use crate::io::stream::{self, CONTENT_TYPE as INCREMENTAL_CONTENT_TYPE};
 use crate::io::{DiskFile, IoEngine};
@@ -50,21 +50,20 @@ fn internal(what: &str, e: &dyn std::error::Error) -> ApiError {
 }
 
 /// Takes over the backend's open file in the io core (a second open through
-/// `/proc/self/fd`, so on the blocking pool) and checks its size against
-/// the one the backend recorded.
-pub async fn open(
+/// `/proc/self/fd`: blocking, so call it on the blocking pool, in the same
+/// task as the backend's open) and checks its size against the one the
+/// backend recorded.
+pub fn open(
     engine: &IoEngine,
     file: File,
     size: u64,
-    label: String,
-) -> Result<DiskFile, ApiError> {
-    let engine = engine.clone();
-    let disk = tokio::task::spawn_blocking(move || engine.open_file(file, &PathBuf::from(label)))
-        .await
-        .map_err(|e| ApiError::Internal(format!("open task failed: {e}")))?
-        .map_err(|e| internal("opening the disk", &e))?;
+    label: &str,
+) -> Result<DiskFile, BackendError> {
+    let disk = engine
+        .open_file(file, &PathBuf::from(label))
+        .map_err(|e| BackendError::Internal(format!("opening the disk: {}", error_chain(&e))))?;
     if disk.size() != size {
-        return Err(ApiError::Internal(format!(
+        return Err(BackendError::Internal(format!(
             "disk file is {} bytes, the snapshot recorded {size}",
             disk.size()
         )));

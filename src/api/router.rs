@@ -574,33 +574,35 @@ where
         }
         Handler::Disk => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
-            let label = format!("{vm}/{snap}/{disk}");
-            let (file, size) = blocking(move || be.open_disk(&vm, &snap, &disk)).await?;
-            let file = disk::open(&state.engine, file, size, label).await?;
+            let engine = state.engine.clone();
+            // One trip to the blocking pool: the backend's open, then the
+            // engine's O_DIRECT open of the same file.
+            let file = blocking(move || {
+                let (file, size) = be.open_disk(&vm, &snap, &disk)?;
+                disk::open(&engine, file, size, &format!("{vm}/{snap}/{disk}"))
+            })
+            .await?;
             let head = req.method() == Method::HEAD;
             disk::respond(&state.engine, &file, req.headers().get(header::RANGE), head)
         }
         Handler::Incremental => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let compare_to = compare_to_param(q)?;
-            let label = format!("{vm}/{snap}/{disk}");
+            let engine = state.engine.clone();
             let op = if compare_to.is_some() { "diff" } else { "get" };
-            let (d, file, size) = timed(state, op, move || {
-                let (d, file, size) = snapshot_disk(&*be, &vm, &snap, &disk, compare_to)?;
-                Ok((d, file, size))
+            let (d, file) = timed(state, op, move || {
+                snapshot_disk(&*be, &engine, &vm, &snap, &disk, compare_to)
             })
             .await?;
-            let file = disk::open(&state.engine, file, size, label).await?;
             disk::incremental(&state.engine, &file, &d)
         }
         Handler::Checksums => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
-            let label = format!("{vm}/{snap}/{disk}");
-            let (d, file, size) =
-                blocking(move || snapshot_disk(&*be, &vm, &snap, &disk, None)).await?;
-            let file = disk::open(&state.engine, file, size, label).await?;
-            let data = disk::data_ranges(&d, size);
+            let engine = state.engine.clone();
+            let (d, file) =
+                blocking(move || snapshot_disk(&*be, &engine, &vm, &snap, &disk, None)).await?;
+            let data = disk::data_ranges(&d, file.size());
             let sums = disk::checksums(&state.engine, &file, &data, block).await?;
             ok(json_response(StatusCode::OK, &sums))
         }
@@ -620,14 +622,15 @@ fn compare_to_param(q: Option<&str>) -> Result<Option<String>, ApiError> {
 }
 
 /// One disk of a snapshot (its extent map, or with `compare_to` the diff
-/// with zeroed ranges apart) and its open file with the recorded size.
+/// with zeroed ranges apart) and its file, open in the engine.
 fn snapshot_disk(
     be: &dyn Backend,
+    engine: &IoEngine,
     vm: &str,
     snap: &str,
     disk: &str,
     compare_to: Option<String>,
-) -> Result<(super::types::SnapshotDisk, std::fs::File, u64), super::BackendError> {
+) -> Result<(super::types::SnapshotDisk, crate::io::DiskFile), super::BackendError> {
     let s = be.get_snapshot(vm, snap, true, compare_to.as_deref(), true)?;
     let d = s
         .disks
@@ -635,7 +638,8 @@ fn snapshot_disk(
         .find(|d| d.name == disk)
         .ok_or_else(|| super::BackendError::NotFound(format!("disk {disk} of snapshot {snap}")))?;
     let (file, size) = be.open_disk(vm, snap, disk)?;
-    Ok((d, file, size))
+    let file = disk::open(engine, file, size, &format!("{vm}/{snap}/{disk}"))?;
+    Ok((d, file))
 }
 
 /// `POST /auth/login`: rate limit, bounded body, credentials check off the

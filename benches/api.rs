@@ -83,6 +83,7 @@ fn bench_api(c: &mut Criterion) {
         tokens,
         login,
         MetricsAuth::None,
+        coriolis_ovm_exporter::io::IoEngine::start(&Default::default()).unwrap(),
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

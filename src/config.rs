@@ -8,14 +8,18 @@
 //!
 //! This module reads the files the config names (certificates, keys) only to
 //! check them; it owns no long-lived state and never logs a secret.
-//! `[inventory]`, `[store]` and `[io]` are kept as raw tables here: their
-//! typed parsing belongs to those layers.
+//! `[inventory]` and `[store]` are kept as raw tables here: their typed
+//! parsing belongs to those layers. `[io]` is the io core's own typed
+//! [`IoConfig`], parsed and validated here so a bad value stops the start
+//! with the same one line as every other key.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::io::IoConfig;
 
 /// Where the service looks when no `-config` is given (NODE.md).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/coriolis-ovm-exporter/config.toml";
@@ -180,8 +184,8 @@ pub struct Config {
     pub inventory: toml::Table,
     /// Raw `[store]` table, parsed by the snapshot store.
     pub store: toml::Table,
-    /// Raw `[io]` table, parsed by the io core.
-    pub io: toml::Table,
+    /// The `[io]` section: the read engine's backend and buffers.
+    pub io: IoConfig,
 }
 
 // ---- the file as written -------------------------------------------------
@@ -202,7 +206,7 @@ struct RawConfig {
     #[serde(default)]
     store: toml::Table,
     #[serde(default)]
-    io: toml::Table,
+    io: IoConfig,
 }
 
 #[derive(Deserialize, Default)]
@@ -474,6 +478,8 @@ impl Config {
             }
         };
 
+        raw.io.validate().map_err(|e| bad("io", error_text(&e)))?;
+
         Ok(Config {
             path: path.to_owned(),
             db_file: raw.db_file.unwrap_or_else(|| DEFAULT_DB_FILE.into()),
@@ -492,6 +498,15 @@ impl Config {
             store: raw.store,
             io: raw.io,
         })
+    }
+}
+
+/// An io config error without its `invalid io config:` prefix (the
+/// config line already names the section).
+fn error_text(e: &crate::io::IoError) -> String {
+    match e {
+        crate::io::IoError::Config(what) => (*what).to_owned(),
+        other => other.to_string(),
     }
 }
 

@@ -23,17 +23,17 @@ const MGR_USER: &str = "admin";
 const MGR_PASS: &str = "Welcome1-pw";
 /// A Manager user whose check the stand-in answers slowly (shutdown test).
 const SLOW_USER: &str = "slowpoke";
-const LOCAL_USER: &str = "backup";
-const LOCAL_PASS: &str = "local-pass-42";
+pub(crate) const LOCAL_USER: &str = "backup";
+pub(crate) const LOCAL_PASS: &str = "local-pass-42";
 /// Upper bound of any wait in these tests: nothing legitimate takes longer.
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 // ---- scratch folders and certificates -------------------------------------
 
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(tag: &str) -> Scratch {
+    pub(crate) fn new(tag: &str) -> Scratch {
         static N: AtomicU64 = AtomicU64::new(0);
         let d = std::env::temp_dir().join(format!(
             "coe-api-{tag}-{}-{}",
@@ -44,7 +44,7 @@ impl Scratch {
         std::fs::create_dir_all(&d).unwrap();
         Scratch(d)
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }
@@ -71,12 +71,12 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// Certificates for one test: a CA, the exporter's server and client
 /// certificates signed by it, a second CA signing the stand-in Manager's
 /// certificate, and a stray key that matches nothing.
-struct Pki {
+pub(crate) struct Pki {
     dir: Scratch,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = Scratch::new("pki");
         let d = &dir.0;
         for ca in ["ca", "mgr-ca"] {
@@ -287,22 +287,22 @@ fn read_head(r: &mut impl Read) -> Option<String> {
 // ---- the exporter under test ------------------------------------------------
 
 #[derive(Default)]
-struct Options {
-    manager: Option<String>,
-    manager_ca: Option<PathBuf>,
-    local_users: bool,
-    mtls: bool,
-    metrics_token: Option<String>,
+pub(crate) struct Options {
+    pub(crate) manager: Option<String>,
+    pub(crate) manager_ca: Option<PathBuf>,
+    pub(crate) local_users: bool,
+    pub(crate) mtls: bool,
+    pub(crate) metrics_token: Option<String>,
 }
 
 /// An HTTPS client of the API that trusts the test CA.
-struct Client {
-    port: u16,
+pub(crate) struct Client {
+    pub(crate) port: u16,
     ca: Vec<CertificateDer<'static>>,
 }
 
-struct Exporter {
-    child: Child,
+pub(crate) struct Exporter {
+    pub(crate) child: Child,
     notify: UnixDatagram,
     dir: Scratch,
     client: Client,
@@ -328,7 +328,7 @@ fn local_hash(password: &str) -> String {
 }
 
 impl Exporter {
-    fn config(pki: &Pki, dir: &Scratch, port: u16, o: &Options) -> String {
+    pub(crate) fn config(pki: &Pki, dir: &Scratch, port: u16, o: &Options) -> String {
         let mut c = format!(
             "db_file = {db:?}\nlog_file = {log:?}\n",
             db = dir.path("exporter.db"),
@@ -371,7 +371,11 @@ impl Exporter {
 
     /// Start with the config text `make(dir, port)` returns, in a file of
     /// permissions `mode`.
-    fn start_with(pki: &Pki, mode: u32, make: impl FnOnce(&Scratch, u16) -> String) -> Exporter {
+    pub(crate) fn start_with(
+        pki: &Pki,
+        mode: u32,
+        make: impl FnOnce(&Scratch, u16) -> String,
+    ) -> Exporter {
         let dir = Scratch::new("exporter");
         let port = free_port();
         std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
@@ -419,7 +423,7 @@ impl Exporter {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         let a = std::fs::read_to_string(self.dir.path("exporter.log")).unwrap_or_default();
         let b = std::fs::read_to_string(self.dir.path("stderr.log")).unwrap_or_default();
         a + &b
@@ -496,20 +500,26 @@ impl Client {
         Ok(tls)
     }
 
-    fn connect(&self) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    pub(crate) fn connect(&self) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
         self.connect_with(self.client_config(None, &[b"http/1.1"], false))
             .expect("TLS handshake")
     }
 
     /// Send raw request bytes on a fresh connection and read the answer.
-    fn raw(&self, request: &[u8]) -> Answer {
+    pub(crate) fn raw(&self, request: &[u8]) -> Answer {
         let mut tls = self.connect();
         tls.write_all(request).unwrap();
         tls.flush().unwrap();
         read_answer(&mut tls)
     }
 
-    fn request(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> Answer {
         self.raw(&http_request(method, path, token, &[], body))
     }
 
@@ -518,7 +528,7 @@ impl Client {
         self.request("POST", "/api/v1/auth/login", None, &body)
     }
 
-    fn token(&self, user: &str, pass: &str) -> String {
+    pub(crate) fn token(&self, user: &str, pass: &str) -> String {
         let a = self.login(user, pass);
         assert_eq!(a.status, 200, "login: {}", a.text());
         a.json()["token"].as_str().unwrap().to_owned()
@@ -532,7 +542,7 @@ impl Drop for Exporter {
     }
 }
 
-fn http_request(
+pub(crate) fn http_request(
     method: &str,
     path: &str,
     token: Option<&str>,
@@ -557,28 +567,28 @@ fn http_request(
     r.into_bytes()
 }
 
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     /// The error contract: status, JSON content type, `error` and `details`.
-    fn assert_error(&self, status: u16, short: &str) {
+    pub(crate) fn assert_error(&self, status: u16, short: &str) {
         assert_eq!(self.status, status, "{}", self.text());
         assert_eq!(self.header("content-type"), Some("application/json"));
         let v = self.json();
@@ -588,7 +598,7 @@ impl Answer {
 }
 
 /// Read a whole HTTP/1.1 answer from a `Connection: close` exchange.
-fn read_answer(r: &mut impl Read) -> Answer {
+pub(crate) fn read_answer(r: &mut impl Read) -> Answer {
     let mut raw = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
@@ -603,7 +613,7 @@ fn read_answer(r: &mut impl Read) -> Answer {
     parse_answer(&raw)
 }
 
-fn parse_answer(raw: &[u8]) -> Answer {
+pub(crate) fn parse_answer(raw: &[u8]) -> Answer {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -765,6 +775,22 @@ fn bad_configs_stop_the_start_with_one_line_naming_the_key() {
         (
             good.clone() + "\nunknown_key = 1\n",
             "unknown field `unknown_key`",
+        ),
+        (
+            good.clone() + "\n[io]\nbuffer_size = 1000\n",
+            "io: buffer_size must be a non-zero multiple of 4096",
+        ),
+        (
+            good.clone() + "\n[io]\nread_ahead = 8\npool_buffers = 4\n",
+            "io: read_ahead must be at least 1 and pool_buffers at least read_ahead",
+        ),
+        (
+            good.clone() + "\n[io]\nbackend = \"aio\"\n",
+            "unknown variant `aio`",
+        ),
+        (
+            good.clone() + "\n[io]\nqueue_depth = 4\n",
+            "unknown field `queue_depth`",
         ),
     ];
     for (text, want) in cases {
@@ -1548,7 +1574,16 @@ use coriolis_ovm_exporter::api::types::Snapshot;
 use coriolis_ovm_exporter::api::BackendError;
 
 #[test]
-fn disk_bytes_over_tls_with_http1_and_http2() {
+fn disk_bytes_over_tls_with_http1_and_http2_threads() {
+    disk_bytes_over_tls_with_http1_and_http2("threads");
+}
+
+#[test]
+fn disk_bytes_over_tls_with_http1_and_http2_io_uring() {
+    disk_bytes_over_tls_with_http1_and_http2("io_uring");
+}
+
+fn disk_bytes_over_tls_with_http1_and_http2(backend: &str) {
     let pki = Pki::new();
     let dir = Scratch::new("wire");
     // Five 1 MiB frames and a bit, so bodies span several frames.
@@ -1564,7 +1599,7 @@ fn disk_bytes_over_tls_with_http1_and_http2() {
             local_users: true,
             ..Options::default()
         },
-    );
+    ) + &format!("\n[io]\nbackend = {backend:?}\n");
     let config =
         coriolis_ovm_exporter::config::Config::parse(&text, &dir.path("config.toml")).unwrap();
     let backend = Arc::new(FileNode {

@@ -8,6 +8,7 @@
 mod api;
 mod common;
 mod e2e;
+mod datapath;
 mod fs_core;
 mod io;
 mod ovm;

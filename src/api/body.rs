@@ -1,7 +1,10 @@
 //! The response body type, and the access log written when it ends.
 //!
-//! A body is either fully in memory (JSON, metrics, errors) or fed by a
-//! bounded channel from a blocking reader (disk bytes). Each body carries
+//! A body is either fully in memory (JSON, metrics, errors), fed by a
+//! bounded channel from a blocking reader, or an io core [`ReadStream`]
+//! (disk bytes, incremental streams). A stream that fails yields an error
+//! frame, so hyper aborts the connection instead of ending the body cleanly:
+//! the client sees a broken transfer, never a short file. Each body carries
 //! the request's [`AccessRecord`]; when hyper drops the body (sent, or the
 //! client went away) the record is written as one access-log line and into
 //! the metrics, with the bytes actually handed to hyper. So the log says
@@ -17,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
+use crate::io::ReadStream;
 
 /// What the access-log line says of a request (never a password or token).
 pub struct AccessRecord {
@@ -40,6 +44,10 @@ enum Kind {
     Full(Option<Bytes>),
     Channel {
         rx: mpsc::Receiver<std::io::Result<Bytes>>,
+        remaining: u64,
+    },
+    Stream {
+        stream: ReadStream,
         remaining: u64,
     },
 }
@@ -66,6 +74,14 @@ impl ApiBody {
     /// send an error rather than stop short.
     pub fn channel(rx: mpsc::Receiver<std::io::Result<Bytes>>, len: u64) -> Self {
         ApiBody::new(Kind::Channel { rx, remaining: len })
+    }
+
+    /// A body of exactly `len` bytes from an io core stream.
+    pub fn stream(stream: ReadStream, len: u64) -> Self {
+        ApiBody::new(Kind::Stream {
+            stream,
+            remaining: len,
+        })
     }
 
     fn new(kind: Kind) -> Self {
@@ -122,6 +138,34 @@ impl Body for ApiBody {
                     }
                 }
             }
+            Kind::Stream { stream, remaining } => {
+                if *remaining == 0 {
+                    Poll::Ready(None)
+                } else {
+                    match stream.poll_next_frame(cx) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Some(Ok(b))) => {
+                            let n = b.len() as u64;
+                            if n > *remaining {
+                                Poll::Ready(Some(Err(std::io::Error::other(
+                                    "disk stream sent more than the announced length",
+                                ))))
+                            } else {
+                                *remaining -= n;
+                                Poll::Ready(Some(Ok(b)))
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            tracing::warn!(error = %error_chain(&e), "disk stream failed: aborting the answer");
+                            Poll::Ready(Some(Err(std::io::Error::other(e))))
+                        }
+                        Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "disk stream stopped before the announced length",
+                        )))),
+                    }
+                }
+            }
         };
         match polled {
             Poll::Ready(Some(Ok(b))) => {
@@ -140,14 +184,16 @@ impl Body for ApiBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Channel { remaining, .. } => *remaining == 0,
+            Kind::Channel { remaining, .. } | Kind::Stream { remaining, .. } => *remaining == 0,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Channel { remaining, .. } => SizeHint::with_exact(*remaining),
+            Kind::Channel { remaining, .. } | Kind::Stream { remaining, .. } => {
+                SizeHint::with_exact(*remaining)
+            }
         }
     }
 }
@@ -184,6 +230,18 @@ impl Drop for ApiBody {
             user = r.user.as_deref().unwrap_or("-"),
         );
     }
+}
+
+/// An error with its causes, `: `-separated, for one log field.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// A bounded label for a method (metrics must not grow with junk methods).

@@ -1,236 +1,361 @@
-//! Disk bytes: the `Range` header (RFC 9110 14) and the response body of
-//! `GET`/`HEAD /vms/{vm}/snapshots/{snap}/disks/{disk}`.
+//! Disk bytes: `GET`/`HEAD .../disks/{disk}` (API.md "Disk bytes") and the
+//! two extensions over the same file, `.../incremental` and
+//! `.../checksums` (ENDPOINTS.md).
 //!
-//! Correctness first: one range (`bytes=a-b`, `bytes=a-`, `bytes=-n`), 206
-//! with `Content-Range`, 416 for anything unsatisfiable or invalid (never a
-//! silent 200 with the whole disk: a backup client that asked for a range
-//! and got the whole file would corrupt its replica). The reader runs on the
-//! blocking pool in 1 MiB frames through a bounded channel, so memory per
-//! stream is bounded. The io core replaces [`respond`]'s body with its fast
-//! path; everything about a disk answer goes through that one function.
+//! Every byte goes through the io core ([`IoEngine`]): the snapshot file the
+//! backend opened (from its records, never from a request path) is taken
+//! over with [`IoEngine::open_file`] (`O_DIRECT` where accepted), and read
+//! into pooled buffers that become response frames without a copy. The
+//! `Range` header is parsed by [`range::parse`]: one range answers 206, several
+//! a `multipart/byteranges` body (sorted, coalesced, at most
+//! [`range::DEFAULT_MAX_RANGES`] parts), anything invalid, unsatisfiable or
+//! past the cap 416 with `Content-Range: bytes */size` (never a silent 200
+//! with the whole disk: a backup client that asked for a range and got the
+//! whole file would corrupt its replica). Memory per answer is the engine's
+//! `read_ahead` buffers; a failed read aborts the connection (see
+//! [`ApiBody::stream`]).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::ops::Range;
+use std::path::PathBuf;
 
-use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Response, StatusCode};
-use tokio::sync::mpsc;
+use serde::Serialize;
 
-use super::body::ApiBody;
-use super::ApiError;
+use super::body::{error_chain, ApiBody};
+use super::types::SnapshotDisk;
+use super::{ApiError, BackendError};
+use crate::io::range::{self, Multipart};
+use crate::io::stream::{self, CONTENT_TYPE as INCREMENTAL_CONTENT_TYPE};
+use crate::io::{DiskFile, IoEngine};
 
-/// Frame size of a disk stream: large frames stream far faster than 8 KiB
-/// ones (ARCHITECTURE.md), and the Python client reads 1 MiB at a time.
-pub const FRAME_BYTES: usize = 1 << 20;
-/// Frames read ahead of the socket per stream (memory per stream is about
-/// `(FRAME_QUEUE + 2) * FRAME_BYTES`).
-const FRAME_QUEUE: usize = 2;
+/// Content type of disk bytes and of each multipart part.
+const OCTETS: &str = "application/octet-stream";
+/// Default checksum block (ENDPOINTS.md): 4 MiB.
+pub const DEFAULT_CHECKSUM_BLOCK: u64 = 4 << 20;
+/// Smallest checksum block (ENDPOINTS.md): 64 KiB.
+pub const MIN_CHECKSUM_BLOCK: u64 = 64 << 10;
+/// Largest checksum block (ENDPOINTS.md): 64 MiB.
+pub const MAX_CHECKSUM_BLOCK: u64 = 64 << 20;
+/// Most blocks in one checksum answer: bounds the answer (about 11 bytes of
+/// JSON per block, so under 50 MiB) for any disk size; a bigger disk must
+/// ask for bigger blocks.
+pub const MAX_CHECKSUM_BLOCKS: u64 = 1 << 22;
+/// Zeros hashed per step when computing the CRC of a hole block.
+const ZERO_CHUNK: usize = 64 << 10;
+static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
-/// A satisfiable byte range: `start..start+len` within the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSpan {
-    pub start: u64,
-    pub len: u64,
+fn internal(what: &str, e: &dyn std::error::Error) -> ApiError {
+    ApiError::Internal(format!("{what}: {}", error_chain(e)))
 }
 
-/// What a `Range` header asks of a file of `size` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeAsk {
-    /// No `Range` header: the whole file, 200.
-    Whole,
-    /// One satisfiable range: 206.
-    Partial(ByteSpan),
-    /// Invalid, several ranges, or past the end: 416.
-    Unsatisfiable,
-}
-
-/// Parse a `Range` header value against a file of `size` bytes. Pure.
-pub fn parse_range(value: Option<&[u8]>, size: u64) -> RangeAsk {
-    let Some(value) = value else {
-        return RangeAsk::Whole;
-    };
-    let Ok(value) = std::str::from_utf8(value) else {
-        return RangeAsk::Unsatisfiable;
-    };
-    let Some((unit, set)) = value.trim().split_once('=') else {
-        return RangeAsk::Unsatisfiable;
-    };
-    if !unit.trim().eq_ignore_ascii_case("bytes") {
-        return RangeAsk::Unsatisfiable;
-    }
-    let set = set.trim();
-    // Several ranges are multipart/byteranges, the io core's extension.
-    if set.contains(',') {
-        return RangeAsk::Unsatisfiable;
-    }
-    let Some((first, last)) = set.split_once('-') else {
-        return RangeAsk::Unsatisfiable;
-    };
-    let (first, last) = (first.trim(), last.trim());
-    let num = |s: &str| -> Option<u64> {
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        // More digits than u64 holds: past the end of any file.
-        Some(s.parse().unwrap_or(u64::MAX))
-    };
-    let span = match (first.is_empty(), last.is_empty()) {
-        // bytes=-n: the last n bytes.
-        (true, false) => match num(last) {
-            Some(0) | None => return RangeAsk::Unsatisfiable,
-            Some(n) => {
-                let n = n.min(size);
-                ByteSpan {
-                    start: size - n,
-                    len: n,
-                }
-            }
-        },
-        // bytes=a-: from a to the end.
-        (false, true) => match num(first) {
-            Some(a) if a < size => ByteSpan {
-                start: a,
-                len: size - a,
-            },
-            _ => return RangeAsk::Unsatisfiable,
-        },
-        // bytes=a-b: inclusive; b past the end is clipped (RFC 9110 14.1.2).
-        (false, false) => match (num(first), num(last)) {
-            (Some(a), Some(b)) if a <= b && a < size => ByteSpan {
-                start: a,
-                len: b.min(size - 1) - a + 1,
-            },
-            _ => return RangeAsk::Unsatisfiable,
-        },
-        (true, true) => return RangeAsk::Unsatisfiable,
-    };
-    if span.len == 0 {
-        return RangeAsk::Unsatisfiable;
-    }
-    RangeAsk::Partial(span)
-}
-
-/// The answer for a disk read: headers, and unless `head`, the bytes.
-pub fn respond(
+/// Takes over the backend's open file in the io core (a second open through
+/// `/proc/self/fd`: blocking, so call it on the blocking pool, in the same
+/// task as the backend's open) and checks its size against the one the
+/// backend recorded.
+pub fn open(
+    engine: &IoEngine,
     file: File,
     size: u64,
+    label: &str,
+) -> Result<DiskFile, BackendError> {
+    let disk = engine
+        .open_file(file, &PathBuf::from(label))
+        .map_err(|e| BackendError::Internal(format!("opening the disk: {}", error_chain(&e))))?;
+    if disk.size() != size {
+        return Err(BackendError::Internal(format!(
+            "disk file is {} bytes, the snapshot recorded {size}",
+            disk.size()
+        )));
+    }
+    Ok(disk)
+}
+
+/// The answer for a disk read: headers, and unless `head`, the bytes. The
+/// bool says whether the answer is a stream.
+pub fn respond(
+    engine: &IoEngine,
+    disk: &DiskFile,
     range: Option<&HeaderValue>,
     head: bool,
 ) -> Result<(Response<ApiBody>, bool), ApiError> {
-    let (status, span) = match parse_range(range.map(HeaderValue::as_bytes), size) {
-        RangeAsk::Whole => (
-            StatusCode::OK,
-            ByteSpan {
-                start: 0,
-                len: size,
-            },
+    let size = disk.size();
+    let unsatisfiable = |reason: String| ApiError::RangeNotSatisfiable { size, reason };
+    let ranges = match range {
+        None => None,
+        Some(v) => Some(
+            range::parse(v.as_bytes(), size, range::DEFAULT_MAX_RANGES)
+                .map_err(|e| unsatisfiable(e.to_string()))?,
         ),
-        RangeAsk::Partial(span) => (StatusCode::PARTIAL_CONTENT, span),
-        RangeAsk::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable { size }),
     };
-    let mut builder = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_LENGTH, span.len);
-    if status == StatusCode::PARTIAL_CONTENT {
-        builder = builder.header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", span.start, span.start + span.len - 1),
-        );
-    }
-    let streaming = !head && span.len > 0;
-    let body = if streaming {
-        let (tx, rx) = mpsc::channel(FRAME_QUEUE);
-        tokio::task::spawn_blocking(move || read_span(&file, span, &tx));
-        ApiBody::channel(rx, span.len)
-    } else {
-        ApiBody::empty()
+    let builder = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    let stream_err = |e: crate::io::IoError| internal("starting the disk read", &e);
+    let (builder, len, body) = match ranges {
+        None => {
+            let body = (!head && size > 0)
+                .then(|| engine.read(disk, 0..size))
+                .transpose()
+                .map_err(stream_err)?;
+            let b = builder
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, OCTETS);
+            (b, size, body)
+        }
+        Some(ranges) if ranges.len() == 1 => {
+            let r = ranges[0].clone();
+            let b = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_TYPE, OCTETS)
+                .header(header::CONTENT_RANGE, range::content_range(&r, size));
+            let len = r.end - r.start;
+            let body = (!head)
+                .then(|| engine.read(disk, r))
+                .transpose()
+                .map_err(stream_err)?;
+            (b, len, body)
+        }
+        Some(ranges) => {
+            let multipart = Multipart::new(OCTETS);
+            let len = multipart.body_len(&ranges, size);
+            let b = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_TYPE, multipart.content_type());
+            let body = (!head)
+                .then(|| engine.read_multipart(disk, ranges, multipart))
+                .transpose()
+                .map_err(stream_err)?;
+            (b, len, body)
+        }
+    };
+    finish(builder, len, body)
+}
+
+fn finish(
+    builder: http::response::Builder,
+    len: u64,
+    body: Option<crate::io::ReadStream>,
+) -> Result<(Response<ApiBody>, bool), ApiError> {
+    let streaming = body.is_some();
+    let body = match body {
+        Some(s) => ApiBody::stream(s, len),
+        None => ApiBody::empty(),
     };
     builder
+        .header(header::CONTENT_LENGTH, len)
         .body(body)
         .map(|r| (r, streaming))
         .map_err(|e| ApiError::Internal(format!("building the disk answer: {e}")))
 }
 
-/// Read `span` of `file` in frames into `tx`, on the blocking pool. Stops
-/// when the receiver is gone (client left) and sends an error, never a short
-/// body, when the file ends early or a read fails.
-fn read_span(file: &File, span: ByteSpan, tx: &mpsc::Sender<std::io::Result<Bytes>>) {
-    let mut offset = span.start;
-    let end = span.start + span.len;
-    while offset < end {
-        let want = usize::try_from((end - offset).min(FRAME_BYTES as u64)).unwrap_or(FRAME_BYTES);
-        let mut buf = BytesMut::zeroed(want);
-        let mut filled = 0;
-        while filled < want {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "disk file shorter than its announced size",
-                    )));
-                    return;
+/// The ranges of `disk` as half-open ranges clipped to `size`, sorted and
+/// merged (extent maps can run past the end of file to a block boundary).
+fn clipped(ranges: impl Iterator<Item = (u64, u64)>, size: u64) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = ranges
+        .map(|(start, len)| start.min(size)..start.saturating_add(len).min(size))
+        .filter(|r| r.start < r.end)
+        .collect();
+    range::coalesce(&mut v)
+}
+
+/// The allocated (data) ranges of a snapshot disk, or with a diff, the
+/// ranges to copy; clipped to `size`.
+pub fn data_ranges(d: &SnapshotDisk, size: u64) -> Vec<Range<u64>> {
+    clipped(d.chunks.iter().map(|c| (c.start, c.length)), size)
+}
+
+/// The incremental stream of one disk: `d` is the disk of the snapshot as
+/// `get_snapshot` answered it (with `compare_to` and `zeroed_separate`, or
+/// without for a full sparse copy).
+pub fn incremental(
+    engine: &IoEngine,
+    disk: &DiskFile,
+    d: &SnapshotDisk,
+) -> Result<(Response<ApiBody>, bool), ApiError> {
+    let size = disk.size();
+    let data = data_ranges(d, size);
+    let zeroed = d
+        .zeroed
+        .as_ref()
+        .map(|z| clipped(z.iter().map(|r| (r.start, r.length)), size))
+        .unwrap_or_default();
+    let changes = stream::plan_changes(&data, &zeroed);
+    let len = stream::encoded_len(&changes);
+    let body = engine
+        .incremental(disk, changes)
+        .map_err(|e| internal("starting the incremental stream", &e))?;
+    let b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, INCREMENTAL_CONTENT_TYPE);
+    finish(b, len, Some(body))
+}
+
+/// The checksums answer (ENDPOINTS.md).
+#[derive(Debug, Serialize)]
+pub struct Checksums {
+    pub size: u64,
+    pub block_size: u64,
+    pub algorithm: &'static str,
+    pub crc32: Vec<u32>,
+}
+
+/// `blockSize`: absent is the default; else a power of two in bounds.
+pub fn checksum_block(param: Option<&str>) -> Result<u64, ApiError> {
+    let Some(v) = param.filter(|v| !v.is_empty()) else {
+        return Ok(DEFAULT_CHECKSUM_BLOCK);
+    };
+    match v.parse::<u64>() {
+        Ok(n) if n.is_power_of_two() && (MIN_CHECKSUM_BLOCK..=MAX_CHECKSUM_BLOCK).contains(&n) => {
+            Ok(n)
+        }
+        _ => Err(ApiError::BadRequest(format!(
+            "blockSize={v:?}: expected a power of two from {MIN_CHECKSUM_BLOCK} to \
+             {MAX_CHECKSUM_BLOCK}"
+        ))),
+    }
+}
+
+/// CRC-32 of `len` zero bytes, without reading anything.
+fn zero_crc(len: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZERO_CHUNK as u64) as usize;
+        h.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    h.finalize()
+}
+
+/// Runs of blocks (half-open block indices) that hold any data byte.
+fn data_block_runs(data: &[Range<u64>], block: u64) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for r in data {
+        let run = r.start / block..(r.end - 1) / block + 1;
+        match runs.last_mut() {
+            Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
+            _ => runs.push(run),
+        }
+    }
+    runs
+}
+
+/// CRC-32 per block of `disk`: blocks with a data byte (per `data`, the
+/// snapshot's extent map) are read through the engine, hole blocks are the
+/// CRC of zeros, computed.
+pub async fn checksums(
+    engine: &IoEngine,
+    disk: &DiskFile,
+    data: &[Range<u64>],
+    block: u64,
+) -> Result<Checksums, ApiError> {
+    let size = disk.size();
+    let blocks = size.div_ceil(block);
+    if blocks > MAX_CHECKSUM_BLOCKS {
+        return Err(ApiError::BadRequest(format!(
+            "{blocks} blocks of {block} bytes: at most {MAX_CHECKSUM_BLOCKS} per answer, \
+             ask for a bigger blockSize"
+        )));
+    }
+    let block_len = |i: u64| block.min(size - i * block);
+    let runs = data_block_runs(data, block);
+    let byte_ranges: Vec<Range<u64>> = runs
+        .iter()
+        .map(|r| r.start * block..(r.end * block).min(size))
+        .collect();
+    // CRCs of the data blocks, in order, from the concatenated ranges.
+    let mut data_crcs: Vec<u32> = Vec::new();
+    let data_blocks: Vec<u64> = runs.iter().flat_map(|r| r.clone()).collect();
+    if !byte_ranges.is_empty() {
+        let mut s = engine
+            .read_ranges(disk, byte_ranges)
+            .map_err(|e| internal("starting the checksum read", &e))?;
+        let mut next = 0usize;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut left = data_blocks.first().map_or(0, |&i| block_len(i));
+        while let Some(frame) = s.next().await {
+            let frame = frame.map_err(|e| internal("reading for checksums", &e))?;
+            let mut f: &[u8] = &frame;
+            while !f.is_empty() {
+                if next >= data_blocks.len() {
+                    return Err(ApiError::Internal(
+                        "checksum read returned more bytes than asked".into(),
+                    ));
                 }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
+                let n = (left.min(f.len() as u64)) as usize;
+                hasher.update(&f[..n]);
+                f = &f[n..];
+                left -= n as u64;
+                if left == 0 {
+                    data_crcs.push(std::mem::take(&mut hasher).finalize());
+                    next += 1;
+                    left = data_blocks.get(next).map_or(0, |&i| block_len(i));
                 }
             }
         }
-        offset += want as u64;
-        if tx.blocking_send(Ok(buf.freeze())).is_err() {
-            return;
+        if next != data_blocks.len() {
+            return Err(ApiError::Internal(
+                "checksum read ended before the last block".into(),
+            ));
         }
     }
+    let full_zero = zero_crc(block);
+    let mut crc32 = Vec::with_capacity(blocks as usize);
+    let mut d = data_blocks.iter().zip(&data_crcs).peekable();
+    for i in 0..blocks {
+        match d.peek() {
+            Some((&bi, &c)) if bi == i => {
+                crc32.push(c);
+                d.next();
+            }
+            _ if block_len(i) == block => crc32.push(full_zero),
+            _ => crc32.push(zero_crc(block_len(i))),
+        }
+    }
+    Ok(Checksums {
+        size,
+        block_size: block,
+        algorithm: "crc32",
+        crc32,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(v: &str, size: u64) -> RangeAsk {
-        parse_range(Some(v.as_bytes()), size)
-    }
-    fn span(start: u64, len: u64) -> RangeAsk {
-        RangeAsk::Partial(ByteSpan { start, len })
-    }
-
     #[test]
-    fn single_ranges() {
-        assert_eq!(parse_range(None, 10), RangeAsk::Whole);
-        assert_eq!(p("bytes=0-9", 10), span(0, 10));
-        assert_eq!(p("bytes=2-4", 10), span(2, 3));
-        assert_eq!(p("bytes=2-400", 10), span(2, 8));
-        assert_eq!(p("bytes=7-", 10), span(7, 3));
-        assert_eq!(p("bytes=-3", 10), span(7, 3));
-        assert_eq!(p("bytes=-30", 10), span(0, 10));
-        assert_eq!(p("Bytes = 1-1", 10), span(1, 1));
-        assert_eq!(p("bytes=9-99999999999999999999999", 10), span(9, 1));
-    }
-
-    #[test]
-    fn unsatisfiable_or_invalid() {
-        for v in [
-            "bytes=10-",
-            "bytes=10-12",
-            "bytes=5-4",
-            "bytes=-0",
-            "bytes=-",
-            "bytes=a-b",
-            "bytes=1-2,4-5",
-            "items=0-1",
-            "bytes 0-1",
-            "bytes=+1-2",
-            "bytes=0x1-2",
-            "bytes=99999999999999999999999-",
-        ] {
-            assert_eq!(p(v, 10), RangeAsk::Unsatisfiable, "{v}");
+    fn zero_crc_matches_hashing_zeros() {
+        for len in [0u64, 1, 4095, 65_536, 65_537, 4 << 20] {
+            let v = vec![0u8; len as usize];
+            assert_eq!(zero_crc(len), crc32fast::hash(&v), "{len}");
         }
-        // Nothing in an empty file can be asked for.
-        assert_eq!(p("bytes=0-", 0), RangeAsk::Unsatisfiable);
-        assert_eq!(p("bytes=-5", 0), RangeAsk::Unsatisfiable);
+    }
+
+    #[test]
+    fn block_runs_merge_touching_blocks() {
+        #[allow(clippy::single_range_in_vec_init)]
+        let one = [10..20];
+        assert_eq!(data_block_runs(&one, 8), vec![1..3]);
+        assert_eq!(data_block_runs(&[0..1, 7..9, 30..31], 8), vec![0..2, 3..4]);
+        assert_eq!(data_block_runs(&[], 8), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn block_size_param() {
+        assert_eq!(checksum_block(None).unwrap(), DEFAULT_CHECKSUM_BLOCK);
+        assert_eq!(checksum_block(Some("65536")).unwrap(), 65_536);
+        assert_eq!(checksum_block(Some("67108864")).unwrap(), 64 << 20);
+        for bad in ["32768", "65537", "134217728", "x", "-1", "0"] {
+            assert!(checksum_block(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn clipping_drops_and_cuts_past_the_end() {
+        assert_eq!(
+            clipped([(0, 10), (8, 4), (100, 5), (20, 0)].into_iter(), 50),
+            vec![0..12]
+        );
+        assert_eq!(clipped([(40, 20)].into_iter(), 50), vec![40..50]);
     }
 }

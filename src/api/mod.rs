@@ -37,8 +37,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("range not satisfiable")]
-    RangeNotSatisfiable { size: u64 },
+    #[error("range not satisfiable: {reason}")]
+    RangeNotSatisfiable { size: u64, reason: String },
     #[error("too many failed logins from this address")]
     TooManyRequests { retry_after_secs: u64 },
     #[error("{0}")]
@@ -106,7 +106,7 @@ impl ApiError {
                     h.insert(header::ALLOW, v);
                 }
             }
-            ApiError::RangeNotSatisfiable { size } => {
+            ApiError::RangeNotSatisfiable { size, .. } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                     h.insert(header::CONTENT_RANGE, v);
                 }

@@ -22,6 +22,7 @@ use super::metrics::Metrics;
 use super::types::{Health, LoginRequest, LoginResponse};
 use super::{blocking, disk, json_response, ApiError, Backend};
 use crate::config::{Config, MetricsAuth};
+use crate::io::IoEngine;
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are
 /// refused (413) without being read whole.
@@ -58,6 +59,10 @@ pub enum Handler {
     GetSnapshot,
     DeleteSnapshot,
     Disk,
+    /// Extension (ENDPOINTS.md): a disk's changes as one incremental stream.
+    Incremental,
+    /// Extension (ENDPOINTS.md): CRC-32 per block of a disk.
+    Checksums,
 }
 
 /// One route: method, path template (`{name}` segments are ids), access.
@@ -73,6 +78,8 @@ const VM: &str = "/api/v1/vms/{vm}";
 const SNAPS: &str = "/api/v1/vms/{vm}/snapshots";
 const SNAP: &str = "/api/v1/vms/{vm}/snapshots/{snap}";
 const DISK: &str = "/api/v1/vms/{vm}/snapshots/{snap}/disks/{disk}";
+const INCREMENTAL: &str = "/api/v1/vms/{vm}/snapshots/{snap}/disks/{disk}/incremental";
+const CHECKSUMS: &str = "/api/v1/vms/{vm}/snapshots/{snap}/disks/{disk}/checksums";
 
 /// Every route of the service (API.md). `docs/openapi.yaml` lists exactly
 /// these; a test keeps the two in step.
@@ -149,6 +156,18 @@ pub static ROUTES: &[Route] = &[
         access: Access::Bearer,
         handler: Handler::Disk,
     },
+    Route {
+        method: Method::GET,
+        path: INCREMENTAL,
+        access: Access::Bearer,
+        handler: Handler::Incremental,
+    },
+    Route {
+        method: Method::GET,
+        path: CHECKSUMS,
+        access: Access::Bearer,
+        handler: Handler::Checksums,
+    },
 ];
 
 /// Everything a request needs, shared by all connections.
@@ -158,6 +177,8 @@ pub struct State {
     pub login: Arc<Login>,
     pub metrics: Arc<Metrics>,
     pub metrics_auth: MetricsAuth,
+    /// The io core every disk byte is read through.
+    pub engine: IoEngine,
     login_permits: Semaphore,
 }
 
@@ -168,6 +189,7 @@ impl State {
         tokens: Tokens,
         login: Arc<Login>,
         metrics_auth: MetricsAuth,
+        engine: IoEngine,
     ) -> Arc<State> {
         Arc::new(State {
             backend,
@@ -175,6 +197,7 @@ impl State {
             login,
             metrics: Arc::new(Metrics::default()),
             metrics_auth,
+            engine,
             login_permits: Semaphore::new(LOGIN_CONCURRENCY),
         })
     }
@@ -182,6 +205,7 @@ impl State {
     pub fn new(
         config: &Config,
         backend: Arc<dyn Backend>,
+        engine: IoEngine,
     ) -> Result<Arc<State>, crate::server::tls::TlsError> {
         Ok(Arc::new(State {
             backend,
@@ -189,6 +213,7 @@ impl State {
             login: Login::from_config(config)?,
             metrics: Arc::new(Metrics::default()),
             metrics_auth: config.metrics.clone(),
+            engine,
             login_permits: Semaphore::new(LOGIN_CONCURRENCY),
         }))
     }
@@ -525,13 +550,7 @@ where
         }
         Handler::GetSnapshot => {
             let (vm, snap, squash) = (p(0), p(1), squash_param(q));
-            let compare_to = match query_param(q, "compareTo") {
-                Some(c) if !c.is_empty() => Some(
-                    decode_id(&c)
-                        .map_err(|w| ApiError::BadRequest(format!("invalid compareTo id: {w}")))?,
-                ),
-                _ => None,
-            };
+            let compare_to = compare_to_param(q)?;
             let zeroed_separate = match query_param(q, "zeroed").as_deref() {
                 None | Some("" | "include") => false,
                 Some("separate") => true,
@@ -555,11 +574,72 @@ where
         }
         Handler::Disk => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
-            let (file, size) = blocking(move || be.open_disk(&vm, &snap, &disk)).await?;
+            let engine = state.engine.clone();
+            // One trip to the blocking pool: the backend's open, then the
+            // engine's O_DIRECT open of the same file.
+            let file = blocking(move || {
+                let (file, size) = be.open_disk(&vm, &snap, &disk)?;
+                disk::open(&engine, file, size, &format!("{vm}/{snap}/{disk}"))
+            })
+            .await?;
             let head = req.method() == Method::HEAD;
-            disk::respond(file, size, req.headers().get(header::RANGE), head)
+            disk::respond(&state.engine, &file, req.headers().get(header::RANGE), head)
+        }
+        Handler::Incremental => {
+            let (vm, snap, disk) = (p(0), p(1), p(2));
+            let compare_to = compare_to_param(q)?;
+            let engine = state.engine.clone();
+            let op = if compare_to.is_some() { "diff" } else { "get" };
+            let (d, file) = timed(state, op, move || {
+                snapshot_disk(&*be, &engine, &vm, &snap, &disk, compare_to)
+            })
+            .await?;
+            disk::incremental(&state.engine, &file, &d)
+        }
+        Handler::Checksums => {
+            let (vm, snap, disk) = (p(0), p(1), p(2));
+            let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
+            let engine = state.engine.clone();
+            let (d, file) =
+                blocking(move || snapshot_disk(&*be, &engine, &vm, &snap, &disk, None)).await?;
+            let data = disk::data_ranges(&d, file.size());
+            let sums = disk::checksums(&state.engine, &file, &data, block).await?;
+            ok(json_response(StatusCode::OK, &sums))
         }
     }
+}
+
+/// `compareTo`: absent or empty is none; else a checked id.
+fn compare_to_param(q: Option<&str>) -> Result<Option<String>, ApiError> {
+    match query_param(q, "compareTo") {
+        Some(c) if !c.is_empty() => {
+            Ok(Some(decode_id(&c).map_err(|w| {
+                ApiError::BadRequest(format!("invalid compareTo id: {w}"))
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One disk of a snapshot (its extent map, or with `compare_to` the diff
+/// with zeroed ranges apart) and its file, open in the engine.
+fn snapshot_disk(
+    be: &dyn Backend,
+    engine: &IoEngine,
+    vm: &str,
+    snap: &str,
+    disk: &str,
+    compare_to: Option<String>,
+) -> Result<(super::types::SnapshotDisk, crate::io::DiskFile), super::BackendError> {
+    let s = be.get_snapshot(vm, snap, true, compare_to.as_deref(), true)?;
+    let d = s
+        .disks
+        .into_iter()
+        .find(|d| d.name == disk)
+        .ok_or_else(|| super::BackendError::NotFound(format!("disk {disk} of snapshot {snap}")))?;
+    let (file, size) = be.open_disk(vm, snap, disk)?;
+    let file = disk::open(engine, file, size, &format!("{vm}/{snap}/{disk}"))?;
+    Ok((d, file))
 }
 
 /// `POST /auth/login`: rate limit, bounded body, credentials check off the

@@ -388,28 +388,57 @@ impl IoEngine {
     /// filesystem that can hang.
     pub fn open(&self, path: &Path) -> Result<DiskFile, IoError> {
         let base = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let open = |flags| -> std::io::Result<File> {
-            Ok(File::from(rustix::fs::open(path, flags, Mode::empty())?))
-        };
-        let buffered = open(base).map_err(|source| IoError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let buffered =
+            File::from(
+                rustix::fs::open(path, base, Mode::empty()).map_err(|e| IoError::Open {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })?,
+            );
+        self.finish_open(buffered, path, path)
+    }
+
+    /// Takes over a file some other layer already opened (the snapshot
+    /// manager opens from its records with `O_NOFOLLOW`; nothing from a
+    /// request becomes a path here). The `O_DIRECT` descriptor is a second
+    /// open of the same inode through `/proc/self/fd/N`, which names the
+    /// open file itself, not a path that could have been swapped since.
+    /// `label` only names the file in errors and logs.
+    pub fn open_file(&self, file: File, label: &Path) -> Result<DiskFile, IoError> {
+        use std::os::fd::AsRawFd;
+        let via = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        self.finish_open(file, &via, label)
+    }
+
+    /// Size, read-ahead hint and the optional `O_DIRECT` descriptor of an
+    /// open file; `direct_path` is opened again with `O_DIRECT`.
+    fn finish_open(
+        &self,
+        buffered: File,
+        direct_path: &Path,
+        label: &Path,
+    ) -> Result<DiskFile, IoError> {
         // Streams read front to back: let the kernel read ahead further on
         // the buffered path (a hint; failure changes nothing).
         let _ = rustix::fs::fadvise(&buffered, 0, None, rustix::fs::Advice::Sequential);
         let size = buffered
             .metadata()
             .map_err(|source| IoError::Stat {
-                path: path.to_owned(),
+                path: label.to_owned(),
                 source,
             })?
             .len();
         let direct = if self.inner.cfg.direct_io {
-            match open(base | OFlags::DIRECT) {
-                Ok(f) => Some(Arc::new(f)),
+            // NOFOLLOW only for real paths: `/proc/self/fd/N` is a magic
+            // link that must be followed to reach the open file.
+            let mut flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::DIRECT;
+            if direct_path == label {
+                flags |= OFlags::NOFOLLOW;
+            }
+            match rustix::fs::open(direct_path, flags, Mode::empty()) {
+                Ok(f) => Some(Arc::new(File::from(f))),
                 Err(e) => {
-                    tracing::info!(path = %path.display(), error = %e,
+                    tracing::info!(path = %label.display(), error = %e,
                         "O_DIRECT open refused; reading this file buffered");
                     None
                 }
@@ -419,7 +448,7 @@ impl IoEngine {
         };
         Ok(DiskFile {
             inner: Arc::new(FileInner {
-                path: path.to_owned(),
+                path: label.to_owned(),
                 size,
                 buffered: Arc::new(buffered),
                 use_direct: AtomicBool::new(direct.is_some()),
@@ -437,6 +466,17 @@ impl IoEngine {
             return self.spawn(file, Vec::new(), Plain);
         }
         self.spawn(file, vec![range], Plain)
+    }
+
+    /// The bytes of several `ranges` (sorted, disjoint, inside the file),
+    /// concatenated in order with no framing (for readers that compute over
+    /// the bytes, like per-block checksums, rather than send them).
+    pub fn read_ranges(
+        &self,
+        file: &DiskFile,
+        ranges: Vec<Range<u64>>,
+    ) -> Result<ReadStream, IoError> {
+        self.spawn(file, ranges, Plain)
     }
 
     /// A `multipart/byteranges` body for `ranges` (as [`range::parse`]

@@ -54,6 +54,8 @@ pub enum ServerError {
     Runtime(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the io engine ([io]): {0}")]
+    Io(#[source] crate::io::IoError),
 }
 
 /// Serve the API until `shutdown` resolves, then drain: stop accepting, let
@@ -66,7 +68,16 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(tls::server_config(&config.api.tls)?);
-    let state = api::State::new(&config, backend)?;
+    // One engine for the process: its buffer pool bounds all disk reads.
+    let engine = crate::io::IoEngine::start(&config.io).map_err(ServerError::Io)?;
+    tracing::info!(
+        backend = %engine.backend(),
+        direct_io = config.io.direct_io,
+        buffer_size = config.io.buffer_size,
+        read_ahead = config.io.read_ahead,
+        "io engine started"
+    );
+    let state = api::State::new(&config, backend, engine)?;
     let addr = SocketAddr::new(config.api.bind, config.api.port);
     let listener = TcpListener::bind(addr)
         .await

@@ -1,0 +1,173 @@
+#!/bin/bash
+# Shared setup of the benchmark scripts (sourced, not run). Needs root (loop
+# mounts, drop_caches), openssl, curl, and installs nginx from Debian.
+#
+# Client: curl for both servers. It is the same binary, TLS library
+# (OpenSSL) and HTTP/1.1 code against the exporter and nginx, it speaks the
+# way the Python client does (one `Range: bytes=a-b` request per chunk over a
+# kept-alive connection), and `-w` reports its own timing; a load tool like
+# wrk/h2load would add a second TLS stack to justify. Cipher: forced on the
+# client side (TLS 1.3, TLS_AES_128_GCM_SHA256) so both servers use it.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/tmp/coe-bench}
+BENCH_FS_SIZE=${BENCH_FS_SIZE:-14G}
+RUNS=${RUNS:-5}
+EXP_PORT=${EXP_PORT:-25544}
+NGINX_PORT=${NGINX_PORT:-25545}
+BIN=${BIN:-$ROOT/target/release/coriolis-ovm-exporter}
+CIPHER=(--tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
+VM=bench-vm
+# The example config's user: password "change-me".
+USER_HASH='$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg'
+
+log() { echo "# $*" >&2; }
+
+need_root() {
+	[ "$(id -u)" = 0 ] || { echo "run as root (loop mounts, drop_caches)" >&2; exit 1; }
+}
+
+build() {
+	if [ ! -x "$BIN" ] || [ -n "${REBUILD:-}" ]; then
+		(cd "$ROOT" && cargo build --release --bin coriolis-ovm-exporter)
+	fi
+}
+
+# An XFS loop filesystem with reflink at $BENCH_DIR/fs.
+setup_fs() {
+	mkdir -p "$BENCH_DIR/fs"
+	if ! mountpoint -q "$BENCH_DIR/fs"; then
+		truncate -s "$BENCH_FS_SIZE" "$BENCH_DIR/xfs.img"
+		mkfs.xfs -q -f -m reflink=1 "$BENCH_DIR/xfs.img"
+		mount -o loop "$BENCH_DIR/xfs.img" "$BENCH_DIR/fs"
+	fi
+	mkdir -p "$BENCH_DIR/fs/repo/VirtualDisks"
+}
+
+certs() {
+	[ -f "$BENCH_DIR/srv.pem" ] && return
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-keyout "$BENCH_DIR/ca.key" -out "$BENCH_DIR/ca.pem" -days 2 -subj /CN=bench-ca 2>/dev/null
+	openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-keyout "$BENCH_DIR/srv.key" -out "$BENCH_DIR/srv.csr" -subj /CN=localhost 2>/dev/null
+	printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$BENCH_DIR/ext.cnf"
+	openssl x509 -req -in "$BENCH_DIR/srv.csr" -CA "$BENCH_DIR/ca.pem" -CAkey "$BENCH_DIR/ca.key" \
+		-CAcreateserial -out "$BENCH_DIR/srv.pem" -days 2 -extfile "$BENCH_DIR/ext.cnf" 2>/dev/null
+}
+
+# A disk of $2 MiB of data (not holes) at $BENCH_DIR/fs/repo/VirtualDisks/$1.
+make_disk() {
+	local f="$BENCH_DIR/fs/repo/VirtualDisks/$1"
+	if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" != $(($2 << 20)) ]; then
+		# Incompressible bytes, written once (openssl's CTR stream is fast).
+		openssl enc -aes-128-ctr -pass pass:bench -nosalt -pbkdf2 </dev/zero 2>/dev/null |
+			head -c $(($2 << 20)) >"$f"
+		sync
+	fi
+	echo "$f"
+}
+
+# Starts the exporter serving disk $1 with extra [io] lines $2; sets EXP_PID.
+start_exporter() {
+	local disk=$1 io=${2:-}
+	stop_exporter
+	mkdir -p "$BENCH_DIR/exp"
+	cat >"$BENCH_DIR/exp/config.toml" <<CONF
+db_file = "$BENCH_DIR/fs/exporter.db"
+log_file = "$BENCH_DIR/exp/exporter.log"
+[jwt]
+secret = "bench-secret-0123456789abcdef0123456789"
+[api]
+bind = "127.0.0.1"
+port = $EXP_PORT
+[api.tls]
+certificate = "$BENCH_DIR/srv.pem"
+key = "$BENCH_DIR/srv.key"
+[[auth.users]]
+username = "bench"
+password_hash = "$USER_HASH"
+[inventory]
+source = "static"
+ovs_agent_db_dir = "/nonexistent"
+check_mounted = false
+[[inventory.repositories]]
+id = "repo"
+mount_point = "$BENCH_DIR/fs/repo"
+[[inventory.vms]]
+name = "$VM"
+disks = [ { path = "$disk", device_name = "xvda" } ]
+[io]
+$io
+CONF
+	chmod 600 "$BENCH_DIR/exp/config.toml"
+	"$BIN" -config "$BENCH_DIR/exp/config.toml" 2>"$BENCH_DIR/exp/stderr.log" &
+	EXP_PID=$!
+	for _ in $(seq 100); do
+		curl -s --cacert "$BENCH_DIR/ca.pem" "https://localhost:$EXP_PORT/api/v1/health" >/dev/null && break
+		sleep 0.1
+	done
+	TOKEN=$(curl -s --cacert "$BENCH_DIR/ca.pem" -d '{"username":"bench","password":"change-me"}' \
+		"https://localhost:$EXP_PORT/api/v1/auth/login" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+	[ -n "$TOKEN" ] || { cat "$BENCH_DIR/exp/stderr.log" "$BENCH_DIR/exp/exporter.log" >&2; exit 1; }
+}
+
+stop_exporter() {
+	if [ -n "${EXP_PID:-}" ]; then
+		kill "$EXP_PID" 2>/dev/null || true
+		wait "$EXP_PID" 2>/dev/null || true
+		EXP_PID=
+	fi
+}
+
+api() { curl -s --cacert "$BENCH_DIR/ca.pem" -H "Authorization: Bearer $TOKEN" "$@"; }
+
+# Creates a snapshot; prints "<id> <disk name> <snapshot file path>".
+snapshot() {
+	api -X POST "https://localhost:$EXP_PORT/api/v1/vms/$VM/snapshots" |
+		python3 -c 'import json,sys; s=json.load(sys.stdin); d=s["disks"][0]; print(s["id"], d["name"], d["path"])'
+}
+
+start_nginx() {
+	local root=$1
+	command -v nginx >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
+	stop_nginx
+	mkdir -p "$BENCH_DIR/nginx"
+	cat >"$BENCH_DIR/nginx/nginx.conf" <<CONF
+user root;
+worker_processes auto;
+pid $BENCH_DIR/nginx/nginx.pid;
+error_log $BENCH_DIR/nginx/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl;
+        ssl_certificate $BENCH_DIR/srv.pem;
+        ssl_certificate_key $BENCH_DIR/srv.key;
+        ssl_protocols TLSv1.3;
+        root $root;
+        location / { }
+    }
+}
+CONF
+	nginx -c "$BENCH_DIR/nginx/nginx.conf" -p "$BENCH_DIR/nginx"
+	sleep 0.5
+}
+
+stop_nginx() {
+	if [ -f "$BENCH_DIR/nginx/nginx.pid" ]; then
+		kill "$(cat "$BENCH_DIR/nginx/nginx.pid")" 2>/dev/null || true
+		rm -f "$BENCH_DIR/nginx/nginx.pid"
+		sleep 0.3
+	fi
+}
+
+# Median of numbers on stdin.
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
+
+cleanup() { stop_exporter; stop_nginx; }

@@ -1,0 +1,8 @@
+#!/bin/bash
+# Runs every benchmark and prints the machine it ran on.
+set -euo pipefail
+here=$(dirname "$0")
+echo "# $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo); kernel $(uname -r)"
+for s in a_single_range b_concurrent d_page_cache e_incremental; do
+	"$here/$s.sh"
+done

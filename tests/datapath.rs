@@ -1,0 +1,418 @@
+//! The data path end to end: the real binary over TLS, a static inventory
+//! whose repository is on the test XFS or btrfs, real snapshots, and both io
+//! backends. Checks multi-range answers byte for byte, the 416 cases, the
+//! incremental stream (applied to a copy of the older snapshot it must give
+//! the newer one), checksums against the CRCs of the file's blocks, and that
+//! a stream whose read fails aborts the connection instead of ending short.
+
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use bytes::Bytes;
+use coriolis_ovm_exporter::io::stream::{Decoder, Event};
+
+use crate::api::{http_request, Answer, Exporter, Options, Pki, LOCAL_PASS, LOCAL_USER};
+use crate::common::Fs;
+
+/// Not a multiple of 4096, so the tail read under `O_DIRECT` is checked.
+const SIZE: u64 = (24 << 20) + 12_345;
+const VM: &str = "vm-data-01";
+
+/// Deterministic bytes (a xorshift), different per `seed`.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn punch(path: &Path, off: u64, len: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    rustix::fs::fallocate(
+        &f,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        off,
+        len,
+    )
+    .unwrap();
+}
+
+fn start(pki: &Pki, repo: &Path, disk: &Path, backend: &str) -> Exporter {
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    let ex = Exporter::start_with(pki, 0o600, |dir, port| {
+        let mut c = Exporter::config(pki, dir, port, &o);
+        c += &format!(
+            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+             mount_point = {repo:?}\n\n[[inventory.vms]]\nname = {VM:?}\n\
+             disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+        );
+        c += &format!("\n[io]\nbackend = {backend:?}\n");
+        c
+    });
+    let log = ex.log();
+    assert!(
+        log.contains(&format!("backend=\"{backend}\""))
+            || log.contains(&format!("backend={backend}")),
+        "the log names the io backend {backend}:\n{log}"
+    );
+    ex
+}
+
+fn get(ex: &Exporter, path: &str, token: &str, headers: &[(&str, &str)]) -> Answer {
+    ex.raw(&http_request("GET", path, Some(token), headers, ""))
+}
+
+/// Parses a `multipart/byteranges` body independently of the server's
+/// framing code: (range, bytes) per part.
+fn multipart(a: &Answer) -> Vec<(Range<u64>, u64, Vec<u8>)> {
+    let ct = a.header("content-type").unwrap();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("content-type {ct}"));
+    let delim = format!("\r\n--{boundary}");
+    let body = &a.body;
+    let mut pos = 0;
+    let mut parts = Vec::new();
+    loop {
+        assert_eq!(&body[pos..pos + delim.len()], delim.as_bytes(), "delimiter");
+        pos += delim.len();
+        if &body[pos..pos + 2] == b"--" {
+            assert_eq!(&body[pos..], b"--\r\n", "closing delimiter ends the body");
+            break;
+        }
+        let head_end = pos
+            + body[pos..]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap();
+        let head = std::str::from_utf8(&body[pos..head_end]).unwrap();
+        let cr = head
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("Content-Range: bytes "))
+            .unwrap_or_else(|| panic!("part without Content-Range: {head}"));
+        let (span, total) = cr.split_once('/').unwrap();
+        let (first, last) = span.split_once('-').unwrap();
+        let (first, last): (u64, u64) = (first.parse().unwrap(), last.parse().unwrap());
+        pos = head_end + 4;
+        let len = (last - first + 1) as usize;
+        parts.push((
+            first..last + 1,
+            total.parse().unwrap(),
+            body[pos..pos + len].to_vec(),
+        ));
+        pos += len;
+    }
+    assert_eq!(
+        a.header("content-length")
+            .map(|v| v.parse::<usize>().unwrap()),
+        Some(body.len())
+    );
+    parts
+}
+
+/// Applies an incremental stream to `base`, checking it decodes to the end.
+fn apply(stream: &[u8], base: &mut Vec<u8>) -> (u64, u64) {
+    let mut d = Decoder::new();
+    let mut end = None;
+    // Feed it in uneven pieces, as a network would.
+    for piece in stream.chunks(100_003) {
+        let mut input = Bytes::copy_from_slice(piece);
+        while let Some(ev) = d.decode(&mut input).unwrap() {
+            match ev {
+                Event::Header(h) => base.resize(h.disk_size as usize, 0),
+                Event::Zero { offset, len } => {
+                    base[offset as usize..(offset + len) as usize].fill(0)
+                }
+                Event::Data { offset, bytes } => {
+                    base[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes)
+                }
+                Event::DataStart { .. } | Event::DataEnd { .. } => {}
+                Event::End {
+                    records,
+                    data_bytes,
+                } => end = Some((records, data_bytes)),
+            }
+        }
+    }
+    d.finish().unwrap();
+    end.expect("an end record")
+}
+
+fn run(fs: Fs, backend: &str) {
+    let scratch = fs.scratch(&format!("datapath-{backend}"));
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    // A sparse disk: data at a few places, holes between.
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(SIZE).unwrap();
+        for (off, len, seed) in [
+            (0u64, 3 << 20, 1u64),
+            (8 << 20, 1 << 20, 2),
+            (16 << 20, 5 << 20, 3),
+            (SIZE - 20_000, 20_000, 4),
+        ] {
+            f.write_at(&pattern(len as usize, seed), off).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let pki = Pki::new();
+    let ex = start(&pki, &repo, &disk, backend);
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let snaps = format!("/api/v1/vms/{VM}/snapshots");
+    let create = || {
+        let a = ex.request("POST", &snaps, Some(&token), "");
+        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), ex.log());
+        let v = a.json();
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["disks"][0]["name"].as_str().unwrap().to_owned(),
+            v["disks"][0]["path"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (snap1, name, _) = create();
+    let v1 = std::fs::read(&disk).unwrap();
+    // Changes: scattered 4 KiB writes, a write into a hole, a punched hole
+    // where data was (a zeroed range).
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for (i, off) in [4096u64, 1 << 20, (2 << 20) + 8192, 17 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            f.write_at(&pattern(4096, 100 + i as u64), off).unwrap();
+        }
+        f.write_at(&pattern(70_000, 200), 12 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    punch(&disk, 18 << 20, 1 << 20);
+    let (snap2, name2, path2) = create();
+    assert_eq!(name, name2);
+    let v2 = std::fs::read(&disk).unwrap();
+    assert_ne!(v1, v2);
+    let disk_url = |snap: &str| format!("{snaps}/{snap}/disks/{name}");
+
+    // Whole files, both snapshots.
+    let w1 = get(&ex, &disk_url(&snap1), &token, &[]);
+    assert_eq!(w1.status, 200, "{}", w1.text());
+    assert!(w1.body == v1, "snapshot 1 bytes differ");
+    let w2 = get(&ex, &disk_url(&snap2), &token, &[]);
+    assert!(w2.body == v2, "snapshot 2 bytes differ");
+
+    // Several ranges: sorted, merged, each part byte-exact.
+    let ask = format!(
+        "bytes=5000-5099, 0-99,4096-4200,50-150, -10, {}-{}",
+        (3 << 20) - 5,
+        (3 << 20) + 5
+    );
+    let m = get(&ex, &disk_url(&snap2), &token, &[("Range", &ask)]);
+    assert_eq!(m.status, 206, "{}", m.text());
+    let parts = multipart(&m);
+    let want: Vec<Range<u64>> = vec![
+        0..151,
+        4096..4201,
+        5000..5100,
+        (3 << 20) - 5..(3 << 20) + 6,
+        SIZE - 10..SIZE,
+    ];
+    assert_eq!(parts.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), want);
+    for (r, total, bytes) in &parts {
+        assert_eq!(*total, SIZE);
+        assert!(
+            bytes[..] == v2[r.start as usize..r.end as usize],
+            "part {r:?} differs"
+        );
+    }
+    // HEAD of the same: same length, no body.
+    let h = ex.raw(&http_request(
+        "HEAD",
+        &disk_url(&snap2),
+        Some(&token),
+        &[("Range", &ask)],
+        "",
+    ));
+    assert_eq!(h.status, 206);
+    assert_eq!(h.header("content-length"), m.header("content-length"));
+    assert!(h.body.is_empty());
+    // One range: plain 206.
+    let one = get(
+        &ex,
+        &disk_url(&snap2),
+        &token,
+        &[("Range", "bytes=4095-1052671")],
+    );
+    assert_eq!(one.status, 206);
+    assert_eq!(
+        one.header("content-range"),
+        Some(format!("bytes 4095-1052671/{SIZE}").as_str())
+    );
+    assert!(one.body == v2[4095..1_052_672]);
+
+    // 416: past the end, malformed, other unit, too many parts.
+    let many: Vec<String> = (0..65).map(|i| format!("{0}-{0}", i * 10)).collect();
+    for bad in [
+        format!("bytes={SIZE}-"),
+        format!("bytes={SIZE}-{}", SIZE + 5),
+        "bytes=abc".into(),
+        "bytes=5-1".into(),
+        "lines=0-1".into(),
+        format!("bytes={}", many.join(",")),
+    ] {
+        let a = get(&ex, &disk_url(&snap2), &token, &[("Range", &bad)]);
+        a.assert_error(416, "Range Not Satisfiable");
+        assert_eq!(
+            a.header("content-range"),
+            Some(format!("bytes */{SIZE}").as_str()),
+            "{bad}"
+        );
+    }
+
+    // The incremental stream from snapshot 1 to 2, applied to a copy of 1.
+    let inc = get(
+        &ex,
+        &format!("{}/incremental?compareTo={snap1}", disk_url(&snap2)),
+        &token,
+        &[],
+    );
+    assert_eq!(inc.status, 200, "{}", inc.text());
+    assert_eq!(
+        inc.header("content-type"),
+        Some("application/vnd.coriolis-ovm-exporter.incremental")
+    );
+    assert_eq!(
+        inc.header("content-length")
+            .map(|v| v.parse::<usize>().unwrap()),
+        Some(inc.body.len())
+    );
+    let mut copy = v1.clone();
+    let (records, data_bytes) = apply(&inc.body, &mut copy);
+    assert!(copy == v2, "snapshot 1 + incremental stream != snapshot 2");
+    assert!(records >= 2, "data and zero records: {records}");
+    assert!(
+        data_bytes < 4 << 20,
+        "an incremental stream carries the changes, not the disk: {data_bytes} bytes"
+    );
+    // Without compareTo: a full sparse copy, applied to nothing.
+    let full = get(
+        &ex,
+        &format!("{}/incremental", disk_url(&snap2)),
+        &token,
+        &[],
+    );
+    assert_eq!(full.status, 200, "{}", full.text());
+    let mut fresh = Vec::new();
+    let (_, data_bytes) = apply(&full.body, &mut fresh);
+    assert!(fresh == v2, "the full stream rebuilds snapshot 2");
+    assert!(data_bytes < SIZE, "holes are not sent: {data_bytes}");
+    // Errors as for GET snapshot with compareTo.
+    get(
+        &ex,
+        &format!("{}/incremental?compareTo={snap2}", disk_url(&snap1)),
+        &token,
+        &[],
+    )
+    .assert_error(400, "Bad Request");
+    get(
+        &ex,
+        &format!(
+            "{}/incremental?compareTo=00000000-0000-0000-0000-000000000000",
+            disk_url(&snap2)
+        ),
+        &token,
+        &[],
+    )
+    .assert_error(404, "Not Found");
+
+    // Checksums equal the CRCs of the file's blocks.
+    for (q, block) in [("", 4usize << 20), ("?blockSize=65536", 65_536)] {
+        let a = get(
+            &ex,
+            &format!("{}/checksums{q}", disk_url(&snap2)),
+            &token,
+            &[],
+        );
+        assert_eq!(a.status, 200, "{}", a.text());
+        let v = a.json();
+        assert_eq!(v["size"], SIZE);
+        assert_eq!(v["block_size"], block as u64);
+        assert_eq!(v["algorithm"], "crc32");
+        let got: Vec<u64> = v["crc32"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = v2
+            .chunks(block)
+            .map(|b| u64::from(crc32fast::hash(b)))
+            .collect();
+        assert_eq!(got, want, "block size {block}");
+    }
+    get(
+        &ex,
+        &format!("{}/checksums?blockSize=1000", disk_url(&snap2)),
+        &token,
+        &[],
+    )
+    .assert_error(400, "Bad Request");
+
+    // A read that fails mid-stream aborts the connection: the client gets
+    // fewer bytes than announced, never a clean short body.
+    let mut tls = ex.connect();
+    tls.write_all(&http_request(
+        "GET",
+        &disk_url(&snap2),
+        Some(&token),
+        &[],
+        "",
+    ))
+    .unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = tls.read(&mut first).unwrap();
+    assert!(n > 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path2)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = tls.read_to_end(&mut rest);
+    let got = n + rest.len();
+    assert!(
+        (got as u64) < SIZE,
+        "the body must be cut short ({got} bytes, {ended:?})"
+    );
+}
+
+#[test]
+fn datapath_xfs_threads() {
+    run(Fs::Xfs, "threads");
+}
+
+#[test]
+fn datapath_xfs_io_uring() {
+    run(Fs::Xfs, "io_uring");
+}
+
+#[test]
+fn datapath_btrfs_threads() {
+    run(Fs::Btrfs, "threads");
+}
+
+#[test]
+fn datapath_btrfs_io_uring() {
+    run(Fs::Btrfs, "io_uring");
+}

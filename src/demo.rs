@@ -636,17 +636,7 @@ pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
     match run_demo(&args) {
         Ok(()) => EXIT_OK,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                let s = c.to_string();
-                if !msg.contains(&s) {
-                    msg.push_str(": ");
-                    msg.push_str(&s);
-                }
-                cur = c.source();
-            }
-            eprintln!("coriolis-ovm-exporter demo: {msg}");
+            eprintln!("coriolis-ovm-exporter demo: {}", crate::error::chain(&e));
             EXIT_FAILED
         }
     }

@@ -22,6 +22,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod extent;
 pub mod io;
 pub mod node;

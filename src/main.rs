@@ -96,13 +96,7 @@ fn serve(args: &[String]) -> ExitCode {
     let backend: Arc<dyn Backend> = match Node::open(&config) {
         Ok(node) => Arc::new(node),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                msg.push_str(": ");
-                msg.push_str(&c.to_string());
-                cur = c.source();
-            }
+            let msg = node::error_chain(&e);
             tracing::error!(error = %msg, "cannot open the node");
             eprintln!("coriolis-ovm-exporter: {msg}");
             return ExitCode::from(EXIT_BAD_START);

@@ -154,17 +154,7 @@ fn manager_url(ip: &str) -> String {
     }
 }
 
-/// An error and its sources on one line: `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error::chain as error_chain;
 
 impl From<SnapshotError> for BackendError {
     fn from(e: SnapshotError) -> Self {

@@ -7,8 +7,8 @@
 
 mod api;
 mod common;
-mod e2e;
 mod datapath;
+mod e2e;
 mod fs_core;
 mod io;
 mod ovm;

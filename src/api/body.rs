@@ -232,17 +232,7 @@ impl Drop for ApiBody {
     }
 }
 
-/// An error with its causes, `: `-separated, for one log field.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error::chain as error_chain;
 
 /// A bounded label for a method (metrics must not grow with junk methods).
 pub fn method_label(m: &http::Method) -> &'static str {

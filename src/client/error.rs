@@ -121,17 +121,7 @@ impl ClientError {
 
     /// The message with its chain of causes, for the one line printed.
     pub fn chain(&self) -> String {
-        let mut msg = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(c) = cur {
-            let s = c.to_string();
-            if !msg.contains(&s) {
-                msg.push_str(": ");
-                msg.push_str(&s);
-            }
-            cur = c.source();
-        }
-        msg
+        crate::error::chain(self)
     }
 }
 

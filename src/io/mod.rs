@@ -42,6 +42,7 @@ pub mod stream;
 pub mod threads;
 pub mod uring;
 
+use crate::error::chain as error_chain;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Range;
@@ -554,17 +555,6 @@ impl IoEngine {
         handle.spawn(producer.run(framing));
         Ok(ReadStream { rx })
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The frames of one response body, in order. Ends after the last frame or

@@ -16,6 +16,7 @@
 //! rewriting it, or damage) is read again once, then the last good list is
 //! used with a warning; only with no good list yet is the listing an error.
 
+use crate::error::chain as error_chain;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
@@ -141,17 +142,6 @@ impl Warnings<'_> {
         let now = self.now;
         self.seen.retain(|k, _| now.contains(k));
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 impl NodeInventory {

@@ -231,13 +231,7 @@ pub fn run(cmd: &str, args: &[String]) -> i32 {
             EXIT_USAGE
         }
         Err(Failure::Failed(e)) => {
-            let mut msg = format!("coriolis-ovm-exporter {cmd}: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("coriolis-ovm-exporter {cmd}: {}", crate::error::chain(&e));
             EXIT_FAILED
         }
     }

@@ -1,0 +1,37 @@
+//! One line for an error and its causes, for logs and command-line output.
+
+/// The error's message followed by each cause, `: `-separated. A cause whose
+/// text the line already holds (an error that prints its source itself) is
+/// not repeated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: {0}")]
+    struct Loud(#[source] std::io::Error);
+
+    #[test]
+    fn causes_follow_once() {
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(super::chain(&e), "outer: inner");
+        let e = Loud(std::io::Error::other("inner"));
+        assert_eq!(super::chain(&e), "wrapped: inner");
+    }
+}

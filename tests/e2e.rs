@@ -475,10 +475,10 @@ fn e2e_on(fs_kind: Fs) {
         "--diff-from",
         &s1_id,
     ]);
-    let transport = inc["disks"][0]["transport"].as_str().unwrap().to_owned();
-    assert!(transport == "stream" || transport == "ranges", "{inc}");
+    // The server has the incremental stream: the default transport uses it.
     for d in inc["disks"].as_array().unwrap() {
         assert_eq!(d["mode"], "incremental");
+        assert_eq!(d["transport"], "stream", "{inc}");
     }
     let fetched = inc["bytes"].as_u64().unwrap();
     assert!(
@@ -602,13 +602,10 @@ fn e2e_on(fs_kind: Fs) {
         "resumed copy differs"
     );
 
-    // --verify: against the server's checksums when it has them; a clear
-    // failure when it does not.
+    // --verify against the server's checksums.
     let v = client.run(&["verify", VM, &s2_id, "--out", &out_s]);
     let stderr = String::from_utf8_lossy(&v.stderr).into_owned();
-    if v.status.code() == Some(1) && stderr.contains("no checksums endpoint") {
-        eprintln!("e2e: the server has no checksums endpoint yet; --verify reports it");
-    } else {
+    {
         assert_eq!(v.status.code(), Some(0), "{stderr}");
         // One flipped byte is found, with exit status 5.
         let f = fs::OpenOptions::new()

@@ -10,13 +10,11 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::types::{ByteRange, Chunk, Snapshot, SnapshotDisk, Vm};
+use crate::api::types::{Snapshot, Vm};
 use crate::api::{Backend, BackendError};
 use crate::config::Config;
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
-use crate::snapshot::{
-    GetOptions, Manager, ReconcileReport, SnapshotError, SnapshotInfo, StoreConfig, VmLookup,
-};
+use crate::snapshot::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
 
 /// Why the node could not be opened at start.
 #[derive(Debug, thiserror::Error)]
@@ -174,42 +172,6 @@ impl From<SnapshotError> for BackendError {
     }
 }
 
-fn to_api(s: SnapshotInfo) -> Snapshot {
-    Snapshot {
-        id: s.id,
-        vm_id: s.vm_id,
-        disks: s
-            .disks
-            .into_iter()
-            .map(|d| SnapshotDisk {
-                parent_path: d.parent_path,
-                path: d.path,
-                snapshot_id: d.snapshot_id,
-                chunks: d
-                    .chunks
-                    .into_iter()
-                    .map(|c| Chunk {
-                        start: c.start,
-                        length: c.length,
-                        physical_start: c.physical_start,
-                    })
-                    .collect(),
-                name: d.name,
-                repo_mountpoint: d.repo_mountpoint,
-                size: d.size,
-                zeroed: d.zeroed.map(|z| {
-                    z.into_iter()
-                        .map(|r| ByteRange {
-                            start: r.start,
-                            length: r.length,
-                        })
-                        .collect()
-                }),
-            })
-            .collect(),
-    }
-}
-
 impl Backend for Node {
     fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
         let vms = self
@@ -228,11 +190,11 @@ impl Backend for Node {
 
     fn list_snapshots(&self, vm: &str, _squash: bool) -> Result<Vec<Snapshot>, BackendError> {
         // API.md: the list always answers squashed chunks.
-        Ok(self.manager.list(vm)?.into_iter().map(to_api).collect())
+        Ok(self.manager.list(vm)?)
     }
 
     fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError> {
-        Ok(to_api(self.manager.create(vm)?))
+        Ok(self.manager.create(vm)?)
     }
 
     fn get_snapshot(
@@ -248,7 +210,7 @@ impl Backend for Node {
             compare_to: compare_to.map(str::to_owned),
             zeroed_separate,
         };
-        Ok(to_api(self.manager.get(vm, snap, &options)?))
+        Ok(self.manager.get(vm, snap, &options)?)
     }
 
     fn delete_snapshot(&self, vm: &str, snap: &str) -> Result<(), BackendError> {

@@ -58,47 +58,11 @@ impl Vm {
     }
 }
 
-/// An allocated extent of a snapshot file (`chunks[]`), in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Chunk {
-    pub start: u64,
-    pub length: u64,
-    /// Byte address on the device (FIEMAP's physical offset).
-    pub physical_start: u64,
-}
-
-/// A byte range with no physical address: the `zeroed` extension of a diff.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ByteRange {
-    pub start: u64,
-    pub length: u64,
-}
-
-/// One disk of a snapshot (`Snapshot.disks[]`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotDisk {
-    pub parent_path: String,
-    pub path: String,
-    pub snapshot_id: String,
-    pub chunks: Vec<Chunk>,
-    pub name: String,
-    pub repo_mountpoint: String,
-    /// Extension, diff answers only: the disk's size in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    /// Extension, diff answers only: ranges that were data in the older
-    /// snapshot and read as zeros now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zeroed: Option<Vec<ByteRange>>,
-}
-
-/// A snapshot of every disk of a VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub id: String,
-    pub vm_id: String,
-    pub disks: Vec<SnapshotDisk>,
-}
+/// The snapshot JSON (`Snapshot`, `Snapshot.disks[]`, `chunks[]`, the
+/// `zeroed` extension) is the snapshot manager's own answer type, defined
+/// once in `crate::snapshot` and re-exported here under its wire names.
+pub use crate::extent::ByteRange;
+pub use crate::snapshot::{Chunk, DiskInfo as SnapshotDisk, SnapshotInfo as Snapshot};
 
 /// Body of `POST /auth/login`. Unknown fields are ignored, as the old
 /// service did; both fields are required.
@@ -157,7 +121,9 @@ mod tests {
                 repo_mountpoint: "/r".into(),
                 size: None,
                 zeroed: None,
+                file_size: 0,
             }],
+            created_at_ns: 0,
         };
         let v = serde_json::to_value(&s).unwrap();
         let disk = v["disks"][0].as_object().unwrap();

@@ -139,8 +139,9 @@ pub struct Manifest {
     pub snapshot: SnapshotRecord,
 }
 
-/// One chunk as the API shows it (API.md, Snapshot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// One chunk as the API shows it (API.md, Snapshot): an allocated extent
+/// of a snapshot file, or a range to copy in a diff, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     pub start: u64,
     pub length: u64,
@@ -158,8 +159,9 @@ impl From<&Extent> for Chunk {
 }
 
 /// One disk of a snapshot as the API shows it. Serialises to API.md's
-/// Snapshot disk object; `size` and `zeroed` only in diff answers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Snapshot disk object; `size` and `zeroed` (extensions) only in diff
+/// answers, so an old client sees exactly the old fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
     pub parent_path: String,
     pub path: String,
@@ -167,9 +169,9 @@ pub struct DiskInfo {
     pub chunks: Vec<Chunk>,
     pub name: String,
     pub repo_mountpoint: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zeroed: Option<Vec<ByteRange>>,
     /// Size of the snapshot file in bytes (always known; `size` is the
     /// wire field of diff answers).
@@ -178,7 +180,7 @@ pub struct DiskInfo {
 }
 
 /// A snapshot as the API shows it (API.md, Snapshot).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub id: String,
     pub vm_id: String,

@@ -134,7 +134,9 @@ impl TestNode {
                 repo_mountpoint: "/OVS/Repositories/r".into(),
                 size: None,
                 zeroed: None,
+                file_size: 0,
             }],
+            created_at_ns: 0,
         }
     }
 

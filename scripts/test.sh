@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README): `sudo ./scripts/test.sh`.
+# The one test command (README): `./scripts/test.sh`, as root.
 #
 # On a fresh machine as root it installs what the suite needs, makes one
 # loop-mounted XFS (reflink=1) and one btrfs image for this run, hands their
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-  echo "scripts/test.sh must run as root (sudo ./scripts/test.sh): it mounts loop filesystems" >&2
+  echo "scripts/test.sh must run as root: it mounts loop filesystems" >&2
   exit 1
 fi
 

@@ -820,7 +820,7 @@ impl LoopXfs {
     fn new(tag: &str) -> LoopXfs {
         assert!(
             rustix::process::geteuid().is_root(),
-            "this test mounts a loop filesystem: run it as root (sudo ./scripts/test.sh)"
+            "this test mounts a loop filesystem: run it as root (./scripts/test.sh)"
         );
         let base = std::env::temp_dir().join(format!("coe-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&base).unwrap();

@@ -28,7 +28,7 @@ impl Fs {
             Some(p) if Path::new(&p).is_dir() => PathBuf::from(p),
             _ => panic!(
                 "{} is not set to a mounted {:?} folder: this test needs a real reflink \
-                 filesystem. Run the suite with `sudo ./scripts/test.sh`, which makes and \
+                 filesystem. Run the suite as root with `./scripts/test.sh`, which makes and \
                  mounts loop images and sets it.",
                 self.var(),
                 self

@@ -1361,15 +1361,19 @@ fn tls_versions_alpn_and_mtls() {
     assert_eq!(read_answer(&mut ok).status, 200);
 }
 
-/// `GET /api/v1/health` over HTTP/2 with hyper's client.
-fn h2_health(ex: &Exporter) {
+/// One `GET` over HTTP/2 (ALPN h2) with hyper's client: the version, the
+/// status and the whole body.
+fn h2_get(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, String)],
+) -> (http::Version, http::StatusCode, bytes::Bytes) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let config = ex.client_config(None, &[b"h2"], false);
-    let port = ex.port;
-    let status = rt.block_on(async move {
+    rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
@@ -1384,13 +1388,28 @@ fn h2_health(ex: &Exporter) {
         .await
         .unwrap();
         tokio::spawn(conn);
-        let req = http::Request::get(format!("https://localhost:{port}/api/v1/health"))
+        let mut req = http::Request::get(format!("https://localhost:{port}{path}"));
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let req = req
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
-        assert_eq!(resp.version(), http::Version::HTTP_2);
-        resp.status()
-    });
+        let (version, status) = (resp.version(), resp.status());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (version, status, body)
+    })
+}
+
+/// `GET /api/v1/health` over HTTP/2 with hyper's client.
+fn h2_health(ex: &Exporter) {
+    let config = ex.client_config(None, &[b"h2"], false);
+    let (version, status, _) = h2_get(ex.port, config, "/api/v1/health", &[]);
+    assert_eq!(version, http::Version::HTTP_2);
     assert_eq!(status, 200);
 }
 
@@ -1696,38 +1715,12 @@ fn disk_bytes_over_tls_with_http1_and_http2(backend: &str) {
 
     // The same range over HTTP/2.
     let config = client.client_config(None, &[b"h2"], false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (status, body) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get(format!("https://localhost:{port}{path}"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("range", &range)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        (status, body)
-    });
+    let headers = [
+        ("authorization", format!("Bearer {token}")),
+        ("range", range.to_string()),
+    ];
+    let (version, status, body) = h2_get(port, config, &path, &headers);
+    assert_eq!(version, http::Version::HTTP_2);
     assert_eq!(status, 206);
     assert!(body == bytes[a..=b], "HTTP/2 range body differs");
 

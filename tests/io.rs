@@ -16,7 +16,7 @@ use coriolis_ovm_exporter::io::{
     ReadBackend,
 };
 
-use crate::common::Fs;
+use crate::common::{Fs, LogCapture};
 
 /// Both backends, O_DIRECT on and off.
 fn variants() -> Vec<(BackendChoice, bool)> {
@@ -599,36 +599,6 @@ fn auto_picks_io_uring_here_and_falls_back_when_the_kernel_refuses() {
     ));
 }
 
-/// Collects the fields of every event, to check what the log says.
-#[derive(Clone, Default)]
-struct LogCapture(Arc<std::sync::Mutex<Vec<String>>>);
-
-struct FieldText<'a>(&'a mut String);
-
-impl tracing::field::Visit for FieldText<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!("{}={:?} ", field.name(), value));
-    }
-}
-
-impl tracing::Subscriber for LogCapture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut line = String::new();
-        event.record(&mut FieldText(&mut line));
-        self.0.lock().unwrap().push(line);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 #[test]
 fn the_log_says_which_backend_runs_and_why() {
     let logs = LogCapture::default();
@@ -640,7 +610,7 @@ fn the_log_says_which_backend_runs_and_why() {
         })
         .unwrap();
     });
-    let lines = logs.0.lock().unwrap().clone();
+    let lines: Vec<String> = logs.events().into_iter().map(|e| e.fields).collect();
     assert!(
         lines
             .iter()

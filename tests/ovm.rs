@@ -21,7 +21,7 @@ use coriolis_ovm_exporter::ovm::{
 };
 use serde_json::Value as Json;
 
-use crate::common::{Fs, Scratch};
+use crate::common::{Fs, LogCapture, Scratch};
 
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -728,39 +728,6 @@ fn static_inventory_from_the_config_table() {
     fs::remove_dir_all(&shm).unwrap();
 }
 
-/// Collects the messages of WARN events on this thread.
-struct WarnLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-struct Message(String);
-
-impl tracing::field::Visit for Message {
-    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-        if f.name() == "message" {
-            self.0 = format!("{v:?}");
-        }
-    }
-}
-
-impl tracing::Subscriber for WarnLog {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        if *e.metadata().level() == tracing::Level::WARN {
-            let mut m = Message(String::new());
-            e.record(&mut m);
-            self.0.lock().unwrap().push(m.0);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 #[test]
 fn skipped_repositories_and_vms_are_logged_once() {
     let scratch = Fs::Xfs.scratch("ovm-warn");
@@ -790,15 +757,15 @@ fn skipped_repositories_and_vms_are_logged_once() {
         ],
         ..Default::default()
     };
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    tracing::subscriber::with_default(WarnLog(log.clone()), || {
+    let log = LogCapture::default();
+    tracing::subscriber::with_default(log.clone(), || {
         let inv = ovm::open_inventory(&cfg).unwrap();
         for _ in 0..3 {
             let vms = inv.vms().unwrap();
             assert_eq!(vms.len(), 1);
             assert_eq!(vms[0].name, VM1);
         }
-        let got = log.lock().unwrap().clone();
+        let got = log.warnings();
         assert_eq!(got.len(), 3, "each problem once: {got:#?}");
         assert!(got
             .iter()
@@ -813,6 +780,6 @@ fn skipped_repositories_and_vms_are_logged_once() {
         assert_eq!(inv.vms().unwrap().len(), 2);
         fs::write(&broken, "name = \n").unwrap();
         assert_eq!(inv.vms().unwrap().len(), 1);
-        assert_eq!(log.lock().unwrap().len(), 4);
+        assert_eq!(log.warnings().len(), 4);
     });
 }

@@ -64,3 +64,67 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One captured log event.
+#[derive(Clone, Debug)]
+pub struct LogEvent {
+    pub level: tracing::Level,
+    /// The `message` field.
+    pub message: String,
+    /// Every field as `name=value `, message included.
+    pub fields: String,
+}
+
+/// A tracing subscriber that keeps every event, to check what the log says
+/// (install it with `tracing::subscriber::with_default`).
+#[derive(Clone, Default)]
+pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<LogEvent>>>);
+
+impl LogCapture {
+    pub fn events(&self) -> Vec<LogEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The messages of the WARN events, in order.
+    pub fn warnings(&self) -> Vec<String> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.level == tracing::Level::WARN)
+            .map(|e| e.message)
+            .collect()
+    }
+}
+
+struct Fields<'a>(&'a mut LogEvent);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.0.message = text.clone();
+        }
+        self.0.fields.push_str(&format!("{}={text} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for LogCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut e = LogEvent {
+            level: *event.metadata().level(),
+            message: String::new(),
+            fields: String::new(),
+        };
+        event.record(&mut Fields(&mut e));
+        self.0.lock().unwrap().push(e);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}

@@ -4,7 +4,8 @@
 # On a fresh machine as root it installs what the suite needs, makes one
 # loop-mounted XFS (reflink=1) and one btrfs image for this run, hands their
 # folders to the tests (COE_TEST_XFS, COE_TEST_BTRFS), runs the gates and the
-# whole suite, builds the benches and fuzz targets and runs each fuzz target
+# whole suite (clippy --all-targets also type-checks the benches), builds the
+# fuzz targets and runs each fuzz target
 # briefly, and unmounts and removes everything even when a step fails.
 #
 # Environment: COE_FUZZ_SECONDS (default 20) per fuzz target; COE_SKIP_FUZZ=1

@@ -291,6 +291,107 @@ async fn an_unread_stream_holds_at_most_its_read_ahead() {
     }
 }
 
+/// A client reading a file in consecutive ranges (the Coriolis client's
+/// pattern): from the second range on, the next range's reads are started
+/// ahead and the following request takes them over; the bytes are exact
+/// whatever the next range's length, a jump elsewhere is served as asked,
+/// and parked reads give their buffers back when dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_ranges_take_over_reads_started_ahead() {
+    let dir = Fs::Xfs.scratch("io-prefetch");
+    let path = dir.path("disk.img");
+    let size = (20 << 20) + 1000;
+    let data = random_file(&path, size, 12);
+    let size = size as u64;
+    for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
+        let e = engine(backend, true, |c| c.buffer_size = 256 << 10);
+        let file = open(&e, &path, true);
+        assert!(file.is_direct());
+        let mb = 1u64 << 20;
+        // Equal ranges, then shorter, longer, unaligned, a jump back, and
+        // a last one that ends at the end of the file.
+        let ranges = [
+            0..mb,
+            mb..2 * mb,
+            2 * mb..3 * mb,
+            3 * mb..3 * mb + 100_000,
+            3 * mb + 100_000..6 * mb + 7,
+            6 * mb + 7..7 * mb,
+            mb..2 * mb,
+            2 * mb..3 * mb,
+            3 * mb..size,
+        ];
+        let mut adopted = Vec::new();
+        for r in ranges {
+            let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+            assert!(
+                got == data[r.start as usize..r.end as usize],
+                "{backend:?}: range {r:?} differs"
+            );
+            adopted.push(e.prefetch_stats().adopted);
+        }
+        // Reads used so far: the first range parks only a marker, the
+        // second parks the reads of the next MiB (four 256 KiB buffers),
+        // the third takes all four; the short fourth keeps only the read
+        // that covers it and parks one read of its own length; the long
+        // fifth takes that one, the sixth four (its unaligned start needs
+        // five buffers, read_ahead allows four, which end at 7 MiB
+        // exactly); the jump back starts a new sequence, whose second range
+        // parks four reads for the last.
+        assert_eq!(adopted, [0, 0, 4, 5, 6, 10, 10, 10, 14], "{backend:?}");
+        let stats = e.prefetch_stats();
+        assert_eq!(stats.parked, 4 + 4 + 1 + 4 + 4 + 4, "{stats:?}");
+        // A file opened again (another request's descriptor) is the same
+        // file: its reads continue the sequence.
+        let again = open(&e, &path, true);
+        let before = e.prefetch_stats().adopted;
+        let r = 4 * mb..5 * mb;
+        e.read(&file, 3 * mb..r.start)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        e.read(&again, r.clone()).unwrap().collect().await.unwrap();
+        let r2 = r.end..r.end + mb;
+        let got = e.read(&again, r2.clone()).unwrap().collect().await.unwrap();
+        assert!(got == data[r2.start as usize..r2.end as usize]);
+        assert!(e.prefetch_stats().adopted > before);
+        // Parked reads hold buffers until taken over or dropped.
+        assert!(e.prefetch_stats().buffers > 0);
+        e.drop_prefetched();
+        wait_until(|| e.pool().in_use() == 0).await;
+    }
+}
+
+/// Random single ranges never continue one another: nothing is read ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_ranges_start_no_reads_ahead() {
+    let dir = Fs::Btrfs.scratch("io-noprefetch");
+    let path = dir.path("disk.img");
+    let size = 8 << 20;
+    let data = random_file(&path, size, 13);
+    let e = engine(BackendChoice::IoUring, true, |_| {});
+    let file = open(&e, &path, true);
+    let mut rng = fastrand::Rng::with_seed(14);
+    for r in random_ranges(&mut rng, size as u64, 40) {
+        let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+        assert!(got == data[r.start as usize..r.end as usize]);
+    }
+    assert_eq!(e.prefetch_stats().parked, 0);
+    assert_eq!(e.pool().in_use(), 0);
+    // Buffered reads leave reading ahead to the kernel.
+    let e = engine(BackendChoice::IoUring, false, |_| {});
+    let file = open(&e, &path, false);
+    for i in 0..4u64 {
+        e.read(&file, i << 20..(i + 1) << 20)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+    }
+    assert_eq!(e.prefetch_stats().parked, 0);
+}
+
 async fn wait_until(cond: impl Fn() -> bool) {
     for _ in 0..500 {
         if cond() {

@@ -37,6 +37,7 @@
 //! ids) and never blocks a tokio worker on disk I/O.
 
 pub mod buffer;
+pub mod prefetch;
 pub mod range;
 pub mod stream;
 pub mod threads;
@@ -55,9 +56,10 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use rustix::fs::{Mode, OFlags};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use buffer::{BufferPool, PooledBuf, ALIGN};
+use prefetch::{FileKey, Parking, PrefetchStats};
 use range::Multipart;
 use stream::{Change, ChangeKind, Encoder};
 
@@ -130,6 +132,10 @@ pub struct IoConfig {
     pub buffer_size: usize,
     /// Buffers one stream may hold (in flight plus unsent frames).
     pub read_ahead: usize,
+    /// Start the reads of the next range before it is asked for, when a
+    /// client reads a file in consecutive ranges with `O_DIRECT` (which
+    /// gets no kernel read-ahead): see [`prefetch`]. Default true.
+    pub prefetch: bool,
     /// Buffers in the whole process.
     pub pool_buffers: usize,
     /// Threads of the `threads` backend.
@@ -152,6 +158,7 @@ impl Default for IoConfig {
             direct_io: true,
             buffer_size: DEFAULT_BUFFER_SIZE,
             read_ahead: DEFAULT_READ_AHEAD,
+            prefetch: true,
             pool_buffers: DEFAULT_POOL_BUFFERS,
             threads: DEFAULT_THREADS,
             rings: DEFAULT_RINGS,
@@ -267,6 +274,7 @@ pub struct DiskFile {
 struct FileInner {
     path: PathBuf,
     size: u64,
+    key: FileKey,
     buffered: Arc<File>,
     /// The `O_DIRECT` descriptor, when the open accepted it.
     direct: Option<Arc<File>>,
@@ -317,6 +325,8 @@ struct EngineInner {
     backend: Box<dyn ReadBackend>,
     pool: BufferPool,
     cfg: IoConfig,
+    /// Reads started ahead of the request that will want them.
+    parking: Parking,
 }
 
 impl IoEngine {
@@ -367,6 +377,7 @@ impl IoEngine {
                 backend,
                 pool: BufferPool::new(cfg.buffer_size, cfg.pool_buffers),
                 cfg: cfg.clone(),
+                parking: Parking::new(cfg.pool_buffers / 2),
             }),
         })
     }
@@ -377,6 +388,17 @@ impl IoEngine {
 
     pub fn config(&self) -> &IoConfig {
         &self.inner.cfg
+    }
+
+    /// How the read-ahead across requests has fared ([`prefetch`]).
+    pub fn prefetch_stats(&self) -> PrefetchStats {
+        self.inner.parking.stats()
+    }
+
+    /// Drops every read parked for a following request; their buffers
+    /// return to the pool as the reads complete.
+    pub fn drop_prefetched(&self) {
+        self.inner.parking.clear();
     }
 
     pub fn pool(&self) -> &BufferPool {
@@ -422,13 +444,11 @@ impl IoEngine {
         // Streams read front to back: let the kernel read ahead further on
         // the buffered path (a hint; failure changes nothing).
         let _ = rustix::fs::fadvise(&buffered, 0, None, rustix::fs::Advice::Sequential);
-        let size = buffered
-            .metadata()
-            .map_err(|source| IoError::Stat {
-                path: label.to_owned(),
-                source,
-            })?
-            .len();
+        let meta = buffered.metadata().map_err(|source| IoError::Stat {
+            path: label.to_owned(),
+            source,
+        })?;
+        let size = meta.len();
         let direct = if self.inner.cfg.direct_io {
             // NOFOLLOW only for real paths: `/proc/self/fd/N` is a magic
             // link that must be followed to reach the open file.
@@ -451,6 +471,7 @@ impl IoEngine {
             inner: Arc::new(FileInner {
                 path: label.to_owned(),
                 size,
+                key: FileKey::of(&meta),
                 buffered: Arc::new(buffered),
                 use_direct: AtomicBool::new(direct.is_some()),
                 direct,
@@ -464,9 +485,9 @@ impl IoEngine {
     /// stream.
     pub fn read(&self, file: &DiskFile, range: Range<u64>) -> Result<ReadStream, IoError> {
         if range.start == range.end && range.end <= file.size() {
-            return self.spawn(file, Vec::new(), Plain);
+            return self.spawn(file, Vec::new(), Plain, false);
         }
-        self.spawn(file, vec![range], Plain)
+        self.spawn(file, vec![range], Plain, true)
     }
 
     /// The bytes of several `ranges` (sorted, disjoint, inside the file),
@@ -477,7 +498,7 @@ impl IoEngine {
         file: &DiskFile,
         ranges: Vec<Range<u64>>,
     ) -> Result<ReadStream, IoError> {
-        self.spawn(file, ranges, Plain)
+        self.spawn(file, ranges, Plain, false)
     }
 
     /// A `multipart/byteranges` body for `ranges` (as [`range::parse`]
@@ -496,7 +517,7 @@ impl IoEngine {
                 .collect(),
             trailer: multipart.trailer(),
         };
-        self.spawn(file, ranges, framing)
+        self.spawn(file, ranges, framing, false)
     }
 
     /// The incremental stream ([`stream`], `docs/incremental-stream.md`) of
@@ -522,14 +543,17 @@ impl IoEngine {
             .filter(|c| c.kind == ChangeKind::Data)
             .map(|c| c.offset..c.offset + c.len)
             .collect();
-        self.spawn(file, ranges, framing)
+        self.spawn(file, ranges, framing, false)
     }
 
+    /// Starts the producer of a stream. `sequential`: a single range a
+    /// client may continue with the next one, so [`prefetch`] applies.
     fn spawn<F: Framing>(
         &self,
         file: &DiskFile,
-        ranges: Vec<Range<u64>>,
+        mut ranges: Vec<Range<u64>>,
         framing: F,
+        sequential: bool,
     ) -> Result<ReadStream, IoError> {
         for r in &ranges {
             if r.start >= r.end || r.end > file.size() {
@@ -542,11 +566,45 @@ impl IoEngine {
         }
         let handle = tokio::runtime::Handle::try_current().map_err(|_| IoError::NoRuntime)?;
         let (tx, rx) = mpsc::channel(CHANNEL_SLOTS);
+        let permits = Arc::new(Semaphore::new(self.inner.cfg.read_ahead));
+        let mut adopted = VecDeque::new();
+        let mut seq = None;
+        if sequential && self.inner.cfg.prefetch && file.is_direct() {
+            let r = ranges[0].clone();
+            let parked = self.inner.parking.take(file.inner.key, r.start);
+            let continues = parked.is_some();
+            let (jobs, covered) = fit(parked.unwrap_or_default(), r.clone());
+            for mut job in jobs {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    break; // more than read_ahead parked: the rest is dropped
+                };
+                job.permit = Some(permit);
+                adopted.push_back(job);
+            }
+            self.inner.parking.note_adopted(adopted.len());
+            let covered = adopted
+                .back()
+                .and_then(|j| j.plan.pieces.last())
+                .map_or(r.start, |p| p.file_end)
+                .min(covered);
+            ranges = if covered < r.end {
+                std::iter::once(covered..r.end).collect()
+            } else {
+                Vec::new()
+            };
+            seq = Some(Sequence {
+                start: r.start,
+                end: r.end,
+                continues,
+            });
+        }
         let producer = Producer {
             engine: Arc::clone(&self.inner),
             file: file.clone(),
             planner: Planner::new(ranges, self.inner.cfg.buffer_size),
-            permits: Arc::new(Semaphore::new(self.inner.cfg.read_ahead)),
+            permits,
+            adopted,
+            seq,
             out: Out {
                 tx,
                 acc: BytesMut::new(),
@@ -831,13 +889,61 @@ struct Producer {
     planner: Planner,
     /// The stream's read-ahead bound (see the module doc).
     permits: Arc<Semaphore>,
+    /// Reads parked for this stream by the request before it ([`prefetch`]),
+    /// already fitted to its range: they come before the planner's.
+    adopted: VecDeque<InFlight>,
+    /// Set for a single-range stream that [`prefetch`] follows; taken when
+    /// the reads of the next range are parked.
+    seq: Option<Sequence>,
     out: Out,
+}
+
+/// The range of a stream [`prefetch`] follows.
+struct Sequence {
+    start: u64,
+    end: u64,
+    /// Whether this range continued an earlier one: only then are reads
+    /// started for the next (a first request parks only a marker).
+    continues: bool,
 }
 
 struct InFlight {
     plan: Plan,
     rx: oneshot::Receiver<BatchDone>,
     direct: bool,
+    /// The stream permit of a read started before its stream existed
+    /// (parked by [`prefetch`]), tied to the buffer when the read completes.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Fits reads parked at `range.start` to `range`: drops the pieces (and
+/// whole reads) past its end, cuts the one across it. Returns the reads
+/// kept and the offset up to which they cover the range.
+fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> (VecDeque<InFlight>, u64) {
+    let mut kept = VecDeque::new();
+    let mut covered = range.start;
+    for mut job in jobs {
+        if covered >= range.end {
+            break; // dropped: its buffer returns to the pool when read
+        }
+        let pieces = &mut job.plan.pieces;
+        pieces.retain(|p| p.range == 0 && p.file_end - (p.len as u64) < range.end);
+        for p in pieces.iter_mut() {
+            if p.file_end > range.end {
+                p.len -= (p.file_end - range.end) as usize;
+                p.file_end = range.end;
+            }
+        }
+        match pieces.last() {
+            // Parked reads are planned from `range.start` on, contiguous.
+            Some(last) if pieces[0].file_end - pieces[0].len as u64 == covered => {
+                covered = last.file_end;
+                kept.push_back(job);
+            }
+            _ => break,
+        }
+    }
+    (kept, covered)
 }
 
 impl Producer {
@@ -867,7 +973,7 @@ impl Producer {
             self.push(b).await?;
         }
         let depth = self.engine.cfg.read_ahead;
-        let mut inflight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
+        let mut inflight: VecDeque<InFlight> = std::mem::take(&mut self.adopted);
         let mut next_plan = self.planner.next_plan();
         let mut current: Option<usize> = None;
         loop {
@@ -899,8 +1005,18 @@ impl Producer {
                 let reader = self.file.reader();
                 let direct = reader.1;
                 let rx = self.submit(reader, buf, &plan);
-                inflight.push_back(InFlight { plan, rx, direct });
+                inflight.push_back(InFlight {
+                    plan,
+                    rx,
+                    direct,
+                    permit: None,
+                });
                 next_plan = self.planner.next_plan();
+            }
+            if next_plan.is_none() {
+                // Everything asked for is read or being read: start on
+                // what the client will likely ask for next.
+                self.park_next();
             }
             let Some(job) = inflight.pop_front() else {
                 break;
@@ -933,6 +1049,48 @@ impl Producer {
 
     async fn push(&mut self, b: Bytes) -> Result<(), Option<IoError>> {
         self.out.push(b).await.map_err(|Closed| None)
+    }
+
+    /// Once per followed stream: parks the reads of the range after this
+    /// one, as long as this one (see [`prefetch`]), or only a marker when
+    /// this range did not itself continue an earlier one.
+    fn park_next(&mut self) {
+        let Some(seq) = self.seq.take() else {
+            return;
+        };
+        let parking = &self.engine.parking;
+        let key = self.file.inner.key;
+        let size = self.file.size();
+        let cfg = &self.engine.cfg;
+        let window = (seq.end - seq.start).min((cfg.read_ahead * cfg.buffer_size) as u64);
+        let next = seq.end..(seq.end + window).min(size);
+        if !seq.continues || next.is_empty() {
+            parking.park(key, seq.end, VecDeque::new(), 0);
+            return;
+        }
+        let promised = parking.reserve(cfg.read_ahead);
+        let mut planner = Planner::new(std::iter::once(next).collect(), cfg.buffer_size);
+        let mut jobs = VecDeque::new();
+        while jobs.len() < promised {
+            let reader = self.file.reader();
+            if !reader.1 {
+                break; // the file fell back to buffered reads: the kernel reads ahead
+            }
+            let Some(buf) = self.engine.pool.try_get() else {
+                break;
+            };
+            let Some(plan) = planner.next_plan() else {
+                break;
+            };
+            let rx = self.submit(reader, buf, &plan);
+            jobs.push_back(InFlight {
+                plan,
+                rx,
+                direct: true,
+                permit: None,
+            });
+        }
+        parking.park(key, seq.end, jobs, promised);
     }
 
     fn submit(
@@ -995,6 +1153,9 @@ impl Producer {
                 }
             }
             let mut buf = buf;
+            if let Some(permit) = job.permit.take() {
+                buf.attach_permit(permit);
+            }
             let filled = job
                 .plan
                 .pieces

@@ -27,6 +27,9 @@
 //! I/O, or a larger logical block size), the file falls back to buffered
 //! reads, once, with a warning.
 //!
+//! `O_DIRECT` reads get no kernel read-ahead; [`prefetch`] starts the reads
+//! of the next range when a client reads a file in consecutive ranges.
+//!
 //! Memory is bounded twice: the [`buffer::BufferPool`] caps all buffers of
 //! the process, and every stream holds at most `read_ahead` buffers,
 //! counting frames already handed to hyper but not yet written (a stream

@@ -260,6 +260,27 @@ fn run(fs: Fs, backend: &str) {
     );
     assert!(one.body == v2[4095..1_052_672]);
 
+    // A client pulling the disk as consecutive 4 MiB ranges, one request
+    // after the other (the Coriolis client's pattern): from the third on,
+    // reads started ahead serve them (O_DIRECT gets no kernel read-ahead),
+    // every byte exact, and /metrics counts them.
+    let chunk = 4u64 << 20;
+    let mut at = 0;
+    while at < SIZE {
+        let end = (at + chunk).min(SIZE);
+        let ask = format!("bytes={at}-{}", end - 1);
+        let a = get(&ex, &disk_url(&snap2), &token, &[("Range", &ask)]);
+        assert_eq!(a.status, 206, "{}", a.text());
+        assert!(a.body == v2[at as usize..end as usize], "chunk at {at}");
+        at = end;
+    }
+    let metrics = get(&ex, "/metrics", &token, &[]).text();
+    let used = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("coe_io_prefetch_used_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(used.is_some_and(|n| n >= 4), "{metrics}");
+
     // 416: past the end, malformed, other unit, too many parts.
     let many: Vec<String> = (0..65).map(|i| format!("{0}-{0}", i * 10)).collect();
     for bad in [

@@ -87,11 +87,13 @@ impl Metrics {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition format (version 0.0.4), with the io
+    /// core's read-ahead counters.
+    pub fn render(&self, prefetch: crate::io::prefetch::PrefetchStats) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = self.render_into(&mut out);
+        let _ = render_prefetch(&mut out, prefetch);
         out
     }
 
@@ -183,6 +185,38 @@ impl Metrics {
     }
 }
 
+/// The read-ahead across requests (`crate::io::prefetch`): how many reads
+/// were started ahead, how many a following request used, and the buffers
+/// parked now.
+fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> std::fmt::Result {
+    use std::fmt::Write;
+    for (name, kind, help, v) in [
+        (
+            "coe_io_prefetch_reads_total",
+            "counter",
+            "Reads started ahead of a request expected to continue a sequential read.",
+            p.parked,
+        ),
+        (
+            "coe_io_prefetch_used_total",
+            "counter",
+            "Reads started ahead that the following request used.",
+            p.adopted,
+        ),
+        (
+            "coe_io_prefetch_buffers",
+            "gauge",
+            "Buffers held by reads started ahead, now.",
+            p.buffers as u64,
+        ),
+    ] {
+        writeln!(out, "# HELP {name} {help}")?;
+        writeln!(out, "# TYPE {name} {kind}")?;
+        writeln!(out, "{name} {v}")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,7 +229,11 @@ mod tests {
         m.login_failure("rejected");
         m.snapshot_op("create", true, Duration::from_millis(700));
         m.stream_started();
-        let text = m.render();
+        let text = m.render(crate::io::prefetch::PrefetchStats {
+            parked: 12,
+            adopted: 9,
+            buffers: 3,
+        });
         assert!(text.contains(
             "coe_http_requests_total{route=\"/api/v1/vms\",method=\"GET\",status=\"200\"} 2\n"
         ));
@@ -208,5 +246,8 @@ mod tests {
             "coe_snapshot_operation_seconds_bucket{op=\"create\",outcome=\"ok\",le=\"1\"} 1\n"
         ));
         assert!(text.contains("coe_disk_streams_in_flight 1\n"));
+        assert!(text.contains("coe_io_prefetch_reads_total 12\n"));
+        assert!(text.contains("coe_io_prefetch_used_total 9\n"));
+        assert!(text.contains("# TYPE coe_io_prefetch_buffers gauge\ncoe_io_prefetch_buffers 3\n"));
     }
 }

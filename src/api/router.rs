@@ -514,7 +514,9 @@ where
             }
         }
         Handler::Metrics => {
-            let mut r = Response::new(ApiBody::full(state.metrics.render()));
+            let mut r = Response::new(ApiBody::full(
+                state.metrics.render(state.engine.prefetch_stats()),
+            ));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

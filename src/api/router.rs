@@ -548,6 +548,7 @@ where
         Handler::PurgeSnapshots => {
             let vm = p(0);
             timed(state, "purge", move || be.purge_snapshots(&vm)).await?;
+            state.engine.drop_prefetched(); // as for a delete, below
             ok(empty_ok())
         }
         Handler::GetSnapshot => {
@@ -661,12 +662,16 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let ip = peer.ip();
-    if let Some(wait) = state.login.limiter.blocked(ip) {
-        state.metrics.login_failure("rate_limited");
-        return Err(ApiError::TooManyRequests {
-            retry_after_secs: wait.as_secs().max(1),
-        });
-    }
+    let rate_limited = || match state.login.limiter.blocked(ip) {
+        Some(wait) => {
+            state.metrics.login_failure("rate_limited");
+            Err(ApiError::TooManyRequests {
+                retry_after_secs: wait.as_secs().max(1),
+            })
+        }
+        None => Ok(()),
+    };
+    rate_limited()?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -708,6 +713,10 @@ where
         .acquire()
         .await
         .map_err(|_| ApiError::Internal("login checks closed".into()))?;
+    // Again after the wait: a burst of logins sent at once all passed the
+    // first check, and the failures of those ahead may have blocked this
+    // address meanwhile (each check can reach the Manager's lockout).
+    rate_limited()?;
     let login = state.login.clone();
     let be = state.backend.clone();
     let username = creds.username.clone();

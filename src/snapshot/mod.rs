@@ -435,7 +435,7 @@ impl Manager {
                 .sync_all()
                 .map_err(|e| SnapshotError::io("sync the clone", &d.name, e))?;
             let map =
-                crate::sys::extent_map(&clone, true).map_err(|source| SnapshotError::Fiemap {
+                crate::sys::extent_map(&clone, false).map_err(|source| SnapshotError::Fiemap {
                     disk: d.name.clone(),
                     source,
                 })?;
@@ -696,11 +696,7 @@ impl Manager {
             disk: d.name.clone(),
             reason,
         };
-        let file = open_snapshot_file(&rec, d).map_err(|e| damaged(e.to_string()))?;
-        let fp = Fingerprint::of(&file).map_err(|e| damaged(e.to_string()))?;
-        if fp.ino != d.fingerprint.ino || fp.size != d.fingerprint.size {
-            return Err(damaged("the file was replaced".into()));
-        }
+        let file = open_verified(&rec, d).map_err(damaged)?;
         Ok((file, d.size))
     }
 }
@@ -738,16 +734,22 @@ fn open_snapshot_file(rec: &SnapshotRecord, d: &DiskRecord) -> std::io::Result<F
     dirs::open_file_at(dir.as_fd(), &d.name)
 }
 
+/// Opens the disk file `d` of `rec` and checks it is the file recorded,
+/// unchanged (the whole fingerprint); Err says what is wrong.
+fn open_verified(rec: &SnapshotRecord, d: &DiskRecord) -> Result<File, String> {
+    let f = open_snapshot_file(rec, d).map_err(|e| format!("cannot open it: {e}"))?;
+    let fp = Fingerprint::of(&f).map_err(|e| format!("cannot stat it: {e}"))?;
+    if fp != d.fingerprint {
+        return Err(format!("recorded {:?}, now {:?}", d.fingerprint, fp));
+    }
+    Ok(f)
+}
+
 /// Checks every disk file of `rec` is present and unchanged; Err names the
 /// disk and what is wrong.
 fn verify(rec: &SnapshotRecord) -> Result<(), (String, String)> {
     for d in &rec.disks {
-        let fail = |reason: String| (d.name.clone(), reason);
-        let f = open_snapshot_file(rec, d).map_err(|e| fail(format!("cannot open it: {e}")))?;
-        let fp = Fingerprint::of(&f).map_err(|e| fail(format!("cannot stat it: {e}")))?;
-        if fp != d.fingerprint {
-            return Err(fail(format!("recorded {:?}, now {:?}", d.fingerprint, fp)));
-        }
+        open_verified(rec, d).map_err(|reason| (d.name.clone(), reason))?;
     }
     Ok(())
 }

@@ -316,14 +316,7 @@ impl Store {
             map_size,
             stale_readers_cleared,
         };
-        let found = store.schema_version()?;
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
-                path: path.to_path_buf(),
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        // A newer schema was refused above, before anything was written.
         Ok(store)
     }
 

@@ -17,6 +17,8 @@ use base64::Engine;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use crate::common::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const SECRET: &str = "integration-test-secret-0123456789abcdef";
 const MGR_USER: &str = "admin";
@@ -180,14 +182,6 @@ impl Pki {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ---- the stand-in OVM Manager ----------------------------------------------

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::Fs;
+use crate::common::{free_port, Fs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const USER: &str = "tester";
@@ -28,14 +28,6 @@ const DISK_SIZE: u64 = 48 << 20;
 /// How long a server or the demo may take to answer health (debug build,
 /// two busy cores).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn random_text(rng: &mut fastrand::Rng, n: usize) -> String {
     (0..n).map(|_| rng.alphanumeric()).collect()

@@ -1,7 +1,7 @@
 //! The response body type, and the access log written when it ends.
 //!
-//! A body is either fully in memory (JSON, metrics, errors), fed by a
-//! bounded channel from a blocking reader, or an io core [`ReadStream`]
+//! A body is either fully in memory (JSON, metrics, errors) or an io core
+//! [`ReadStream`]
 //! (disk bytes, incremental streams). A stream that fails yields an error
 //! frame, so hyper aborts the connection instead of ending the body cleanly:
 //! the client sees a broken transfer, never a short file. Each body carries
@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
 use crate::io::ReadStream;
@@ -42,14 +41,7 @@ const MAX_LOGGED_TARGET: usize = 512;
 
 enum Kind {
     Full(Option<Bytes>),
-    Channel {
-        rx: mpsc::Receiver<std::io::Result<Bytes>>,
-        remaining: u64,
-    },
-    Stream {
-        stream: ReadStream,
-        remaining: u64,
-    },
+    Stream { stream: ReadStream, remaining: u64 },
 }
 
 /// The body of every response.
@@ -68,12 +60,6 @@ impl ApiBody {
 
     pub fn empty() -> Self {
         ApiBody::new(Kind::Full(None))
-    }
-
-    /// A body of exactly `len` bytes received from `rx`; the sender must
-    /// send an error rather than stop short.
-    pub fn channel(rx: mpsc::Receiver<std::io::Result<Bytes>>, len: u64) -> Self {
-        ApiBody::new(Kind::Channel { rx, remaining: len })
     }
 
     /// A body of exactly `len` bytes from an io core stream.
@@ -113,31 +99,6 @@ impl Body for ApiBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(Ok)),
-            Kind::Channel { rx, remaining } => {
-                if *remaining == 0 {
-                    Poll::Ready(None)
-                } else {
-                    match rx.poll_recv(cx) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Some(Ok(b))) => {
-                            let n = b.len() as u64;
-                            if n > *remaining {
-                                Poll::Ready(Some(Err(std::io::Error::other(
-                                    "disk reader sent more than the announced length",
-                                ))))
-                            } else {
-                                *remaining -= n;
-                                Poll::Ready(Some(Ok(b)))
-                            }
-                        }
-                        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                        Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "disk reader stopped before the announced length",
-                        )))),
-                    }
-                }
-            }
             Kind::Stream { stream, remaining } => {
                 if *remaining == 0 {
                     Poll::Ready(None)
@@ -184,16 +145,14 @@ impl Body for ApiBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Channel { remaining, .. } | Kind::Stream { remaining, .. } => *remaining == 0,
+            Kind::Stream { remaining, .. } => *remaining == 0,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Channel { remaining, .. } | Kind::Stream { remaining, .. } => {
-                SizeHint::with_exact(*remaining)
-            }
+            Kind::Stream { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
 }

@@ -298,9 +298,10 @@ fn plan_incremental(api: &Api, o: &Options, base: &str) -> Result<Vec<Plan>> {
                 "full (new disk)"
             },
         };
-        let exists = replica_len(&path).is_some();
+        let len = replica_len(&path);
+        let exists = len.is_some();
         match prev {
-            Some(s) if s.snapshot == o.snap && s.complete && replica_len(&path) == Some(size) => {
+            Some(s) if s.snapshot == o.snap && s.complete && len == Some(size) => {
                 up_to_date(&mut plan)
             }
             Some(s) if s.snapshot == o.snap && s.base.as_deref() == Some(base) && exists => {

@@ -6,7 +6,6 @@
 //! blocks with no data (`SEEK_DATA`) take the CRC of zeros, computed once.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use std::path::Path;
 
@@ -14,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ClientError, Result};
 use super::http::{check, paths, read_json, Api};
+use crate::io::threads::read_full;
 
 /// Block size asked for: the endpoint's default (4 MiB), a good balance of
 /// answer size (4 bytes per 4 MiB) and precision of the mismatch report.
@@ -213,23 +213,10 @@ pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(
     Ok((local_size, mismatched))
 }
 
-/// Reads until `buf` is full or the end of the file; bytes read.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn blocks_are_compared_with_holes_unread_and_differences_found() {

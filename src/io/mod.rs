@@ -576,8 +576,7 @@ impl IoEngine {
             let r = ranges[0].clone();
             let parked = self.inner.parking.take(file.inner.key, r.start);
             let continues = parked.is_some();
-            let (jobs, covered) = fit(parked.unwrap_or_default(), r.clone());
-            for mut job in jobs {
+            for mut job in fit(parked.unwrap_or_default(), r.clone()) {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     break; // more than read_ahead parked: the rest is dropped
                 };
@@ -588,8 +587,7 @@ impl IoEngine {
             let covered = adopted
                 .back()
                 .and_then(|j| j.plan.pieces.last())
-                .map_or(r.start, |p| p.file_end)
-                .min(covered);
+                .map_or(r.start, |p| p.file_end);
             ranges = if covered < r.end {
                 std::iter::once(covered..r.end).collect()
             } else {
@@ -920,9 +918,9 @@ struct InFlight {
 }
 
 /// Fits reads parked at `range.start` to `range`: drops the pieces (and
-/// whole reads) past its end, cuts the one across it. Returns the reads
-/// kept and the offset up to which they cover the range.
-fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> (VecDeque<InFlight>, u64) {
+/// whole reads) past its end, cuts the one across it, and keeps reads only
+/// while they cover the range contiguously from its start.
+fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> VecDeque<InFlight> {
     let mut kept = VecDeque::new();
     let mut covered = range.start;
     for mut job in jobs {
@@ -930,7 +928,7 @@ fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> (VecDeque<InFlight>, u64)
             break; // dropped: its buffer returns to the pool when read
         }
         let pieces = &mut job.plan.pieces;
-        pieces.retain(|p| p.range == 0 && p.file_end - (p.len as u64) < range.end);
+        pieces.retain(|p| p.file_end - (p.len as u64) < range.end);
         for p in pieces.iter_mut() {
             if p.file_end > range.end {
                 p.len -= (p.file_end - range.end) as usize;
@@ -946,7 +944,7 @@ fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> (VecDeque<InFlight>, u64)
             _ => break,
         }
     }
-    (kept, covered)
+    kept
 }
 
 impl Producer {

@@ -58,17 +58,6 @@ fn errno_text(e: rustix::io::Errno) -> String {
     std::io::Error::from(e).to_string()
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// Opens `<mount>/CoriolisSnapshots`, creating it (mode 0700) if missing,
 /// never following a symlink planted in its place.
 pub fn open_snapshot_dir(mount: &Path) -> Result<(OwnedFd, OwnedFd), String> {
@@ -143,7 +132,7 @@ pub fn probe_clone(mount: &Path) -> CloneProbe {
             dir.as_fd(),
             Path::new(&dst_name),
         )
-        .map_err(|e| chain(&e))
+        .map_err(|e| crate::error::chain(&e))
     })();
     for name in [&src_name, &dst_name] {
         let _ = rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty());

@@ -458,7 +458,7 @@ pub fn parse_disk_spec(spec: &[u8]) -> DiskSpec {
         Some(d) => (d.to_owned(), true),
         None => (device, false),
     };
-    let target = trim_ascii(target);
+    let target = target.trim_ascii();
     let target = if target.is_empty() {
         DiskTarget::Empty
     } else if let Some(p) = target.strip_prefix(PHY_PREFIX) {
@@ -484,18 +484,6 @@ pub fn parse_disk_spec(spec: &[u8]) -> DiskSpec {
         mode: bytes_to_text(mode).trim().to_owned(),
         raw,
     }
-}
-
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 /// The keys of a vm.cfg the exporter uses.

@@ -404,7 +404,9 @@ fn run(fs: Fs, backend: &str) {
     .unwrap();
     let mut first = vec![0u8; 4096];
     let n = tls.read(&mut first).unwrap();
-    assert!(n > 0);
+    let head = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path2)

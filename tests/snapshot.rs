@@ -121,7 +121,8 @@ pub fn folders(repo: &Path) -> Vec<String> {
             v.sort();
             v
         }
-        Err(_) => Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("cannot list {}: {e}", repo.display()),
     }
 }
 
@@ -988,6 +989,8 @@ fn a_vm_on_two_repositories_gets_one_folder_in_each() {
     // Rebuilding from one repository alone adopts nothing it cannot see
     // whole, and removes nothing.
     let partial = mgr.rebuild(&repos[..1]).unwrap();
+    assert!(!partial.actions.is_empty(), "{partial:?}");
+    assert!(mgr.ids("vm").unwrap().is_empty(), "{partial:?}");
     assert!(
         partial
             .actions

@@ -37,10 +37,15 @@ pull() {
 }
 aggregate() {
 	local url=$1; shift
-	local t0 t1 c
+	local t0 t1 c p pids=()
 	t0=$(date +%s.%N)
-	for c in $(seq 0 $((CONNS - 1))); do pull "$url" "$c" "$@" & done
-	wait
+	for c in $(seq 0 $((CONNS - 1))); do
+		pull "$url" "$c" "$@" &
+		pids+=($!)
+	done
+	# Each pull on its own: a failed curl fails the run (a bare `wait`
+	# would not say).
+	for p in "${pids[@]}"; do wait "$p"; done
 	t1=$(date +%s.%N)
 	awk -v t0="$t0" -v t1="$t1" -v b=$((CONNS * PER_CONN << 22)) 'BEGIN {printf "%.0f\n", b/(t1-t0)/1e6}'
 }

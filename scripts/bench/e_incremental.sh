@@ -35,7 +35,7 @@ for c in d["chunks"]:
     first = False
     print(f'url = "{sys.argv[2]}"\nrange = "{c["start"]}-{c["start"] + c["length"] - 1}"\n'
           f'output = "/dev/null"\nheader = "Authorization: Bearer {sys.argv[3]}"\n'
-          f'cacert = "{sys.argv[4]}"\nhttp1.1\ntlsv1.3\ntls13-ciphers = "TLS_AES_128_GCM_SHA256"\nsilent')
+          f'cacert = "{sys.argv[4]}"\nfail\nhttp1.1\ntlsv1.3\ntls13-ciphers = "TLS_AES_128_GCM_SHA256"\nsilent')
 print(len(d["chunks"]), file=sys.stderr)
 PY
 inc=(); per=()

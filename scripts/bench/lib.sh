@@ -18,7 +18,8 @@ EXP_PORT=${EXP_PORT:-25544}
 NGINX_PORT=${NGINX_PORT:-25545}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/coriolis-ovm-exporter}
 # HTTP/1.1 like the Python client (requests), and nginx here has no h2.
-CIPHER=(--http1.1 --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
+# --fail: an error answer ends the run instead of being timed as a transfer.
+CIPHER=(--fail --http1.1 --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
 VM=bench-vm
 # The example config's user: password "change-me".
 USER_HASH='$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg'
@@ -71,6 +72,7 @@ make_disk() {
 		# Incompressible bytes, written once (openssl's CTR stream is fast).
 		(openssl enc -aes-128-ctr -pass pass:bench -nosalt -pbkdf2 </dev/zero 2>/dev/null || true) |
 			head -c $(($2 << 20)) >"$f"
+		[ "$(stat -c %s "$f")" = $(($2 << 20)) ] || { echo "could not write $f (openssl missing?)" >&2; rm -f "$f"; exit 1; }
 		sync
 	fi
 	echo "$f"
@@ -128,7 +130,7 @@ stop_exporter() {
 	fi
 }
 
-api() { curl -s --cacert "$BENCH_DIR/ca.pem" -H "Authorization: Bearer $TOKEN" "$@"; }
+api() { curl -s --fail --cacert "$BENCH_DIR/ca.pem" -H "Authorization: Bearer $TOKEN" "$@"; }
 
 # Creates a snapshot; prints "<id> <disk name> <snapshot file path>".
 snapshot() {

@@ -13,8 +13,7 @@ use std::path::Path;
 use bytes::Bytes;
 use coriolis_ovm_exporter::io::stream::{Decoder, Event};
 
-use crate::api::{http_request, Answer, Exporter, Options, Pki, LOCAL_PASS, LOCAL_USER};
-use crate::common::Fs;
+use crate::common::{http_request, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS, LOCAL_USER};
 
 /// Not a multiple of 4096, so the tail read under `O_DIRECT` is checked.
 const SIZE: u64 = (24 << 20) + 12_345;

@@ -1,8 +1,26 @@
-//! Shared test helpers: the reflink filesystems of the run, scratch folders.
+//! Shared test helpers: the reflink filesystems of the run, scratch folders,
+//! a log capture, and the harness of the tests that run the real binary over
+//! TLS (`pki` makes the certificates, `manager` stands in for the OVM
+//! Manager, `exporter` starts the service and talks to it, `http` reads its
+//! answers).
 #![allow(dead_code)]
+
+pub mod exporter;
+pub mod http;
+pub mod manager;
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use exporter::{Client, Exporter, Options, BIN, LOCAL_PASS, LOCAL_USER, SECRET};
+pub use http::{h2_get, http_request, read_answer, Answer};
+pub use manager::{StandInManager, MGR_PASS, MGR_USER, SLOW_USER};
+pub use pki::Pki;
+
+/// Upper bound of any wait in these tests: nothing legitimate takes longer.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A reflink-capable filesystem the test script mounted for this run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +72,21 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// A fresh, empty folder under the temporary folder (for files whose
+    /// filesystem does not matter: configs, certificates, logs), removed on
+    /// drop.
+    pub fn temp(tag: &str) -> Scratch {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "coe-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

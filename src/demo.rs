@@ -31,8 +31,8 @@ use clap::Parser;
 
 use crate::api::Backend;
 use crate::client::progress::{human_bytes, parse_size};
-use crate::config::Config;
 use crate::node::Node;
+use crate::server::Config;
 
 /// Exit statuses of `demo`.
 const EXIT_OK: i32 = 0;
@@ -56,7 +56,7 @@ const UMOUNT_ATTEMPTS: u32 = 5;
 #[command(name = "coriolis-ovm-exporter demo", version)]
 pub struct DemoArgs {
     /// TCP port of the API.
-    #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::server::config::DEFAULT_PORT)]
     pub port: u16,
     /// Address to listen on (the demo listens on loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
@@ -91,7 +91,7 @@ pub enum DemoError {
     #[error("cannot hash the password: {0}")]
     Hash(String),
     #[error("{0}")]
-    Config(#[source] crate::config::ConfigError),
+    Config(#[source] crate::server::ConfigError),
     #[error("cannot open the node: {0}")]
     Node(#[source] crate::node::NodeError),
     #[error("the server stopped: {0}")]

@@ -12,15 +12,16 @@
 //! - [`store`]: snapshot metadata in LMDB (heed).
 //! - [`snapshot`]: the snapshot manager: create, diff, delete, reconcile.
 //! - [`api`]: routes, JSON types, auth, disk answers, metrics.
-//! - [`server`] and [`config`]: TLS listener, connections, signals, logging;
-//!   the config file.
+//! - [`server`]: TLS listener, connections, signals, logging; the config
+//!   file, which puts each layer's own section together.
+//! - [`tls`]: the crypto provider and certificate loading (a leaf, shared by
+//!   the server, the login check and the client).
 //! - [`client`]: the command-line client (`coriolis-ovm-exporter client`).
 //! - [`demo`]: the self-contained demo (`coriolis-ovm-exporter demo`).
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod client;
-pub mod config;
 pub mod demo;
 pub mod error;
 pub mod extent;
@@ -31,3 +32,4 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod sys;
+pub mod tls;

@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use coriolis_ovm_exporter::api::Backend;
-use coriolis_ovm_exporter::config::{Config, DEFAULT_CONFIG_PATH};
 use coriolis_ovm_exporter::node::{self, Node};
 use coriolis_ovm_exporter::server;
+use coriolis_ovm_exporter::server::config::{Config, DEFAULT_CONFIG_PATH};
 
 /// Exit status for a usage or config error (sysexits' EX_USAGE/EX_CONFIG
 /// are not worth a dependency; systemd only needs non-zero).

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use crate::api::types::{Snapshot, Vm};
 use crate::api::{Backend, BackendError};
-use crate::config::Config;
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
+use crate::server::Config;
 use crate::snapshot::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
 
 /// Why the node could not be opened at start.

@@ -934,7 +934,7 @@ fn disk_bytes_over_tls_with_http1_and_http2(backend: &str) {
         },
     ) + &format!("\n[io]\nbackend = {backend:?}\n");
     let config =
-        coriolis_ovm_exporter::config::Config::parse(&text, &dir.path("config.toml")).unwrap();
+        coriolis_ovm_exporter::server::Config::parse(&text, &dir.path("config.toml")).unwrap();
     let backend = Arc::new(FileNode {
         disk: dir.path(WIRE_DISK),
     });

@@ -15,8 +15,11 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, LocalUser, TOKEN_ISSUER};
+use super::config::{AuthConfig, LocalUser, ManagerConfig};
+use crate::tls;
 
+/// The `iss` of our tokens (the old service's).
+pub const TOKEN_ISSUER: &str = "coriolis-ovm-exporter";
 /// The Manager's endpoint that the old service used to check credentials:
 /// any 2xx answer means the pair is valid (API.md, Login).
 pub const MANAGER_CHECK_PATH: &str = "/ovm/core/wsapi/rest/Repository/id";
@@ -165,7 +168,7 @@ impl Manager {
     ) -> Self {
         let tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(crate::server::tls::provider());
+            .unversioned_rustls_crypto_provider(tls::provider());
         let tls = match ca {
             Some(certs) => tls.root_certs(ureq::tls::RootCerts::new_with_certs(
                 &certs
@@ -319,16 +322,22 @@ pub struct Login {
 pub type LoginError = ManagerError;
 
 impl Login {
-    pub fn from_config(cfg: &Config) -> Result<Arc<Self>, crate::server::tls::TlsError> {
-        let ca = match &cfg.manager.ca_certificate {
-            Some(p) => Some(crate::server::tls::load_certs(p)?),
+    /// From the `[auth]` and `[manager]` sections and the configured
+    /// Manager endpoint (`ovm_endpoint`).
+    pub fn from_config(
+        auth: &AuthConfig,
+        manager: &ManagerConfig,
+        endpoint: Option<String>,
+    ) -> Result<Arc<Self>, tls::TlsError> {
+        let ca = match &manager.ca_certificate {
+            Some(p) => Some(tls::load_certs(p)?),
             None => None,
         };
         Ok(Arc::new(Login {
-            users: cfg.auth.users.clone(),
-            endpoint: cfg.ovm_endpoint.clone(),
-            manager: Manager::new(ca.as_deref(), cfg.manager.timeout),
-            limiter: LoginLimiter::new(cfg.auth.login_max_failures, cfg.auth.login_window),
+            users: auth.users.clone(),
+            endpoint,
+            manager: Manager::new(ca.as_deref(), manager.timeout),
+            limiter: LoginLimiter::new(auth.login_max_failures, auth.login_window),
         }))
     }
 

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod backend;
 pub mod body;
+pub mod config;
 pub mod disk;
 pub mod metrics;
 pub mod router;
@@ -17,8 +18,10 @@ pub mod types;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+pub use auth::{check_password_hash, Login, Tokens};
 pub use backend::{Backend, BackendError, NoInventory};
 pub use body::ApiBody;
+pub use config::{AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth};
 pub use router::{handle, State};
 
 /// Every way a request can fail, by HTTP status. Mapped to a response in

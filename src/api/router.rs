@@ -18,10 +18,10 @@ use tokio::sync::Semaphore;
 
 use super::auth::{Login, Tokens, Verdict};
 use super::body::{AccessRecord, ApiBody};
+use super::config::MetricsAuth;
 use super::metrics::Metrics;
 use super::types::{Health, LoginRequest, LoginResponse};
 use super::{blocking, disk, json_response, ApiError, Backend};
-use crate::config::{Config, MetricsAuth};
 use crate::io::IoEngine;
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are
@@ -183,7 +183,7 @@ pub struct State {
 }
 
 impl State {
-    /// A state from its parts (tests, or a caller without a config file).
+    /// A state from its parts (the server builds them from its config).
     pub fn from_parts(
         backend: Arc<dyn Backend>,
         tokens: Tokens,
@@ -200,22 +200,6 @@ impl State {
             engine,
             login_permits: Semaphore::new(LOGIN_CONCURRENCY),
         })
-    }
-
-    pub fn new(
-        config: &Config,
-        backend: Arc<dyn Backend>,
-        engine: IoEngine,
-    ) -> Result<Arc<State>, crate::server::tls::TlsError> {
-        Ok(Arc::new(State {
-            backend,
-            tokens: Tokens::new(&config.jwt.secret, config.jwt.time_to_live),
-            login: Login::from_config(config)?,
-            metrics: Arc::new(Metrics::default()),
-            metrics_auth: config.metrics.clone(),
-            engine,
-            login_permits: Semaphore::new(LOGIN_CONCURRENCY),
-        }))
     }
 }
 

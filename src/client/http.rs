@@ -131,7 +131,7 @@ fn read_pem(path: &Path) -> Result<Vec<u8>> {
 fn tls_config(opts: &TlsOptions) -> Result<TlsConfig> {
     let mut b = TlsConfig::builder()
         .provider(TlsProvider::Rustls)
-        .unversioned_rustls_crypto_provider(crate::server::tls::provider());
+        .unversioned_rustls_crypto_provider(crate::tls::provider());
     if opts.insecure {
         b = b.disable_verification(true);
     } else if let Some(path) = &opts.ca_file {

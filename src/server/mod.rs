@@ -10,9 +10,9 @@
 //! it), header count and size, HTTP/2 streams per connection, and
 //! `max_connections` connections in all.
 
+pub mod config;
 pub mod logging;
 pub mod notify;
-pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,8 +25,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{self, Backend};
-use crate::config::Config;
+use crate::api::{self, Backend, Login, Tokens};
+use crate::tls;
+
+pub use config::{Config, ConfigError, ListenerConfig};
 
 /// HTTP/2 streams one connection may run at once (RFC 9113 recommends no
 /// less than 100).
@@ -77,7 +79,9 @@ pub async fn serve(
         read_ahead = config.io.read_ahead,
         "io engine started"
     );
-    let state = api::State::new(&config, backend, engine)?;
+    let login = Login::from_config(&config.auth, &config.manager, config.ovm_endpoint.clone())?;
+    let tokens = Tokens::new(&config.jwt.secret, config.jwt.time_to_live);
+    let state = api::State::from_parts(backend, tokens, login, config.metrics.clone(), engine);
     let addr = SocketAddr::new(config.api.bind, config.api.port);
     let listener = TcpListener::bind(addr)
         .await

@@ -13,10 +13,8 @@
 //! cost when unset is one cached environment lookup per point; the service
 //! logs a warning at start when the variable is set.
 
-use std::sync::OnceLock;
-
-/// The environment variable naming the point to die at.
-pub const ENV: &str = "COE_FAULT";
+pub use crate::store::STORE_IN_READ_TXN;
+pub use crate::sys::fault::{armed_point, point, ENV};
 
 /// Every fault point, in the order an operation reaches them.
 pub const POINTS: &[&str] = &[
@@ -46,30 +44,3 @@ pub const DELETE_AFTER_MANIFEST: &str = "delete-after-manifest";
 pub const DELETE_AFTER_RECORD: &str = "delete-after-record";
 /// One disk file is removed, the rest not yet.
 pub const DELETE_AFTER_FIRST_FILE: &str = "delete-after-first-file";
-/// Inside a read transaction of the store (listing a VM's snapshots): a
-/// process killed here leaves a stale LMDB reader slot. Not in [`POINTS`]:
-/// it is no step of create or delete.
-pub const STORE_IN_READ_TXN: &str = "store-in-read-txn";
-
-fn armed() -> Option<&'static str> {
-    static ARMED: OnceLock<Option<String>> = OnceLock::new();
-    ARMED
-        .get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty()))
-        .as_deref()
-}
-
-/// Whether a fault point is armed (the service warns at start if so).
-pub fn armed_point() -> Option<&'static str> {
-    armed()
-}
-
-/// Dies here, by SIGKILL, if `point` is the armed one.
-pub fn point(point: &str) {
-    if armed() == Some(point) {
-        eprintln!("fault point {point}: killing the process");
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-        // SIGKILL cannot be caught; should it somehow be, abort anyway.
-        std::process::abort();
-    }
-}

@@ -8,6 +8,7 @@
 //! can be tested and fuzzed without a filesystem.
 
 pub mod clone;
+pub mod fault;
 pub mod fiemap;
 pub mod statfs;
 

@@ -15,10 +15,10 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use super::*;
-use crate::api::auth::{LoginLimiter, Manager, Tokens};
+use crate::api::auth::{LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
+use crate::api::config::LocalUser;
 use crate::api::types::{ByteRange, Chunk, Disk, Snapshot, SnapshotDisk, Vm};
 use crate::api::BackendError;
-use crate::config::LocalUser;
 
 const VM1: &str = "0004fb0000060000ccaf98a0baa2c186";
 const VM2: &str = "0004fb00000600001111111111111111";
@@ -373,7 +373,7 @@ async fn login_issues_a_token_and_refuses_bad_credentials() {
     let t = token(&st).await;
     let claims = st.tokens.verify(&t).unwrap();
     assert_eq!(claims.user, "admin");
-    assert_eq!(claims.iss, crate::config::TOKEN_ISSUER);
+    assert_eq!(claims.iss, TOKEN_ISSUER);
 
     let bad = call(
         &st,

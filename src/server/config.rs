@@ -6,8 +6,11 @@
 //! `config/config.example.toml`. A bad config stops the service with one
 //! line naming the key and the problem ([`ConfigError`]'s `Display`).
 //!
-//! This module reads the files the config names (certificates, keys) only to
-//! check them; it owns no long-lived state and never logs a secret.
+//! Each layer owns the type of its own section (`api::config` for `[jwt]`,
+//! `[manager]`, `[auth]`, `[metrics]`; `tls::TlsConfig` for `[api.tls]`;
+//! `io::IoConfig` for `[io]`); this module puts them together. It reads the
+//! files the config names (certificates, keys) only to check them; it owns
+//! no long-lived state and never logs a secret.
 //! `[inventory]` and `[store]` are kept as raw tables here: their typed
 //! parsing belongs to those layers. `[io]` is the io core's own typed
 //! [`IoConfig`], parsed and validated here so a bad value stops the start
@@ -19,7 +22,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::{
+    check_password_hash, AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth,
+};
 use crate::io::IoConfig;
+use crate::tls::{self, TlsConfig};
 
 /// Where the service looks when no `-config` is given (NODE.md).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/coriolis-ovm-exporter/config.toml";
@@ -34,7 +41,6 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(168 * 3600);
 /// RFC 7518 3.2: an HS256 key must be at least 256 bits.
 pub const MIN_SECRET_BYTES: usize = 32;
 /// `iss` of the tokens we issue and accept.
-pub const TOKEN_ISSUER: &str = "coriolis-ovm-exporter";
 /// Time for a client to send its request line and headers (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for a client to finish the TLS handshake.
@@ -81,62 +87,8 @@ pub enum ConfigError {
     },
 }
 
-/// How `GET /metrics` is protected.
-#[derive(Clone, PartialEq, Eq)]
-pub enum MetricsAuth {
-    /// Open: the metrics hold counters by route template, no ids or names.
-    None,
-    /// A bearer JWT from `/auth/login`, like every other route.
-    Jwt,
-    /// A static bearer token (what Prometheus' `authorization` sends).
-    Token(String),
-}
-
-// Secrets never reach a log line, even through `{:?}` of the config.
-impl std::fmt::Debug for MetricsAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MetricsAuth::None => f.write_str("None"),
-            MetricsAuth::Jwt => f.write_str("Jwt"),
-            MetricsAuth::Token(_) => f.write_str("Token(<redacted>)"),
-        }
-    }
-}
-
-/// A local user (non-OVM hosts, or an account independent of the Manager).
 #[derive(Clone, Debug)]
-pub struct LocalUser {
-    pub username: String,
-    /// Argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
-    pub password_hash: String,
-}
-
-#[derive(Clone)]
-pub struct JwtConfig {
-    pub secret: Vec<u8>,
-    pub time_to_live: Duration,
-}
-
-impl std::fmt::Debug for JwtConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtConfig")
-            .field("secret", &"<redacted>")
-            .field("time_to_live", &self.time_to_live)
-            .finish()
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct TlsConfig {
-    pub certificate: PathBuf,
-    pub key: PathBuf,
-    pub ca_certificate: Option<PathBuf>,
-    /// mTLS: refuse clients without a certificate signed by `ca_certificate`.
-    pub require_client_certificate: bool,
-}
-
-#[derive(Clone, Debug)]
-pub struct ApiConfig {
+pub struct ListenerConfig {
     pub bind: IpAddr,
     pub port: u16,
     pub tls: TlsConfig,
@@ -146,20 +98,6 @@ pub struct ApiConfig {
     pub max_connections: usize,
     pub max_headers: usize,
     pub max_header_bytes: usize,
-}
-
-#[derive(Clone, Debug)]
-pub struct ManagerConfig {
-    /// CA to verify the Manager with; `None` means not verified (warned).
-    pub ca_certificate: Option<PathBuf>,
-    pub timeout: Duration,
-}
-
-#[derive(Clone, Debug)]
-pub struct AuthConfig {
-    pub users: Vec<LocalUser>,
-    pub login_max_failures: u32,
-    pub login_window: Duration,
 }
 
 /// The validated configuration.
@@ -173,7 +111,7 @@ pub struct Config {
     pub ovm_endpoint: Option<String>,
     pub log_file: Option<PathBuf>,
     pub jwt: JwtConfig,
-    pub api: ApiConfig,
+    pub api: ListenerConfig,
     pub manager: ManagerConfig,
     pub auth: AuthConfig,
     pub metrics: MetricsAuth,
@@ -358,8 +296,8 @@ impl Config {
             ca_certificate: tls.ca_certificate,
             require_client_certificate,
         };
-        crate::server::tls::check(&tls).map_err(|e| bad(e.key(), e.to_string()))?;
-        let api = ApiConfig {
+        tls::check(&tls).map_err(|e| bad(e.key(), e.to_string()))?;
+        let api = ListenerConfig {
             bind,
             port,
             tls,
@@ -405,8 +343,7 @@ impl Config {
 
         let manager = raw.manager.unwrap_or_default();
         if let Some(ca) = &manager.ca_certificate {
-            crate::server::tls::load_certs(ca)
-                .map_err(|e| bad("manager.ca_certificate", e.to_string()))?;
+            tls::load_certs(ca).map_err(|e| bad("manager.ca_certificate", e.to_string()))?;
         }
         let manager = ManagerConfig {
             ca_certificate: manager.ca_certificate,
@@ -419,7 +356,7 @@ impl Config {
             if u.username.is_empty() {
                 return Err(bad("auth.users.username", "empty".into()));
             }
-            crate::api::auth::check_password_hash(&u.password_hash).map_err(|p| {
+            check_password_hash(&u.password_hash).map_err(|p| {
                 bad(
                     "auth.users.password_hash",
                     format!("user {:?}: {p}", u.username),

@@ -1,4 +1,8 @@
-//! TLS of the API listener: certificates, key, client verification, ALPN.
+//! TLS: the crypto provider, certificate loading, and the API listener's
+//! server config (certificates, key, client verification, ALPN).
+//!
+//! A leaf: it imports nothing of the crate, so the server, the login check
+//! against the Manager and the client all take their TLS from here.
 //!
 //! One crypto provider for the whole process, aws-lc-rs (see Cargo.toml for
 //! why). TLS 1.2 and 1.3 only (rustls has nothing older, so TLS 1.0/1.1
@@ -17,10 +21,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::TlsConfig;
-
 /// ALPN ids, preferred first: HTTP/2 then HTTP/1.1 (RFC 7301 registry).
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// `[api.tls]`: the listener's certificate, key and client verification.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub ca_certificate: Option<PathBuf>,
+    /// mTLS: refuse clients without a certificate signed by `ca_certificate`.
+    pub require_client_certificate: bool,
+}
 
 /// A TLS file or setting that cannot be used.
 #[derive(Debug, thiserror::Error)]

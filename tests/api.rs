@@ -568,30 +568,22 @@ fn header_limits_timeouts_and_big_bodies() {
         431
     );
 
-    // A slow-header client is cut after header_read_timeout (1s).
+    // A slow-header client is cut after header_read_timeout (1s): the
+    // server closes (never the client's own read timeout, WAIT), and not
+    // before the timeout (a lower bound cannot flake on a slow machine).
     let mut tls = ex.connect();
     tls.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     tls.flush().unwrap();
     let start = Instant::now();
-    let mut buf = [0u8; 1024];
-    let n = loop {
-        match tls.read(&mut buf) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break 0,
-        }
-    };
+    let got = read_until_closed(&mut tls, "a slow-header connection");
     let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(10),
-        "closed after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(800), "closed after {took:?}");
     // hyper may say 408 before closing; it never serves the request.
     assert!(
-        n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
         "{:?}",
-        String::from_utf8_lossy(&buf[..n])
+        String::from_utf8_lossy(&got)
     );
 
     // An idle keep-alive connection is cut too: a slot is not held forever.
@@ -599,37 +591,21 @@ fn header_limits_timeouts_and_big_bodies() {
     let keep = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
     tls.write_all(keep).unwrap();
     tls.flush().unwrap();
-    let mut got = Vec::new();
-    let start = Instant::now();
-    loop {
-        match tls.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(_) => break,
-        }
-    }
+    let got = read_until_closed(&mut tls, "an idle keep-alive connection");
     assert!(
         got.starts_with(b"HTTP/1.1 200"),
         "{:?}",
         String::from_utf8_lossy(&got)
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "idle connection kept {:?}",
-        start.elapsed()
     );
 
     // A client that never starts TLS is cut after tls_handshake_timeout (2s).
     let mut tcp = TcpStream::connect(("127.0.0.1", ex.port)).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     let start = Instant::now();
-    let n = tcp.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0);
-    assert!(
-        start.elapsed() >= Duration::from_millis(1500),
-        "{:?}",
-        start.elapsed()
-    );
+    let got = read_until_closed(&mut tcp, "a connection without a TLS handshake");
+    assert!(got.is_empty(), "the server sent {got:?}");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(1500), "closed after {took:?}");
 
     // A 10 MB login body is refused without being read, and the server lives on.
     let ten_mb = 10 * 1024 * 1024;
@@ -725,6 +701,36 @@ fn h2_health(ex: &Exporter) {
     let (version, status, _) = h2_get(ex.port, config, "/api/v1/health", &[]);
     assert_eq!(version, http::Version::HTTP_2);
     assert_eq!(status, 200);
+}
+
+/// Reads until the server closes the connection (end of stream, a TLS
+/// close without close_notify, or a reset) and returns what it sent. Panics
+/// when the client's own read timeout (WAIT) fires first: the server never
+/// closed.
+fn read_until_closed(r: &mut impl Read, what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return got
+            }
+            Err(e) => panic!(
+                "{what} was not closed by the server within {WAIT:?} ({e}); got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
 }
 
 /// A minimal TLS 1.1 ClientHello (RFC 4346 7.4.1.2): version 3.2, AES-CBC

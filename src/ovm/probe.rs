@@ -14,13 +14,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{Mode, OFlags};
-
+use crate::sys::path::{self, SNAPSHOTS_DIR};
 use crate::sys::{self, CloneMethod, FsType};
 
-/// The folder under a repository's mount point that holds snapshots (and
-/// the probe's short-lived files). Fixed by API.md.
-pub const SNAPSHOT_DIR: &str = "CoriolisSnapshots";
 /// Prefix of the probe's files, so that a crash-left probe is recognisable.
 pub const PROBE_PREFIX: &str = ".coe-clone-probe-";
 /// One filesystem block: the smallest file every reflink filesystem clones.
@@ -54,30 +50,12 @@ impl CloneProbe {
     }
 }
 
-fn errno_text(e: rustix::io::Errno) -> String {
-    std::io::Error::from(e).to_string()
-}
-
 /// Opens `<mount>/CoriolisSnapshots`, creating it (mode 0700) if missing,
-/// never following a symlink planted in its place.
-pub fn open_snapshot_dir(mount: &Path) -> Result<(OwnedFd, OwnedFd), String> {
-    let root = rustix::fs::open(
-        mount,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open the mount point: {}", errno_text(e)))?;
-    match rustix::fs::mkdirat(&root, SNAPSHOT_DIR, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(format!("cannot create {SNAPSHOT_DIR}: {}", errno_text(e))),
-    }
-    let dir = rustix::fs::openat(
-        &root,
-        SNAPSHOT_DIR,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open {SNAPSHOT_DIR}: {}", errno_text(e)))?;
+/// never following a symlink planted in its place. Returns (mount, folder).
+fn open_snapshots_dir(mount: &Path) -> Result<(OwnedFd, OwnedFd), String> {
+    let root = path::open_dir(mount).map_err(|e| format!("cannot open the mount point: {e}"))?;
+    let (dir, _) = path::ensure_dir_at(root.as_fd(), SNAPSHOTS_DIR)
+        .map_err(|e| format!("cannot open {SNAPSHOTS_DIR}: {e}"))?;
     Ok((root, dir))
 }
 
@@ -91,7 +69,7 @@ pub fn probe_clone(mount: &Path) -> CloneProbe {
         fs_type: None,
         error: None,
     };
-    let (root, dir) = match open_snapshot_dir(mount) {
+    let (root, dir) = match open_snapshots_dir(mount) {
         Ok(fds) => fds,
         Err(e) => {
             if let Ok(f) = File::open(mount) {
@@ -115,14 +93,8 @@ pub fn probe_clone(mount: &Path) -> CloneProbe {
     let src_name = format!("{base}.src");
     let dst_name = format!("{base}.dst");
     let result = (|| -> Result<CloneMethod, String> {
-        let fd = rustix::fs::openat(
-            &dir,
-            src_name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| format!("cannot create a probe file: {}", errno_text(e)))?;
-        let mut f = File::from(fd);
+        let mut f = path::create_new_at(dir.as_fd(), &src_name)
+            .map_err(|e| format!("cannot create a probe file: {e}"))?;
         f.write_all(&[0x5a; PROBE_LEN])
             .map_err(|e| format!("cannot write a probe file: {e}"))?;
         drop(f);
@@ -135,7 +107,7 @@ pub fn probe_clone(mount: &Path) -> CloneProbe {
         .map_err(|e| crate::error::chain(&e))
     })();
     for name in [&src_name, &dst_name] {
-        let _ = rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty());
+        let _ = path::unlink_at(dir.as_fd(), name);
     }
     match result {
         Ok(m) => {
@@ -168,7 +140,9 @@ mod tests {
         let p = probe_clone(&dir);
         assert!(!p.can_clone, "{p:?}");
         assert_eq!(p.fs_type, Some(FsType::Tmpfs));
-        let left: Vec<_> = std::fs::read_dir(dir.join(SNAPSHOT_DIR)).unwrap().collect();
+        let left: Vec<_> = std::fs::read_dir(dir.join(SNAPSHOTS_DIR))
+            .unwrap()
+            .collect();
         assert!(left.is_empty(), "probe files left: {left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -27,13 +27,13 @@
 //! # What this module must not do
 //! Join anything from a request into a path: snapshot ids are looked up in
 //! the store, disk names matched against the record. Follow a symlink below
-//! a repository's mount point (see [`dirs`]). Block an event loop: every
+//! a repository's mount point (every path goes through
+//! [`crate::sys::path`]). Block an event loop: every
 //! call here blocks (clones, FIEMAP, fsync); the API runs them on a
 //! blocking pool. Depend on how the inventory is built: VMs come through
 //! [`VmLookup`].
 
 pub mod admin;
-pub(crate) mod dirs;
 pub mod error;
 pub mod fault;
 mod reconcile;
@@ -49,7 +49,8 @@ use uuid::Uuid;
 
 use crate::extent::{self, ByteRange, Extent, ExtentMap};
 use crate::ovm::Vm;
-use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions, SNAPSHOTS_DIR};
+use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions};
+use crate::sys::path::{self, SNAPSHOTS_DIR};
 
 pub use error::SnapshotError;
 pub use reconcile::{Action, ReconcileReport};
@@ -364,7 +365,7 @@ impl Manager {
         let result = self.create_in(&vm, &plan, &id, &mut folders);
         if result.is_err() {
             for f in &folders {
-                if let Err(e) = dirs::remove_tree_flat(f.snaps_dir.as_fd(), &id) {
+                if let Err(e) = path::remove_tree_flat(f.snaps_dir.as_fd(), &id) {
                     // Reconcile removes it at the next start (owner mark).
                     tracing::error!(snapshot = %id, repo = %f.repo_mount.display(), error = %e,
                         "cannot remove the folder of a failed snapshot");
@@ -389,11 +390,11 @@ impl Manager {
                 continue;
             }
             let what = || lossy(&d.repo_mount);
-            let repo = dirs::open_dir(&d.repo_mount)
+            let repo = path::open_dir(&d.repo_mount)
                 .map_err(|e| SnapshotError::io("open the repository", what(), e))?;
-            let (snaps_dir, _) = dirs::ensure_dir_at(repo.as_fd(), SNAPSHOTS_DIR)
+            let (snaps_dir, _) = path::ensure_dir_at(repo.as_fd(), SNAPSHOTS_DIR)
                 .map_err(|e| SnapshotError::io("open CoriolisSnapshots", what(), e))?;
-            let dir = dirs::create_dir_at(snaps_dir.as_fd(), id)
+            let dir = path::create_dir_at(snaps_dir.as_fd(), id)
                 .map_err(|e| SnapshotError::io("create the snapshot folder", what(), e))?;
             folders.push(Folder {
                 repo_mount: d.repo_mount.clone(),
@@ -401,7 +402,7 @@ impl Manager {
                 dir,
             });
             let f = folders.last().expect("just pushed");
-            dirs::write_new(f.dir.as_fd(), OWNER_MARK, self.owner.as_bytes())
+            path::write_new(f.dir.as_fd(), OWNER_MARK, self.owner.as_bytes())
                 .map_err(|e| SnapshotError::io("write the owner mark", what(), e))?;
         }
         fault::point(fault::CREATE_AFTER_MKDIR);
@@ -413,7 +414,7 @@ impl Manager {
                 .iter()
                 .find(|f| f.repo_mount == d.repo_mount)
                 .expect("a folder per repository");
-            let src_dir = dirs::open_dir(&d.src_dir)
+            let src_dir = path::open_dir(&d.src_dir)
                 .map_err(|e| SnapshotError::io("open the disk's folder", &d.name, e))?;
             crate::sys::reflink(
                 src_dir.as_fd(),
@@ -428,7 +429,7 @@ impl Manager {
             if i == 0 {
                 fault::point(fault::CREATE_AFTER_FIRST_CLONE);
             }
-            let clone = dirs::open_file_at(folder.dir.as_fd(), &d.name)
+            let clone = path::open_file_at(folder.dir.as_fd(), &d.name)
                 .map_err(|e| SnapshotError::io("open the clone", &d.name, e))?;
             // The record will say this clone exists: make it durable first.
             clone
@@ -452,7 +453,7 @@ impl Manager {
             maps.push(map);
         }
         for f in folders.iter() {
-            dirs::fsync_dir(f.dir.as_fd()).map_err(|e| {
+            path::fsync_dir(f.dir.as_fd()).map_err(|e| {
                 SnapshotError::io("sync the snapshot folder", lossy(&f.repo_mount), e)
             })?;
         }
@@ -472,7 +473,7 @@ impl Manager {
         })
         .map_err(|e| SnapshotError::io("encode the manifest", id, std::io::Error::other(e)))?;
         for f in folders.iter() {
-            dirs::write_atomic(f.dir.as_fd(), MANIFEST_TMP, MANIFEST, &manifest)
+            path::write_atomic(f.dir.as_fd(), MANIFEST_TMP, MANIFEST, &manifest)
                 .map_err(|e| SnapshotError::io("write the manifest", lossy(&f.repo_mount), e))?;
         }
         fault::point(fault::CREATE_AFTER_MANIFEST);
@@ -646,8 +647,8 @@ impl Manager {
         // on never brings it back, and reconcile finishes the removal.
         for (snaps_dir, dir, mount) in &folders {
             let _ = snaps_dir;
-            dirs::unlink_at(dir.as_fd(), MANIFEST)
-                .and_then(|()| dirs::fsync_dir(dir.as_fd()))
+            path::unlink_at(dir.as_fd(), MANIFEST)
+                .and_then(|()| path::fsync_dir(dir.as_fd()))
                 .map_err(|e| SnapshotError::io("remove the manifest", lossy(mount), e))?;
         }
         fault::point(fault::DELETE_AFTER_MANIFEST);
@@ -658,7 +659,7 @@ impl Manager {
                 .iter()
                 .find(|(_, _, m)| *m == d.repo_mount.as_path())
             {
-                dirs::unlink_at(dir.as_fd(), &d.name)
+                path::unlink_at(dir.as_fd(), &d.name)
                     .map_err(|e| SnapshotError::io("remove the disk clone", &d.name, e))?;
             }
             if i == 0 {
@@ -667,7 +668,7 @@ impl Manager {
         }
         for (snaps_dir, dir, mount) in folders {
             drop(dir);
-            dirs::remove_tree_flat(snaps_dir.as_fd(), &rec.id)
+            path::remove_tree_flat(snaps_dir.as_fd(), &rec.id)
                 .map_err(|e| SnapshotError::io("remove the snapshot folder", lossy(mount), e))?;
         }
         tracing::info!(snapshot = %rec.id, vm = %rec.vm, "snapshot deleted");
@@ -723,15 +724,15 @@ fn open_snapshot_folder<'a>(
     mount: &'a Path,
     id: &str,
 ) -> std::io::Result<(OwnedFd, OwnedFd, &'a Path)> {
-    let repo = dirs::open_dir(mount)?;
-    let snaps = dirs::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR)?;
-    let dir = dirs::open_dir_at(snaps.as_fd(), id)?;
+    let repo = path::open_dir(mount)?;
+    let snaps = path::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR)?;
+    let dir = path::open_dir_at(snaps.as_fd(), id)?;
     Ok((snaps, dir, mount))
 }
 
 fn open_snapshot_file(rec: &SnapshotRecord, d: &DiskRecord) -> std::io::Result<File> {
     let (_, dir, _) = open_snapshot_folder(&d.repo_mount, &rec.id)?;
-    dirs::open_file_at(dir.as_fd(), &d.name)
+    path::open_file_at(dir.as_fd(), &d.name)
 }
 
 /// Opens the disk file `d` of `rec` and checks it is the file recorded,
@@ -819,7 +820,7 @@ fn plan_disks(vm: &Vm) -> Result<Vec<PlannedDisk>, SnapshotError> {
         let Some(repo) = &d.repository else {
             return Err(refuse("the disk is not on a repository"));
         };
-        if dirs::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
+        if path::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
             return Err(refuse("the disk's name is not a usable file name"));
         }
         if plan.iter().any(|p| p.name == d.name) {
@@ -828,7 +829,7 @@ fn plan_disks(vm: &Vm) -> Result<Vec<PlannedDisk>, SnapshotError> {
         let (Some(src_dir), Some(src_name)) = (d.path.parent(), d.path.file_name()) else {
             return Err(refuse("the disk's path has no file name"));
         };
-        if !d.path.is_absolute() || !dirs::is_plain_name(src_name) {
+        if !d.path.is_absolute() || !path::is_plain_name(src_name) {
             return Err(refuse("the disk's path is not an absolute file path"));
         }
         let Some(src_name) = src_name.to_str() else {

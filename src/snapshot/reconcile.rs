@@ -24,10 +24,11 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{
-    dirs, Manager, Manifest, SnapshotError, MANIFEST, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
+    Manager, Manifest, SnapshotError, MANIFEST, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
     MAX_OWNER_BYTES, OWNER_MARK, RESERVED_PREFIX,
 };
-use crate::store::{Fingerprint, SnapshotRecord, SNAPSHOTS_DIR};
+use crate::store::{Fingerprint, SnapshotRecord};
+use crate::sys::path::{self, SNAPSHOTS_DIR};
 
 /// One thing reconcile did or decided not to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -99,7 +100,7 @@ enum Health {
 
 fn check_record(rec: &SnapshotRecord) -> Health {
     for mount in super::repo_mounts(rec) {
-        let repo = match dirs::open_dir(mount) {
+        let repo = match path::open_dir(mount) {
             Ok(r) => r,
             Err(e) => {
                 return Health::Unavailable(format!(
@@ -108,7 +109,7 @@ fn check_record(rec: &SnapshotRecord) -> Health {
                 ))
             }
         };
-        let snaps = match dirs::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR) {
+        let snaps = match path::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR) {
             Ok(s) => s,
             Err(e) => {
                 return Health::Unavailable(format!(
@@ -117,11 +118,11 @@ fn check_record(rec: &SnapshotRecord) -> Health {
                 ))
             }
         };
-        let dir = match dirs::open_dir_at(snaps.as_fd(), &rec.id) {
+        let dir = match path::open_dir_at(snaps.as_fd(), &rec.id) {
             Ok(d) => d,
             Err(e) => return Health::Broken(format!("folder in {}: {e}", mount.display())),
         };
-        match dirs::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES) {
+        match path::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES) {
             Ok(Some(_)) => {}
             Ok(None) => {
                 return Health::Broken(format!(
@@ -142,7 +143,7 @@ fn check_record(rec: &SnapshotRecord) -> Health {
 
 fn check_disk_file(id: &str, mount: &Path, name: &str, want: &Fingerprint) -> Result<(), String> {
     let (_, dir, _) = super::open_snapshot_folder(mount, id).map_err(|e| e.to_string())?;
-    let f = dirs::open_file_at(dir.as_fd(), name).map_err(|e| e.to_string())?;
+    let f = path::open_file_at(dir.as_fd(), name).map_err(|e| e.to_string())?;
     let fp = Fingerprint::of(&f).map_err(|e| e.to_string())?;
     if &fp != want {
         return Err("changed since it was recorded".into());
@@ -162,7 +163,7 @@ fn manifest_problem(m: &Manifest, name: &str) -> Option<String> {
         return Some("manifest lists no disk or a bad VM name".into());
     }
     for d in &m.snapshot.disks {
-        if dirs::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
+        if path::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
             return Some(format!("manifest names a bad disk {:?}", d.name));
         }
         if !d.repo_mount.is_absolute() {
@@ -237,14 +238,14 @@ impl Manager {
         let mut candidates: BTreeMap<String, Manifest> = BTreeMap::new();
         let mut to_remove: Vec<(PathBuf, String, String)> = Vec::new();
         for mount in &mounts {
-            let Ok(repo) = dirs::open_dir(mount) else {
+            let Ok(repo) = path::open_dir(mount) else {
                 report.push(Action::Skipped {
                     path: mount.clone(),
                     reason: "repository cannot be opened".into(),
                 });
                 continue;
             };
-            let snaps = match dirs::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR) {
+            let snaps = match path::open_dir_at(repo.as_fd(), SNAPSHOTS_DIR) {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -255,7 +256,7 @@ impl Manager {
                     continue;
                 }
             };
-            let names = dirs::list(snaps.as_fd()).map_err(|e| {
+            let names = path::list(snaps.as_fd()).map_err(|e| {
                 SnapshotError::io("list CoriolisSnapshots", mount.display().to_string(), e)
             })?;
             for name in names {
@@ -273,7 +274,7 @@ impl Manager {
                 if known.contains(&name) {
                     continue;
                 }
-                let dir = match dirs::open_dir_at(snaps.as_fd(), &name) {
+                let dir = match path::open_dir_at(snaps.as_fd(), &name) {
                     Ok(d) => d,
                     Err(e) => {
                         report.push(Action::Skipped {
@@ -284,12 +285,12 @@ impl Manager {
                     }
                 };
                 let manifest: Option<Result<Manifest, String>> =
-                    match dirs::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES) {
+                    match path::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES) {
                         Ok(Some(b)) => Some(serde_json::from_slice(&b).map_err(|e| e.to_string())),
                         Ok(None) => None,
                         Err(e) => Some(Err(e.to_string())),
                     };
-                let mark = dirs::read_small(dir.as_fd(), OWNER_MARK, MAX_OWNER_BYTES)
+                let mark = path::read_small(dir.as_fd(), OWNER_MARK, MAX_OWNER_BYTES)
                     .ok()
                     .flatten()
                     .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
@@ -305,7 +306,7 @@ impl Manager {
                         });
                     }
                     None => {
-                        let empty = dirs::list(dir.as_fd())
+                        let empty = path::list(dir.as_fd())
                             .map(|l| l.is_empty())
                             .unwrap_or(false);
                         if empty {
@@ -372,9 +373,9 @@ impl Manager {
 
         for (mount, name, reason) in to_remove {
             let path = mount.join(SNAPSHOTS_DIR).join(&name);
-            let removed = dirs::open_dir(&mount)
-                .and_then(|r| dirs::open_dir_at(r.as_fd(), SNAPSHOTS_DIR))
-                .and_then(|s| dirs::remove_tree_flat(s.as_fd(), &name));
+            let removed = path::open_dir(&mount)
+                .and_then(|r| path::open_dir_at(r.as_fd(), SNAPSHOTS_DIR))
+                .and_then(|s| path::remove_tree_flat(s.as_fd(), &name));
             match removed {
                 Ok(()) => report.push(Action::RemovedFolder { path, reason }),
                 Err(e) => report.push(Action::Skipped {
@@ -394,10 +395,10 @@ impl Manager {
             let inc = |r: String| AdoptError::Incomplete(format!("disk {}: {r}", d.name));
             let (_, dir, _) = super::open_snapshot_folder(&d.repo_mount, &rec.id)
                 .map_err(|e| inc(e.to_string()))?;
-            dirs::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES)
+            path::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES)
                 .map_err(|e| inc(e.to_string()))?
                 .ok_or_else(|| inc("no manifest beside it".into()))?;
-            let f = dirs::open_file_at(dir.as_fd(), &d.name).map_err(|e| inc(e.to_string()))?;
+            let f = path::open_file_at(dir.as_fd(), &d.name).map_err(|e| inc(e.to_string()))?;
             let fp = Fingerprint::of(&f).map_err(|e| inc(e.to_string()))?;
             if fp != d.fingerprint {
                 return Err(inc("changed since the manifest was written".into()));

@@ -49,7 +49,7 @@ pub use record::{DiskRecord, Fingerprint, SnapshotRecord};
 
 /// The folder of every repository holding this service's snapshots
 /// (API.md: `<repo mount point>/CoriolisSnapshots/<snap id>/<disk name>`).
-pub const SNAPSHOTS_DIR: &str = "CoriolisSnapshots";
+pub use crate::sys::path::SNAPSHOTS_DIR;
 
 /// The schema this build writes and reads. Bump on any incompatible change
 /// of keys or values; older schemas are migrated at open, newer refused.

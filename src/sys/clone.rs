@@ -2,23 +2,24 @@
 //! kernel has no `FICLONE` for OCFS2 (Oracle VM 3.x's UEK4).
 //!
 //! Both files are addressed through open directory descriptors and names,
-//! never through a path string built from input: the source is opened with
-//! `O_NOFOLLOW`, the destination created with `O_CREAT | O_EXCL |
-//! O_NOFOLLOW` and mode 0600, so a symlink planted in a snapshot folder is
-//! never followed. The OCFS2 ioctl resolves paths itself; it is given
+//! never through a path string built from input, by the safe-path layer
+//! ([`super::path`]): the source is opened with `O_NOFOLLOW`, the
+//! destination created with `O_CREAT | O_EXCL | O_NOFOLLOW` and mode 0600,
+//! so a symlink planted in a snapshot folder is never followed. The OCFS2 ioctl resolves paths itself; it is given
 //! `/proc/self/fd/<dir fd>/<name>` so that only the final name is looked up,
 //! relative to the directory we hold open, and the kernel does not follow a
 //! final symlink there (it looks the old path up without `LOOKUP_FOLLOW`).
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
+
+use super::path::{self, OpenError};
 
 /// `struct reflink_arguments` from `fs/ocfs2/ocfs2_ioctl.h`:
 /// `{ __u64 old_path; __u64 new_path; __u64 preserve; }`.
@@ -116,39 +117,22 @@ unsafe impl Ioctl for Ocfs2ReflinkCall {
 }
 
 fn check_name(name: &Path) -> Result<CString, CloneError> {
-    let bytes = name.as_os_str().as_bytes();
-    if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
-        return Err(CloneError::BadName {
-            name: name.display().to_string(),
-        });
-    }
-    CString::new(bytes).map_err(|_| CloneError::BadName {
+    path::cname(name).map_err(|_| CloneError::BadName {
         name: name.display().to_string(),
     })
 }
 
 /// Opens a regular file `name` in `dir` read-only, never following a symlink.
 pub fn open_regular_nofollow(dir: BorrowedFd<'_>, name: &Path) -> Result<File, CloneError> {
-    let cname = check_name(name)?;
+    check_name(name)?;
     let shown = || name.display().to_string();
-    let fd: OwnedFd = rustix::fs::openat(
-        dir,
-        cname.as_c_str(),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| CloneError::OpenSource {
-        name: shown(),
-        source: e.into(),
-    })?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| CloneError::OpenSource {
-        name: shown(),
-        source: e.into(),
-    })?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(CloneError::NotRegular { name: shown() });
-    }
-    Ok(File::from(fd))
+    path::open_regular_at(dir, name).map_err(|e| match e {
+        OpenError::Io(source) => CloneError::OpenSource {
+            name: shown(),
+            source,
+        },
+        OpenError::NotRegular => CloneError::NotRegular { name: shown() },
+    })
 }
 
 /// Clones `src_name` in `src_dir` to a new file `dst_name` in `dst_dir`
@@ -163,12 +147,16 @@ pub fn reflink(
 ) -> Result<CloneMethod, CloneError> {
     let src = open_regular_nofollow(src_dir, src_name)?;
     let dst_c = check_name(dst_name)?;
-    let dst = create_exclusive(dst_dir, &dst_c, dst_name)?;
+    let dst =
+        path::create_new_at(dst_dir, dst_name).map_err(|source| CloneError::CreateTarget {
+            name: dst_name.display().to_string(),
+            source,
+        })?;
     match rustix::fs::ioctl_ficlone(&dst, &src) {
         Ok(()) => Ok(CloneMethod::Ficlone),
         Err(errno) => {
             drop(dst);
-            let _ = rustix::fs::unlinkat(dst_dir, dst_c.as_c_str(), rustix::fs::AtFlags::empty());
+            let _ = path::unlink_at(dst_dir, dst_name);
             if !ficlone_unsupported(errno) {
                 return Err(CloneError::Reflink {
                     name: src_name.display().to_string(),
@@ -190,34 +178,12 @@ pub fn reflink(
                 }
             })?;
             // `preserve` copied the source's mode; snapshots stay private.
-            if let Ok(fd) = rustix::fs::openat(
-                dst_dir,
-                dst_c.as_c_str(),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
+            if let Ok(f) = path::open_file_at(dst_dir, dst_name) {
+                let _ = rustix::fs::fchmod(&f, Mode::from_raw_mode(path::FILE_MODE));
             }
             Ok(CloneMethod::Ocfs2Reflink)
         }
     }
-}
-
-fn create_exclusive(
-    dir: BorrowedFd<'_>,
-    name: &CString,
-    shown: &Path,
-) -> Result<OwnedFd, CloneError> {
-    rustix::fs::openat(
-        dir,
-        name.as_c_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| CloneError::CreateTarget {
-        name: shown.display().to_string(),
-        source: e.into(),
-    })
 }
 
 /// Errors by which a kernel says "this filesystem cannot FICLONE", as

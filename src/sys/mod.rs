@@ -1,4 +1,5 @@
-//! The syscall layer: reflink clones, FIEMAP, statfs.
+//! The syscall layer: the safe-path layer (every path open, `openat`-style),
+//! reflink clones, FIEMAP, statfs, fault points.
 //!
 //! This is the only module allowed `unsafe` for syscalls; every block says
 //! why it is sound. Everything here blocks (a clone of a big file can take
@@ -10,6 +11,7 @@
 pub mod clone;
 pub mod fault;
 pub mod fiemap;
+pub mod path;
 pub mod statfs;
 
 pub use clone::{reflink, CloneError, CloneMethod};

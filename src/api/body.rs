@@ -50,6 +50,9 @@ pub struct ApiBody {
     sent: u64,
     failed: bool,
     record: Option<AccessRecord>,
+    /// Something the server ties to this body's life (its connection's
+    /// count of requests in flight), dropped with it.
+    guard: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl ApiBody {
@@ -76,7 +79,14 @@ impl ApiBody {
             sent: 0,
             failed: false,
             record: None,
+            guard: None,
         }
+    }
+
+    /// Keep `guard` until this body is dropped (sent, or abandoned with its
+    /// connection).
+    pub fn attach(&mut self, guard: impl std::any::Any + Send) {
+        self.guard = Some(Box::new(guard));
     }
 
     /// Attach the access record: it is written when the body is dropped.

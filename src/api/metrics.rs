@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ pub struct Metrics {
     snapshot_ops: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     streams_in_flight: AtomicI64,
     connections_open: AtomicI64,
-    connections_refused: AtomicU64,
+    connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    connections_cut: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -82,9 +83,14 @@ impl Metrics {
     pub fn connection_closed(&self) {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
-    /// A connection dropped because `api.max_connections` were open.
-    pub fn connection_refused(&self) {
-        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    /// A connection closed at accept by the connection budget, by reason
+    /// (`max_connections`, `per_address`, `reserved`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        *lock(&self.connections_refused).entry(reason).or_default() += 1;
+    }
+    /// A connection cut by its watchdog (`send_timeout`, `idle`).
+    pub fn connection_cut(&self, reason: &'static str) {
+        *lock(&self.connections_cut).entry(reason).or_default() += 1;
     }
 
     /// The Prometheus text exposition format (version 0.0.4), with the io
@@ -174,13 +180,25 @@ impl Metrics {
             "coe_connections_open {}",
             self.connections_open.load(Ordering::Relaxed)
         )?;
-        writeln!(out, "# HELP coe_connections_refused_total Connections dropped at the max_connections limit.")?;
-        writeln!(out, "# TYPE coe_connections_refused_total counter")?;
         writeln!(
             out,
-            "coe_connections_refused_total {}",
-            self.connections_refused.load(Ordering::Relaxed)
+            "# HELP coe_connections_refused_total Connections closed at accept by the connection budget, by reason."
         )?;
+        writeln!(out, "# TYPE coe_connections_refused_total counter")?;
+        for (reason, n) in lock(&self.connections_refused).iter() {
+            writeln!(
+                out,
+                "coe_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_connections_cut_total Connections cut by their watchdog (send_timeout, idle)."
+        )?;
+        writeln!(out, "# TYPE coe_connections_cut_total counter")?;
+        for (reason, n) in lock(&self.connections_cut).iter() {
+            writeln!(out, "coe_connections_cut_total{{reason=\"{reason}\"}} {n}")?;
+        }
         Ok(())
     }
 }

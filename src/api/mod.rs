@@ -40,6 +40,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("range not satisfiable: {reason}")]
     RangeNotSatisfiable { size: u64, reason: String },
     #[error("too many failed logins from this address")]
@@ -75,6 +77,7 @@ impl ApiError {
             }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "Request Timeout"),
             ApiError::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "Range Not Satisfiable")
             }

@@ -30,6 +30,9 @@ pub const MAX_LOGIN_BODY: usize = 16 * 1024;
 /// Longest accepted path id: VM ids are 32 hex, snapshot ids 36, disk file
 /// names about 40; room for static-inventory names, none for abuse.
 pub const MAX_ID_LEN: usize = 128;
+/// Time for a client to send a request body (a login) once its headers are
+/// in; a body that trickles in longer is answered 408 (`api.body_read_timeout`).
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Credential checks running at once (each can hold an Argon2 buffer or a
 /// Manager connection); more wait.
 const LOGIN_CONCURRENCY: usize = 16;
@@ -180,6 +183,9 @@ pub struct State {
     /// The io core every disk byte is read through.
     pub engine: IoEngine,
     login_permits: Semaphore,
+    /// Time a request body (a login) may take to arrive; set by the server
+    /// from `api.body_read_timeout` before the state is shared.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl State {
@@ -199,6 +205,7 @@ impl State {
             metrics_auth,
             engine,
             login_permits: Semaphore::new(LOGIN_CONCURRENCY),
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         })
     }
 }
@@ -666,9 +673,20 @@ where
             "login body over {MAX_LOGIN_BODY} bytes"
         )));
     }
-    let body = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BODY)
-        .collect()
-        .await
+    // A body that trickles in (or never comes) holds a connection and a
+    // task: it gets `api.body_read_timeout`, then 408.
+    let collected = tokio::time::timeout(
+        state.body_read_timeout,
+        http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BODY).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::RequestTimeout(format!(
+            "the login body did not arrive within {} s (api.body_read_timeout)",
+            state.body_read_timeout.as_secs_f64()
+        ))
+    })?;
+    let body = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ApiError::PayloadTooLarge(format!("login body over {MAX_LOGIN_BODY} bytes"))

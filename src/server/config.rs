@@ -49,6 +49,20 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Concurrent connections; a backup run uses a handful per disk.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cap of connections from one address: an eighth of
+/// `max_connections`, at most this (a Coriolis worker exporting many disks
+/// at once uses a few connections per disk).
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
+/// Time for a client to send a request body (a login).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = crate::api::router::DEFAULT_BODY_READ_TIMEOUT;
+/// Time a response may wait on a client that reads nothing before the
+/// connection is cut and its buffers returned.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time an HTTP/2 connection may stay open with no request.
+pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// HTTP/2 streams one connection may run at once (RFC 9113 recommends no
+/// less than 100).
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 100;
 /// Header count limit; clients send about ten.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Request line + headers (HTTP/1) and header list (HTTP/2) size cap.
@@ -96,8 +110,19 @@ pub struct ListenerConfig {
     pub tls_handshake_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold.
+    pub max_connections_per_address: usize,
+    /// Connections kept for addresses that hold few (see `server::budget`).
+    pub reserved_connections: usize,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Time to receive a request body once the headers are in.
+    pub body_read_timeout: Duration,
+    /// A response whose writes wait this long on the client is cut.
+    pub send_timeout: Duration,
+    /// An HTTP/2 connection with no request this long is closed.
+    pub http2_idle_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// The validated configuration.
@@ -164,8 +189,14 @@ struct RawApi {
     tls_handshake_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<i64>,
+    max_connections_per_address: Option<i64>,
+    reserved_connections: Option<i64>,
     max_headers: Option<i64>,
     max_header_bytes: Option<i64>,
+    body_read_timeout: Option<String>,
+    send_timeout: Option<String>,
+    http2_idle_timeout: Option<String>,
+    http2_max_concurrent_streams: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -297,6 +328,39 @@ impl Config {
             require_client_certificate,
         };
         tls::check(&tls).map_err(|e| bad(e.key(), e.to_string()))?;
+        let max_connections = positive(
+            "api.max_connections",
+            api.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        )?;
+        let max_connections_per_address = positive(
+            "api.max_connections_per_address",
+            api.max_connections_per_address,
+            (max_connections / 8).clamp(1, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+        )?;
+        if max_connections_per_address > max_connections {
+            return Err(bad(
+                "api.max_connections_per_address",
+                format!("{max_connections_per_address}: more than api.max_connections ({max_connections})"),
+            ));
+        }
+        let reserved_connections = match api.reserved_connections {
+            None => max_connections / 4,
+            Some(n) if n >= 0 && (n as u64) < max_connections as u64 => n as usize,
+            Some(n) => {
+                return Err(bad(
+                    "api.reserved_connections",
+                    format!("{n}: must be at least 0 and less than api.max_connections ({max_connections})"),
+                ))
+            }
+        };
+        let http2_max_concurrent_streams = positive(
+            "api.http2_max_concurrent_streams",
+            api.http2_max_concurrent_streams,
+            DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        )?;
+        let http2_max_concurrent_streams = u32::try_from(http2_max_concurrent_streams)
+            .map_err(|_| bad("api.http2_max_concurrent_streams", "too large".into()))?;
         let api = ListenerConfig {
             bind,
             port,
@@ -316,18 +380,37 @@ impl Config {
                 api.shutdown_grace,
                 DEFAULT_SHUTDOWN_GRACE,
             )?,
-            max_connections: positive(
-                "api.max_connections",
-                api.max_connections,
-                DEFAULT_MAX_CONNECTIONS,
-            )?,
+            max_connections,
+            max_connections_per_address,
+            reserved_connections,
             max_headers: positive("api.max_headers", api.max_headers, DEFAULT_MAX_HEADERS)?,
             max_header_bytes: positive(
                 "api.max_header_bytes",
                 api.max_header_bytes,
                 DEFAULT_MAX_HEADER_BYTES,
             )?,
+            body_read_timeout: duration(
+                "api.body_read_timeout",
+                api.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT,
+            )?,
+            send_timeout: duration("api.send_timeout", api.send_timeout, DEFAULT_SEND_TIMEOUT)?,
+            http2_idle_timeout: duration(
+                "api.http2_idle_timeout",
+                api.http2_idle_timeout,
+                DEFAULT_HTTP2_IDLE_TIMEOUT,
+            )?,
+            http2_max_concurrent_streams,
         };
+        for (key, d) in [
+            ("api.body_read_timeout", api.body_read_timeout),
+            ("api.send_timeout", api.send_timeout),
+            ("api.http2_idle_timeout", api.http2_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(key, "must be more than 0".into()));
+            }
+        }
         if api.header_read_timeout.is_zero() {
             return Err(bad("api.header_read_timeout", "must be more than 0".into()));
         }

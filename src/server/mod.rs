@@ -5,14 +5,28 @@
 //! (that is `api`). The protocol is chosen by ALPN right after the TLS
 //! handshake: `h2` gets hyper's HTTP/2 server, anything else HTTP/1.1, so a
 //! connection never waits in a protocol-sniffing phase that no header
-//! timeout covers. Limits in force on every connection: TLS handshake
-//! timeout, header read timeout (with a `Timer`, without which hyper ignores
-//! it), header count and size, HTTP/2 streams per connection, and
-//! `max_connections` connections in all.
+//! timeout covers. Limits in force on every connection:
+//!
+//! - the connection budget ([`budget`]): `max_connections` in all,
+//!   `max_connections_per_address`, and a reserved share for addresses that
+//!   are not flooding, checked at accept before any TLS work;
+//! - TLS handshake timeout, header read timeout (with a `Timer`, without
+//!   which hyper ignores it), header count and size;
+//! - the request body read timeout (`api.body_read_timeout`, applied by the
+//!   handlers that read a body: the login);
+//! - the watchdog ([`watch`]): a response whose writes wait on the client
+//!   for `send_timeout` is cut, an HTTP/2 connection with no request for
+//!   `http2_idle_timeout` closed;
+//! - HTTP/2: concurrent streams, and the reset-flood limits of the
+//!   CVE-2023-44487 class (streams the client opens and resets at once, and
+//!   streams the server has to reset for the client's errors) set
+//!   explicitly rather than left to hyper's and h2's defaults.
 
+pub mod budget;
 pub mod config;
 pub mod logging;
 pub mod notify;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,7 +36,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, Backend, Login, Tokens};
@@ -30,11 +43,25 @@ use crate::tls;
 
 pub use config::{Config, ConfigError, ListenerConfig};
 
-/// HTTP/2 streams one connection may run at once (RFC 9113 recommends no
-/// less than 100).
-const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 ping interval, to find dead peers on long idle connections.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// HTTP/2: streams a client may open and reset before the server has
+/// accepted them (the "rapid reset" of CVE-2023-44487); past it the
+/// connection gets a GOAWAY. h2's default, stated.
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// HTTP/2: streams the server may reset because of the client's errors
+/// before it sends a GOAWAY (RUSTSEC-2024-0003). Lower than hyper's 1024:
+/// no honest client of this API causes more than a handful.
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 64;
+/// HTTP/2: bytes hyper buffers per stream for sending; our frames are
+/// already bounded by the io core, this only bounds what it adds.
+const H2_MAX_SEND_BUF_SIZE: usize = 1 << 20;
+/// How often a connection's watchdog looks at it, at most; shorter
+/// timeouts are looked at in a quarter of their length.
+const WATCHDOG_TICK: Duration = Duration::from_secs(1);
+/// Refusals by the connection budget are logged at most once per this
+/// period (a flood would otherwise write a log line per connection).
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and the like) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Time the runtime gives blocking tasks (disk readers) at exit; they stop
@@ -81,7 +108,10 @@ pub async fn serve(
     );
     let login = Login::from_config(&config.auth, &config.manager, config.ovm_endpoint.clone())?;
     let tokens = Tokens::new(&config.jwt.secret, config.jwt.time_to_live);
-    let state = api::State::from_parts(backend, tokens, login, config.metrics.clone(), engine);
+    let mut state = api::State::from_parts(backend, tokens, login, config.metrics.clone(), engine);
+    if let Some(s) = Arc::get_mut(&mut state) {
+        s.body_read_timeout = config.api.body_read_timeout;
+    }
     let addr = SocketAddr::new(config.api.bind, config.api.port);
     let listener = TcpListener::bind(addr)
         .await
@@ -93,7 +123,12 @@ pub async fn serve(
     on_ready(local);
 
     let limits = Arc::new(Limits::from(&*config));
-    let connections = Arc::new(Semaphore::new(config.api.max_connections));
+    let budget = budget::Budget::new(budget::Limits {
+        max: config.api.max_connections,
+        per_address: config.api.max_connections_per_address,
+        reserved: config.api.reserved_connections,
+    });
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -108,16 +143,32 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            state.metrics.connection_refused();
-            tracing::warn!(%peer, "connection refused: api.max_connections reached");
-            continue;
+        let ticket = match budget.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(refusal) => {
+                state.metrics.connection_refused(refusal.label());
+                if last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_PERIOD) {
+                    last_refusal_log = Some(std::time::Instant::now());
+                    let (total, mine) = budget.held_by(peer.ip());
+                    tracing::warn!(
+                        %peer,
+                        reason = refusal.label(),
+                        open = total,
+                        open_from_address = mine,
+                        "connection refused by the connection budget (logged once per {}s; \
+                         coe_connections_refused_total counts them all)",
+                        REFUSAL_LOG_PERIOD.as_secs()
+                    );
+                }
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let (acceptor, state, limits) = (acceptor.clone(), state.clone(), limits.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _ticket = ticket;
             state.metrics.connection_opened();
             let _open = OpenGuard(state.clone());
             let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
@@ -132,26 +183,70 @@ pub async fn serve(
                 }
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let activity = watch::Activity::new();
             let svc_state = state.clone();
-            let svc = service_fn(move |req| api::handle(svc_state.clone(), peer, req));
-            let io = TokioIo::new(tls);
+            let svc_activity = activity.clone();
+            let svc = service_fn(move |req| {
+                let guard = svc_activity.request();
+                let state = svc_state.clone();
+                async move {
+                    let mut resp = api::handle(state, peer, req).await?;
+                    resp.body_mut().attach(guard);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let io = TokioIo::new(watch::Watched::new(tls, activity.clone()));
+            let idle = h2.then_some(limits.h2_idle);
             let result = if h2 {
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
                     .max_header_list_size(limits.header_bytes)
-                    .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                    .max_concurrent_streams(limits.h2_streams)
+                    .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+                    .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+                    .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
                     .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
-                watcher.watch(b.serve_connection(io, svc)).await
+                watched(
+                    watcher.watch(b.serve_connection(io, svc)),
+                    &activity,
+                    &limits,
+                    idle,
+                )
+                .await
             } else {
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read)
                     .max_headers(limits.headers)
                     .max_header_size(limits.header_bytes as usize);
-                watcher.watch(b.serve_connection(io, svc)).await
+                watched(
+                    watcher.watch(b.serve_connection(io, svc)),
+                    &activity,
+                    &limits,
+                    idle,
+                )
+                .await
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+                Err(cut) => {
+                    let reason = match cut {
+                        watch::Cut::SendTimeout => "send_timeout",
+                        watch::Cut::Idle => "idle",
+                    };
+                    state.metrics.connection_cut(reason);
+                    match cut {
+                        watch::Cut::SendTimeout => tracing::warn!(
+                            %peer,
+                            timeout_secs = limits.send.as_secs_f64(),
+                            "connection cut: the client read nothing for api.send_timeout"
+                        ),
+                        watch::Cut::Idle => {
+                            tracing::debug!(%peer, "idle HTTP/2 connection closed")
+                        }
+                    }
+                }
             }
         });
     }
@@ -174,12 +269,39 @@ pub async fn serve(
     Ok(())
 }
 
+/// Run a connection beside its watchdog: `Err` when the watchdog cut it
+/// (the connection future, and with it every response body, is dropped).
+async fn watched<F: Future>(
+    conn: F,
+    activity: &watch::Activity,
+    limits: &Limits,
+    idle: Option<Duration>,
+) -> Result<F::Output, watch::Cut> {
+    let shortest = idle.map_or(limits.send, |i| i.min(limits.send));
+    let mut tick = tokio::time::interval((shortest / 4).clamp(Duration::from_millis(10), WATCHDOG_TICK));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            out = &mut conn => return Ok(out),
+            _ = tick.tick() => {
+                if let Some(cut) = activity.verdict(limits.send, idle) {
+                    return Err(cut);
+                }
+            }
+        }
+    }
+}
+
 /// Per-connection limits, copied out of the config once.
 struct Limits {
     handshake: Duration,
     header_read: Duration,
     headers: usize,
     header_bytes: u32,
+    send: Duration,
+    h2_idle: Duration,
+    h2_streams: u32,
 }
 
 impl From<&Config> for Limits {
@@ -189,6 +311,9 @@ impl From<&Config> for Limits {
             header_read: c.api.header_read_timeout,
             headers: c.api.max_headers,
             header_bytes: u32::try_from(c.api.max_header_bytes).unwrap_or(u32::MAX),
+            send: c.api.send_timeout,
+            h2_idle: c.api.http2_idle_timeout,
+            h2_streams: c.api.http2_max_concurrent_streams,
         }
     }
 }

@@ -278,7 +278,8 @@ async fn watched<F: Future>(
     idle: Option<Duration>,
 ) -> Result<F::Output, watch::Cut> {
     let shortest = idle.map_or(limits.send, |i| i.min(limits.send));
-    let mut tick = tokio::time::interval((shortest / 4).clamp(Duration::from_millis(10), WATCHDOG_TICK));
+    let mut tick =
+        tokio::time::interval((shortest / 4).clamp(Duration::from_millis(10), WATCHDOG_TICK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(conn);
     loop {

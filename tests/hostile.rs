@@ -1,0 +1,263 @@
+//! The hostile-load suite (#11): the real binary over TLS, scaled down for
+//! CI (`max_connections = 64`), one test per way a client can stall, flood
+//! or attack the service, each checking that an honest client on another
+//! address is still served.
+//!
+//! Clients come from several loopback addresses (127.0.0.1 floods, 127.0.0.2
+//! and up are honest), so the per-address limits are exercised for real.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+
+use crate::common::exporter::{Client, Exporter, Options, LOCAL_PASS, LOCAL_USER};
+use crate::common::http::{http_request, read_answer, Answer};
+use crate::common::pki::Pki;
+use crate::common::{Fs, WAIT};
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// The `[api]` limits of these tests: a small budget, short timeouts.
+const LIMITS: &str = "max_connections = 64\nbody_read_timeout = \"2s\"\n\
+                      send_timeout = \"2s\"\nhttp2_idle_timeout = \"1s\"\n";
+
+/// A TCP connection to the exporter from source address `src`, with a
+/// receive buffer of `rcvbuf` bytes when given (set before the connect, so
+/// the window the server sees is small from the start).
+fn tcp_from(src: &str, port: u16, rcvbuf: Option<u32>) -> std::io::Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let src: std::net::IpAddr = src.parse().unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        if let Some(n) = rcvbuf {
+            s.set_recv_buffer_size(n)?;
+        }
+        s.bind((src, 0).into())?;
+        let tcp = s.connect(([127, 0, 0, 1], port).into()).await?;
+        let tcp = tcp.into_std()?;
+        tcp.set_nonblocking(false)?;
+        tcp.set_read_timeout(Some(WAIT))?;
+        Ok(tcp)
+    })
+}
+
+/// TLS over `tcp`, handshake done, ALPN `alpn`.
+fn tls_over(client: &Client, tcp: TcpStream, alpn: &[u8]) -> std::io::Result<Tls> {
+    let config = client.client_config(None, &[alpn], false);
+    let conn =
+        rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// One request from source address `src` on a fresh connection.
+fn request_from(client: &Client, src: &str, request: &[u8]) -> std::io::Result<Answer> {
+    let mut tls = tls_over(client, tcp_from(src, client.port, None)?, b"http/1.1")?;
+    tls.write_all(request)?;
+    tls.flush()?;
+    Ok(read_answer(&mut tls))
+}
+
+/// The exporter with the suite's limits, `extra` more config, and a static
+/// inventory of one VM whose disk is `disk` in repository `repo`.
+fn start(pki: &Pki, extra: &str, disk: Option<(&Path, &Path)>) -> Exporter {
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    Exporter::start_with(pki, 0o600, |dir, port| {
+        let mut c = Exporter::config(pki, dir, port, &o);
+        c = c.replace("\n[api]\n", &format!("\n[api]\n{LIMITS}"));
+        if let Some((repo, disk)) = disk {
+            c += &format!(
+                "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+                 check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+                 mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
+                 disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+            );
+        }
+        c + extra
+    })
+}
+
+/// The value of the first `/metrics` line starting with `prefix`, or 0.
+fn metric(client: &Client, prefix: &str) -> u64 {
+    let a = request_from(
+        client,
+        "127.0.0.9",
+        &http_request("GET", "/metrics", None, &[], ""),
+    )
+    .expect("metrics");
+    a.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `cond` holds, for at most [`WAIT`].
+fn wait_for(what: &str, ex: &Exporter, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; log:\n{}",
+            ex.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Table row 2 of #11: one address opens far more connections than the
+/// budget, each a login whose body never completes. Other addresses are
+/// still served at once, and the half-sent logins are answered 408 and let
+/// go after `api.body_read_timeout`.
+#[test]
+fn half_sent_logins_from_one_address_leave_room_for_others() {
+    let pki = Pki::new();
+    let ex = start(&pki, "", None);
+    let head = b"POST /api/v1/auth/login HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{";
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let Ok(tcp) = tcp_from("127.0.0.1", ex.port, None) else {
+            continue;
+        };
+        // Refused connections are closed before the handshake ends.
+        let Ok(mut tls) = tls_over(&ex, tcp, b"http/1.1") else {
+            continue;
+        };
+        if tls.write_all(head).and_then(|()| tls.flush()).is_ok() {
+            held.push(tls);
+        }
+    }
+    assert!(!held.is_empty(), "some of the flood gets in");
+    // Others, from other addresses, at once.
+    for src in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let a = request_from(
+            &ex,
+            src,
+            &http_request("GET", "/api/v1/health", None, &[], ""),
+        )
+        .unwrap_or_else(|e| panic!("health from {src}: {e}; log:\n{}", ex.log()));
+        assert_eq!(a.status, 200, "{}", a.text());
+        let a = request_from(
+            &ex,
+            src,
+            &http_request(
+                "POST",
+                "/api/v1/auth/login",
+                None,
+                &[],
+                &serde_json::json!({"username": LOCAL_USER, "password": LOCAL_PASS}).to_string(),
+            ),
+        )
+        .unwrap();
+        assert_eq!(a.status, 200, "login from {src}: {}", a.text());
+    }
+    assert!(metric(&ex, "coe_connections_refused_total{reason=\"per_address\"}") > 0);
+    // The half-sent logins get their 408 and the connections go.
+    let mut first = held.swap_remove(0);
+    let a = read_answer(&mut first);
+    a.assert_error(408, "Request Timeout");
+    wait_for("the half-sent logins to be let go", &ex, || {
+        metric(&ex, "coe_connections_open") <= 2
+    });
+}
+
+/// A client that stops reading a download is cut after `api.send_timeout`:
+/// its body ends short (never cleanly) and the cut is counted.
+#[test]
+fn a_reader_that_stops_is_cut_after_send_timeout() {
+    let scratch = Fs::Xfs.scratch("hostile-stall");
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let size: u64 = 64 << 20;
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
+    }
+    let pki = Pki::new();
+    let ex = start(&pki, "", Some((&repo, &disk)));
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
+    assert_eq!(snap.status, 200, "{}", snap.text());
+    let v = snap.json();
+    let url = format!(
+        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
+        v["id"].as_str().unwrap(),
+        v["disks"][0]["name"].as_str().unwrap()
+    );
+    let mut tls = tls_over(
+        &ex,
+        tcp_from("127.0.0.5", ex.port, Some(4096)).unwrap(),
+        b"http/1.1",
+    )
+    .unwrap();
+    tls.write_all(&http_request("GET", &url, Some(&token), &[], ""))
+        .unwrap();
+    let mut first = vec![0u8; 1024];
+    let n = tls.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    // Stop reading; the server's writes wait, and after send_timeout the
+    // connection is cut.
+    wait_for("the stalled download to be cut", &ex, || {
+        metric(&ex, "coe_connections_cut_total{reason=\"send_timeout\"}") >= 1
+    });
+    let mut rest = Vec::new();
+    let ended = tls.read_to_end(&mut rest);
+    assert!(
+        ((n + rest.len()) as u64) < size,
+        "the body is cut short ({} bytes, {ended:?})",
+        n + rest.len()
+    );
+    // And the next client is served.
+    let a = request_from(
+        &ex,
+        "127.0.0.6",
+        &http_request(
+            "GET",
+            &url,
+            Some(&token),
+            &[("Range", "bytes=0-1048575")],
+            "",
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.status, 206);
+    assert!(a.body == vec![7u8; 1 << 20]);
+}
+
+/// An HTTP/2 connection with no request is closed after
+/// `api.http2_idle_timeout` (hyper has no such limit).
+#[test]
+fn idle_http2_connections_are_closed() {
+    let pki = Pki::new();
+    let ex = start(&pki, "", None);
+    let mut tls = tls_over(&ex, tcp_from("127.0.0.7", ex.port, None).unwrap(), b"h2").unwrap();
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
+    // The client preface and an empty SETTINGS frame, then nothing.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    tls.flush().unwrap();
+    let start = Instant::now();
+    let mut sink = Vec::new();
+    let _ = tls.read_to_end(&mut sink);
+    assert!(
+        start.elapsed() < WAIT,
+        "the idle connection was closed by the server, not by the read timeout"
+    );
+    wait_for("the idle cut to be counted", &ex, || {
+        metric(&ex, "coe_connections_cut_total{reason=\"idle\"}") >= 1
+    });
+}

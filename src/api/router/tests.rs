@@ -2,6 +2,8 @@
 //! backend over real files (the real backend is wired by the glue and
 //! tested end to end in `tests/`). They check JSON shapes, status codes,
 //! trailing slashes, Go booleans, ids, and ranges over real disk files.
+//! Most are tables: a row per request and the answer it must get (status,
+//! error body, bytes, and the backend calls that show which handler ran).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -40,7 +42,8 @@ enum Call {
     Delete(String, String),
     Purge(String),
     Open(String, String, String),
-    Other,
+    ListVms,
+    GetVm(String),
 }
 
 /// A node of two VMs whose snapshots are real files in a scratch folder.
@@ -162,11 +165,11 @@ impl Drop for TestNode {
 
 impl Backend for TestNode {
     fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
-        self.record(Call::Other);
+        self.record(Call::ListVms);
         Ok(vec![Self::vm(VM1), Self::vm(VM2)])
     }
     fn get_vm(&self, vm: &str) -> Result<Vm, BackendError> {
-        self.record(Call::Other);
+        self.record(Call::GetVm(vm.into()));
         match vm {
             VM1 | VM2 => Ok(Self::vm(vm)),
             _ => Err(BackendError::NotFound(format!("VM {vm} not found"))),
@@ -367,6 +370,19 @@ fn keys(v: &Value) -> Vec<String> {
     k
 }
 
+/// One row of a table of refused requests: method, path and query, the
+/// status and the error short of the JSON error body.
+type Refused = (Method, String, StatusCode, &'static str);
+
+/// Sends each row (with `token` when given) and checks the error answer.
+async fn expect_refused(st: &Arc<State>, token: Option<&str>, rows: &[Refused]) {
+    for (method, uri, status, short) in rows {
+        let a = call(st, method.clone(), uri, token, &[], "").await;
+        assert_eq!(a.status, *status, "{method} {uri}: {:?}", a.body);
+        a.assert_error(*status, short);
+    }
+}
+
 #[tokio::test]
 async fn login_issues_a_token_and_refuses_bad_credentials() {
     let st = state(TestNode::new("login"), MetricsAuth::None);
@@ -375,64 +391,73 @@ async fn login_issues_a_token_and_refuses_bad_credentials() {
     assert_eq!(claims.user, "admin");
     assert_eq!(claims.iss, TOKEN_ISSUER);
 
-    let bad = call(
-        &st,
-        Method::POST,
-        "/api/v1/auth/login/",
-        None,
-        &[],
-        r#"{"username":"admin","password":"nope"}"#,
-    )
-    .await;
-    bad.assert_error(StatusCode::UNAUTHORIZED, "Not Authorized");
-    // No Manager configured and no such local user: rejected, not 502.
-    let unknown = call(
-        &st,
-        Method::POST,
-        "/api/v1/auth/login",
-        None,
-        &[],
-        r#"{"username":"x","password":"y"}"#,
-    )
-    .await;
-    unknown.assert_error(StatusCode::UNAUTHORIZED, "Not Authorized");
-    for body in [
-        "",
-        "{",
-        "[]",
-        r#"["admin","s3cret"]"#,
-        r#"{"username":"admin"}"#,
-        r#"{"username":1,"password":"s3cret"}"#,
-    ] {
-        call(&st, Method::POST, "/api/v1/auth/login", None, &[], body)
-            .await
-            .assert_error(StatusCode::BAD_REQUEST, "Bad Request");
+    // In order: the limit is 3 failed checks per address (bodies that are
+    // no login at all do not count), so the last row is blocked even with
+    // the right password.
+    let pass = |p: &str| format!(r#"{{"username":"admin","password":"{p}"}}"#);
+    let (unauthorized, bad) = (StatusCode::UNAUTHORIZED, StatusCode::BAD_REQUEST);
+    let rows: Vec<(&str, String, StatusCode, &str)> = vec![
+        (
+            "/api/v1/auth/login/",
+            pass("nope"),
+            unauthorized,
+            "Not Authorized",
+        ),
+        // No Manager configured and no such local user: rejected, not 502.
+        (
+            "/api/v1/auth/login",
+            r#"{"username":"x","password":"y"}"#.into(),
+            unauthorized,
+            "Not Authorized",
+        ),
+        ("/api/v1/auth/login", "".into(), bad, "Bad Request"),
+        ("/api/v1/auth/login", "{".into(), bad, "Bad Request"),
+        ("/api/v1/auth/login", "[]".into(), bad, "Bad Request"),
+        (
+            "/api/v1/auth/login",
+            r#"["admin","s3cret"]"#.into(),
+            bad,
+            "Bad Request",
+        ),
+        (
+            "/api/v1/auth/login",
+            r#"{"username":"admin"}"#.into(),
+            bad,
+            "Bad Request",
+        ),
+        (
+            "/api/v1/auth/login",
+            r#"{"username":1,"password":"s3cret"}"#.into(),
+            bad,
+            "Bad Request",
+        ),
+        (
+            "/api/v1/auth/login",
+            "x".repeat(MAX_LOGIN_BODY + 1),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload Too Large",
+        ),
+        (
+            "/api/v1/auth/login",
+            pass("no"),
+            unauthorized,
+            "Not Authorized",
+        ),
+        (
+            "/api/v1/auth/login",
+            pass("s3cret"),
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too Many Requests",
+        ),
+    ];
+    let mut blocked = None;
+    for (uri, body, status, short) in rows {
+        let a = call(&st, Method::POST, uri, None, &[], &body).await;
+        assert_eq!(a.status, status, "{uri} {body:.40}: {:?}", a.body);
+        a.assert_error(status, short);
+        blocked = Some(a);
     }
-    let big = "x".repeat(MAX_LOGIN_BODY + 1);
-    call(&st, Method::POST, "/api/v1/auth/login", None, &[], &big)
-        .await
-        .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large");
-    // Two failures so far, the limit is 3: the third blocks the address
-    // even for the right password.
-    call(
-        &st,
-        Method::POST,
-        "/api/v1/auth/login",
-        None,
-        &[],
-        r#"{"username":"admin","password":"no"}"#,
-    )
-    .await;
-    let blocked = call(
-        &st,
-        Method::POST,
-        "/api/v1/auth/login",
-        None,
-        &[],
-        r#"{"username":"admin","password":"s3cret"}"#,
-    )
-    .await;
-    blocked.assert_error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+    let blocked = blocked.unwrap();
     assert!(blocked.header(header::RETRY_AFTER).parse::<u64>().unwrap() >= 1);
 }
 
@@ -447,11 +472,7 @@ async fn bearer_is_required_on_every_private_route() {
     .issue("admin")
     .unwrap();
     for r in ROUTES.iter().filter(|r| r.access != Access::Public) {
-        let uri = r
-            .path
-            .replace("{vm}", VM1)
-            .replace("{snap}", SNAP_NEW)
-            .replace("{disk}", DISK);
+        let uri = route_uri(r);
         let a = call(&st, r.method.clone(), &uri, None, &[], "").await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{} {uri}", r.method);
         assert_eq!(a.header(header::WWW_AUTHENTICATE), "Bearer");
@@ -470,25 +491,103 @@ async fn bearer_is_required_on_every_private_route() {
     );
 }
 
+/// A route's path with the ids these tests use.
+fn route_uri(r: &Route) -> String {
+    r.path
+        .replace("{vm}", VM1)
+        .replace("{snap}", SNAP_NEW)
+        .replace("{disk}", DISK)
+}
+
+/// What each handler asks the backend for, given the ids of [`route_uri`]:
+/// a request served by another handler asks for something else.
+fn backend_calls(h: Handler) -> Vec<Call> {
+    let get = |squash, separate| Call::Get(VM1.into(), SNAP_NEW.into(), squash, None, separate);
+    let open = Call::Open(VM1.into(), SNAP_NEW.into(), DISK.into());
+    match h {
+        Handler::Login | Handler::Health | Handler::Metrics => vec![],
+        Handler::ListVms => vec![Call::ListVms],
+        Handler::GetVm => vec![Call::GetVm(VM1.into())],
+        Handler::ListSnapshots => vec![Call::List(VM1.into(), true)],
+        Handler::CreateSnapshot => vec![Call::Create(VM1.into()), Call::GetVm(VM1.into())],
+        Handler::PurgeSnapshots => vec![Call::Purge(VM1.into())],
+        Handler::GetSnapshot => vec![get(true, false)],
+        Handler::DeleteSnapshot => vec![Call::Delete(VM1.into(), SNAP_NEW.into())],
+        Handler::Disk => vec![open],
+        Handler::Incremental | Handler::Checksums => vec![get(true, true), open],
+    }
+}
+
+/// The part of an answer that says which handler made it: the body, except
+/// for what legitimately changes between two calls (a fresh token, the
+/// request counters).
+fn answer_shape(h: Handler, a: &Answer) -> Vec<u8> {
+    match h {
+        Handler::Login => serde_json::to_vec(&keys(&a.json())).unwrap(),
+        Handler::Metrics => String::from_utf8(a.body.to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("# TYPE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes(),
+        _ => a.body.to_vec(),
+    }
+}
+
+/// Every route, with and without a trailing slash: the same handler (the
+/// same backend calls, the table above), the same status, headers and body.
 #[tokio::test]
 async fn every_route_answers_with_and_without_trailing_slash() {
-    let st = state(TestNode::new("slash"), MetricsAuth::None);
+    let node = TestNode::new("slash");
+    let st = state(node.clone(), MetricsAuth::None);
     let t = token(&st).await;
-    for r in ROUTES.iter().filter(|r| r.handler != Handler::Login) {
-        let uri = r
-            .path
-            .replace("{vm}", VM1)
-            .replace("{snap}", SNAP_NEW)
-            .replace("{disk}", DISK);
-        let plain = call(&st, r.method.clone(), &uri, Some(&t), &[], "").await;
-        let slash = call(&st, r.method.clone(), &format!("{uri}/"), Some(&t), &[], "").await;
-        assert!(
-            plain.status.is_success(),
-            "{} {uri}: {}",
-            r.method,
-            plain.status
-        );
+    let login = r#"{"username":"admin","password":"s3cret"}"#;
+    for r in ROUTES {
+        let uri = route_uri(r);
+        let body = if r.handler == Handler::Login {
+            login
+        } else {
+            ""
+        };
+        let mut answers = Vec::new();
+        for u in [uri.clone(), format!("{uri}/")] {
+            node.calls.lock().unwrap().clear();
+            let a = call(&st, r.method.clone(), &u, Some(&t), &[], body).await;
+            assert!(a.status.is_success(), "{} {u}: {}", r.method, a.status);
+            assert_eq!(
+                node.calls(),
+                backend_calls(r.handler),
+                "{} {u}: not the {:?} handler",
+                r.method,
+                r.handler
+            );
+            answers.push(a);
+        }
+        let (plain, slash) = (&answers[0], &answers[1]);
         assert_eq!(plain.status, slash.status, "{} {uri}/", r.method);
+        for h in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+            assert_eq!(
+                plain.header(h.clone()),
+                slash.header(h),
+                "{} {uri}/",
+                r.method
+            );
+        }
+        assert!(
+            answer_shape(r.handler, plain) == answer_shape(r.handler, slash),
+            "{} {uri}/: another body",
+            r.method
+        );
+        let shape = answer_shape(r.handler, plain);
+        assert!(
+            !shape.is_empty()
+                || r.method == Method::HEAD
+                || r.handler == Handler::DeleteSnapshot
+                || r.handler == Handler::PurgeSnapshots,
+            "{} {uri}: empty body",
+            r.method
+        );
     }
 }
 
@@ -643,56 +742,46 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
         )
     );
 
-    call(
-        &st,
-        Method::GET,
-        &format!("{base}?compareTo=33333333-8270-41eb-bffc-67cc342957d9"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::NOT_FOUND, "Not Found");
-    call(
-        &st,
-        Method::GET,
-        &format!("{base}?compareTo={SNAP_VM2}"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::CONFLICT, "Conflict");
-    call(
-        &st,
-        Method::GET,
-        &format!("/api/v1/vms/{VM1}/snapshots/{SNAP_OLD}?compareTo={SNAP_NEW}"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::BAD_REQUEST, "Bad Request");
-    call(
-        &st,
-        Method::GET,
-        &format!("{base}?compareTo=..%2F..%2Fetc"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::BAD_REQUEST, "Bad Request");
-    call(
-        &st,
-        Method::GET,
-        &format!("{base}?zeroed=maybe"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::BAD_REQUEST, "Bad Request");
+    let get = Method::GET;
+    let rows: Vec<Refused> = vec![
+        (
+            get.clone(),
+            format!("{base}?compareTo=33333333-8270-41eb-bffc-67cc342957d9"),
+            StatusCode::NOT_FOUND,
+            "Not Found",
+        ),
+        (
+            get.clone(),
+            format!("{base}?compareTo={SNAP_VM2}"),
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+        (
+            get.clone(),
+            format!("/api/v1/vms/{VM1}/snapshots/{SNAP_OLD}?compareTo={SNAP_NEW}"),
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+        ),
+        (
+            get.clone(),
+            format!("{base}?compareTo=..%2F..%2Fetc"),
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+        ),
+        (
+            get,
+            format!("{base}?zeroed=maybe"),
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+        ),
+        (
+            Method::DELETE,
+            format!("/api/v1/vms/{VM1}/snapshots/{SNAP_VM2}"),
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+    ];
+    expect_refused(&st, Some(&t), &rows).await;
 
     // List (squashed by default), create, delete (idempotent), purge.
     let list = call(
@@ -730,16 +819,6 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
     .await;
     assert_eq!(del.status, StatusCode::OK);
     assert!(del.body.is_empty());
-    call(
-        &st,
-        Method::DELETE,
-        &format!("/api/v1/vms/{VM1}/snapshots/{SNAP_VM2}"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::CONFLICT, "Conflict");
     let purge = call(
         &st,
         Method::DELETE,
@@ -761,56 +840,48 @@ async fn disk_bytes_whole_ranges_and_head() {
     let expect =
         |start: usize, end: usize| -> Vec<u8> { (start..end).map(|i| (i % 251) as u8).collect() };
 
-    let whole = call(&st, Method::GET, &uri, Some(&t), &[], "").await;
-    assert_eq!(whole.status, StatusCode::OK);
-    assert_eq!(whole.header(header::CONTENT_LENGTH), DISK_SIZE.to_string());
-    assert_eq!(whole.header(header::ACCEPT_RANGES), "bytes");
-    assert_eq!(whole.body.as_ref(), expect(0, DISK_SIZE).as_slice());
-
-    // The Python client's range per chunk, across frame boundaries.
+    // (Range header, status, the bytes it must return): the whole disk, the
+    // Python client's range per chunk across frame boundaries, a suffix, an
+    // open end.
     let (a, b) = ((1 << 20) - 7, 2 * (1 << 20) + 9);
-    let r = call(
-        &st,
-        Method::GET,
-        &uri,
-        Some(&t),
-        &[("range", &format!("bytes={a}-{b}"))],
-        "",
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(
-        r.header(header::CONTENT_RANGE),
-        format!("bytes {a}-{b}/{DISK_SIZE}")
-    );
-    assert_eq!(r.body.as_ref(), expect(a, b + 1).as_slice());
-    let tail = call(
-        &st,
-        Method::GET,
-        &uri,
-        Some(&t),
-        &[("range", "bytes=-100")],
-        "",
-    )
-    .await;
-    assert_eq!(tail.status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(
-        tail.body.as_ref(),
-        expect(DISK_SIZE - 100, DISK_SIZE).as_slice()
-    );
-    let from = call(
-        &st,
-        Method::GET,
-        &uri,
-        Some(&t),
-        &[("range", &format!("bytes={}-", DISK_SIZE - 3))],
-        "",
-    )
-    .await;
-    assert_eq!(
-        from.body.as_ref(),
-        expect(DISK_SIZE - 3, DISK_SIZE).as_slice()
-    );
+    let rows: Vec<(Option<String>, StatusCode, usize, usize)> = vec![
+        (None, StatusCode::OK, 0, DISK_SIZE),
+        (
+            Some(format!("bytes={a}-{b}")),
+            StatusCode::PARTIAL_CONTENT,
+            a,
+            b + 1,
+        ),
+        (
+            Some("bytes=-100".into()),
+            StatusCode::PARTIAL_CONTENT,
+            DISK_SIZE - 100,
+            DISK_SIZE,
+        ),
+        (
+            Some(format!("bytes={}-", DISK_SIZE - 3)),
+            StatusCode::PARTIAL_CONTENT,
+            DISK_SIZE - 3,
+            DISK_SIZE,
+        ),
+    ];
+    for (range, status, start, end) in rows {
+        let headers: Vec<(&str, &str)> = range.iter().map(|r| ("range", r.as_str())).collect();
+        let r = call(&st, Method::GET, &uri, Some(&t), &headers, "").await;
+        assert_eq!(r.status, status, "{range:?}");
+        assert_eq!(r.header(header::CONTENT_LENGTH), (end - start).to_string());
+        assert_eq!(r.header(header::ACCEPT_RANGES), "bytes", "{range:?}");
+        if status == StatusCode::PARTIAL_CONTENT {
+            assert_eq!(
+                r.header(header::CONTENT_RANGE),
+                format!("bytes {start}-{}/{DISK_SIZE}", end - 1)
+            );
+        }
+        assert!(
+            r.body.as_ref() == expect(start, end).as_slice(),
+            "{range:?}: other bytes"
+        );
+    }
 
     for bad in [
         format!("bytes={DISK_SIZE}-"),
@@ -848,6 +919,9 @@ async fn unknown_routes_bad_methods_and_bad_ids() {
     let node = TestNode::new("ids");
     let st = state(node.clone(), MetricsAuth::None);
     let t = token(&st).await;
+    // No route: 404 with or without a token. A route with another method:
+    // 405 and the methods it has.
+    let mut rows: Vec<Refused> = Vec::new();
     for uri in [
         "/",
         "/api/v1",
@@ -856,18 +930,23 @@ async fn unknown_routes_bad_methods_and_bad_ids() {
         "/api/v1/vms//snapshots",
         "/api/v1/vms/x/y/z/w/v/u/t",
     ] {
-        call(&st, Method::GET, uri, Some(&t), &[], "")
-            .await
-            .assert_error(StatusCode::NOT_FOUND, "Not Found");
-        call(&st, Method::GET, uri, None, &[], "")
-            .await
-            .assert_error(StatusCode::NOT_FOUND, "Not Found");
+        rows.push((Method::GET, uri.into(), StatusCode::NOT_FOUND, "Not Found"));
     }
-    let m = call(&st, Method::PUT, "/api/v1/vms", Some(&t), &[], "").await;
-    m.assert_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
-    assert_eq!(m.header(header::ALLOW), "GET");
+    expect_refused(&st, Some(&t), &rows).await;
+    expect_refused(&st, None, &rows).await;
+    for (method, uri, allow) in [
+        (Method::PUT, "/api/v1/vms", "GET"),
+        (Method::DELETE, "/api/v1/health", "GET"),
+        (Method::GET, "/api/v1/auth/login", "POST"),
+        (Method::PUT, "/api/v1/vms/x/snapshots", "GET, POST, DELETE"),
+    ] {
+        let m = call(&st, method.clone(), uri, Some(&t), &[], "").await;
+        m.assert_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+        assert_eq!(m.header(header::ALLOW), allow, "{method} {uri}");
+    }
     node.calls.lock().unwrap().clear();
     let long = "a".repeat(MAX_ID_LEN + 1);
+    let mut rows: Vec<Refused> = Vec::new();
     for id in [
         "..%2F..%2Fetc%2Fpasswd",
         "..",
@@ -882,11 +961,10 @@ async fn unknown_routes_bad_methods_and_bad_ids() {
             format!("/api/v1/vms/{id}"),
             format!("/api/v1/vms/{VM1}/snapshots/{SNAP_NEW}/disks/{id}"),
         ] {
-            call(&st, Method::GET, &uri, Some(&t), &[], "")
-                .await
-                .assert_error(StatusCode::BAD_REQUEST, "Bad Request");
+            rows.push((Method::GET, uri, StatusCode::BAD_REQUEST, "Bad Request"));
         }
     }
+    expect_refused(&st, Some(&t), &rows).await;
     assert!(
         node.calls().is_empty(),
         "a bad id reached the backend: {:?}",

@@ -15,9 +15,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http_body_util::{BodyExt, Empty};
 
 use coriolis_ovm_exporter::api::auth::{Login, LoginLimiter, Manager, Tokens};
-use coriolis_ovm_exporter::api::types::{Snapshot, Vm};
 use coriolis_ovm_exporter::api::MetricsAuth;
 use coriolis_ovm_exporter::api::{handle, Backend, BackendError, State};
+use coriolis_ovm_exporter::wire::{Snapshot, Vm};
 
 const SECRET: &[u8] = b"bench-secret-bench-secret-bench-secret";
 /// Size of the disk file streamed by the throughput bench.

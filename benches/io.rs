@@ -11,9 +11,10 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use coriolis_ovm_exporter::io::range;
-use coriolis_ovm_exporter::io::stream::{self, Change, ChangeKind, Encoder};
+use coriolis_ovm_exporter::api::framing::WireReads;
 use coriolis_ovm_exporter::io::{BackendChoice, DiskFile, IoConfig, IoEngine};
+use coriolis_ovm_exporter::wire::range;
+use coriolis_ovm_exporter::wire::stream::{self, Change, ChangeKind, Encoder};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 const FILE_SIZE: u64 = 256 << 20;

@@ -4,14 +4,17 @@
 //! - [`sys`]: the only place that issues syscalls needing `unsafe`
 //!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs).
 //! - [`extent`]: pure extent-map algebra: squash and diff.
+//! - [`wire`]: what client and server agree on: the JSON shapes, the
+//!   `Range` grammar and multipart framing, the incremental-stream codec.
 //! - [`io`]: the io core: range reads into pooled aligned buffers on
-//!   io_uring or a `pread` thread pool, `Range` parsing and the incremental
-//!   stream framing.
+//!   io_uring or a `pread` thread pool, framed by a [`io::Framing`] it is
+//!   given.
 //! - [`ovm`]: the node inventory (ovs-agent Berkeley DB, pickles, vm.cfg,
 //!   `.ovsmeta`, or the static inventory of the config).
 //! - [`store`]: snapshot metadata in LMDB (heed).
 //! - [`snapshot`]: the snapshot manager: create, diff, delete, reconcile.
-//! - [`api`]: routes, JSON types, auth, disk answers, metrics.
+//! - [`api`]: routes, auth, disk answers (the wire framings of the io
+//!   core's reads), metrics.
 //! - [`server`]: TLS listener, connections, signals, logging; the config
 //!   file, which puts each layer's own section together.
 //! - [`tls`]: the crypto provider and certificate loading (a leaf, shared by
@@ -33,3 +36,4 @@ pub mod snapshot;
 pub mod store;
 pub mod sys;
 pub mod tls;
+pub mod wire;

@@ -10,11 +10,11 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::types::{Snapshot, Vm};
 use crate::api::{Backend, BackendError};
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
 use crate::server::Config;
 use crate::snapshot::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use crate::wire::{Disk, Snapshot, Vm};
 
 /// Why the node could not be opened at start.
 #[derive(Debug, thiserror::Error)]
@@ -179,13 +179,13 @@ impl Backend for Node {
             .vms()
             .map_err(|e| BackendError::Internal(error_chain(&e)))?;
         vms.iter()
-            .map(|vm| Ok(Vm::from_model(vm, self.manager.ids(&vm.name)?)))
+            .map(|vm| Ok(vm_json(vm, self.manager.ids(&vm.name)?)))
             .collect()
     }
 
     fn get_vm(&self, vm: &str) -> Result<Vm, BackendError> {
         let m = self.model_vm(vm)?;
-        Ok(Vm::from_model(&m, self.manager.ids(&m.name)?))
+        Ok(vm_json(&m, self.manager.ids(&m.name)?))
     }
 
     fn list_snapshots(&self, vm: &str, _squash: bool) -> Result<Vec<Snapshot>, BackendError> {
@@ -235,6 +235,28 @@ impl Backend for Node {
             .repositories()
             .map(|_| ())
             .map_err(|e| BackendError::Internal(error_chain(&e)))
+    }
+}
+
+/// The API view of an inventory VM with its snapshot ids (oldest first).
+fn vm_json(vm: &ovm::Vm, snapshots: Vec<String>) -> Vm {
+    Vm {
+        friendly_name: vm.friendly_name.clone(),
+        name: vm.name.clone(),
+        uuid: vm.uuid.clone(),
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| Disk {
+                name: d.name.clone(),
+                path: d.path.to_string_lossy().into_owned(),
+                device_name: d.device_name.clone(),
+                snapshot_compatible: d.snapshot_compatible,
+                mode: d.mode.clone(),
+            })
+            .collect(),
+        snapshot_compatible: vm.snapshot_compatible(),
+        snapshots,
     }
 }
 

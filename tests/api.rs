@@ -862,10 +862,10 @@ struct FileNode {
 }
 
 impl coriolis_ovm_exporter::api::Backend for FileNode {
-    fn list_vms(&self) -> Result<Vec<coriolis_ovm_exporter::api::types::Vm>, BackendError> {
+    fn list_vms(&self) -> Result<Vec<coriolis_ovm_exporter::wire::Vm>, BackendError> {
         Ok(Vec::new())
     }
-    fn get_vm(&self, vm: &str) -> Result<coriolis_ovm_exporter::api::types::Vm, BackendError> {
+    fn get_vm(&self, vm: &str) -> Result<coriolis_ovm_exporter::wire::Vm, BackendError> {
         Err(BackendError::NotFound(format!("VM {vm} not found")))
     }
     fn list_snapshots(&self, vm: &str, _: bool) -> Result<Vec<Snapshot>, BackendError> {
@@ -909,8 +909,8 @@ impl coriolis_ovm_exporter::api::Backend for FileNode {
     }
 }
 
-use coriolis_ovm_exporter::api::types::Snapshot;
 use coriolis_ovm_exporter::api::BackendError;
+use coriolis_ovm_exporter::wire::Snapshot;
 
 #[test]
 fn disk_bytes_over_tls_with_http1_and_http2_threads() {

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use bytes::Bytes;
-use coriolis_ovm_exporter::io::stream::{Decoder, Event};
+use coriolis_ovm_exporter::wire::stream::{Decoder, Event};
 
 use crate::common::{http_request, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS, LOCAL_USER};
 

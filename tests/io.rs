@@ -7,14 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coriolis_ovm_exporter::io::range::{self, Multipart};
-use coriolis_ovm_exporter::io::stream::{self, Change, ChangeKind, Event};
+use coriolis_ovm_exporter::api::framing::WireReads;
 use coriolis_ovm_exporter::io::threads::ThreadsBackend;
 use coriolis_ovm_exporter::io::uring::UringBackend;
 use coriolis_ovm_exporter::io::{
     BackendChoice, BackendKind, Batch, BatchDone, DiskFile, IoConfig, IoEngine, IoError,
     ReadBackend,
 };
+use coriolis_ovm_exporter::wire::range::{self, Multipart};
+use coriolis_ovm_exporter::wire::stream::{self, Change, ChangeKind, Event};
 
 use crate::common::{Fs, LogCapture};
 

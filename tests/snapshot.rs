@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use coriolis_ovm_exporter::ovm::{Disk, Repository, Vm};
 use coriolis_ovm_exporter::snapshot::{
-    Action, GetOptions, Manager, SnapshotError, SnapshotInfo, StoreConfig, VmLookup,
+    Action, GetOptions, Manager, SnapshotError, StoreConfig, VmLookup,
 };
 use coriolis_ovm_exporter::store::SNAPSHOTS_DIR;
+use coriolis_ovm_exporter::wire::Snapshot;
 
 use crate::common::{Fs, Scratch};
 
@@ -197,7 +198,7 @@ fn mutate(path: &Path, rng: &mut fastrand::Rng, ops: usize) {
 /// Applies a diff answer to replicas of the older snapshot, as a client
 /// would: copy every chunk from the newer snapshot, zero the `zeroed`
 /// ranges when they are separate, set the size.
-fn apply(mgr: &Manager, vm: &str, diff: &SnapshotInfo, replicas: &Path, zero_separately: bool) {
+fn apply(mgr: &Manager, vm: &str, diff: &Snapshot, replicas: &Path, zero_separately: bool) {
     for d in &diff.disks {
         let (src, size) = mgr.open_disk(vm, &diff.id, &d.name).unwrap();
         assert_eq!(Some(size), d.size);

@@ -3,7 +3,7 @@
 //! the representation, no more than the cap.
 #![no_main]
 
-use coriolis_ovm_exporter::io::range::{self, Multipart, RangeError};
+use coriolis_ovm_exporter::wire::range::{self, Multipart, RangeError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (u64, u8, &[u8])| {

@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use coriolis_ovm_exporter::io::stream::{Decoder, Event};
+use coriolis_ovm_exporter::wire::stream::{Decoder, Event};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (u8, &[u8])| {

@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
-use coriolis_ovm_exporter::io::stream::{self, Encoder, Event};
+use coriolis_ovm_exporter::wire::stream::{self, Encoder, Event};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]

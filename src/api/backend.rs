@@ -11,7 +11,7 @@
 
 use std::fs::File;
 
-use super::types::{Snapshot, Vm};
+use crate::wire::{Snapshot, Vm};
 
 /// Why a backend call failed, by HTTP class, with a message for `details`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

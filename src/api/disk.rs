@@ -23,11 +23,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{error_chain, ApiBody};
-use super::types::SnapshotDisk;
+use super::framing::WireReads;
 use super::{ApiError, BackendError};
-use crate::io::range::{self, Multipart};
-use crate::io::stream::{self, CONTENT_TYPE as INCREMENTAL_CONTENT_TYPE};
 use crate::io::{DiskFile, IoEngine};
+use crate::wire::range::{self, Multipart};
+use crate::wire::stream::{self, CONTENT_TYPE as INCREMENTAL_CONTENT_TYPE};
+use crate::wire::SnapshotDisk;
 
 /// Content type of disk bytes and of each multipart part.
 const OCTETS: &str = "application/octet-stream";

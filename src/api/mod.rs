@@ -12,9 +12,9 @@ pub mod backend;
 pub mod body;
 pub mod config;
 pub mod disk;
+pub mod framing;
 pub mod metrics;
 pub mod router;
-pub mod types;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
@@ -97,7 +97,7 @@ impl ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), details = %self, "request failed");
         }
-        let body = types::ErrorBody {
+        let body = crate::wire::ErrorBody {
             error: short.to_owned(),
             details: self.to_string(),
         };

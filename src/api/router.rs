@@ -20,9 +20,9 @@ use super::auth::{Login, Tokens, Verdict};
 use super::body::{AccessRecord, ApiBody};
 use super::config::MetricsAuth;
 use super::metrics::Metrics;
-use super::types::{Health, LoginRequest, LoginResponse};
 use super::{blocking, disk, json_response, ApiError, Backend};
 use crate::io::IoEngine;
+use crate::wire::{Health, LoginRequest, LoginResponse};
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are
 /// refused (413) without being read whole.
@@ -628,7 +628,7 @@ fn snapshot_disk(
     snap: &str,
     disk: &str,
     compare_to: Option<String>,
-) -> Result<(super::types::SnapshotDisk, crate::io::DiskFile), super::BackendError> {
+) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), super::BackendError> {
     let s = be.get_snapshot(vm, snap, true, compare_to.as_deref(), true)?;
     let d = s
         .disks

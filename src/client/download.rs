@@ -7,7 +7,7 @@
 //!   file; holes stay holes.
 //! - Incremental (`--diff-from OLD`): the replica is resized to the new
 //!   disk size, then the diff is applied: through the incremental stream
-//!   endpoint (one request per disk, `crate::io::stream` decoding) when the
+//!   endpoint (one request per disk, `crate::wire::stream` decoding) when the
 //!   server has it, else (404) from `?compareTo=OLD&zeroed=separate`:
 //!   zeroed ranges punched locally, changed ranges fetched by `Range`.
 //! - Resume: the state file beside each replica ([`DownloadState`]) is
@@ -32,8 +32,8 @@ use super::progress::Progress;
 use super::ranges::{pieces, RangeSet};
 use super::replica::{check_disk_name, DownloadState, Replica, ZeroBlocks};
 use super::verify::VerifyOutcome;
-use crate::api::types::{Snapshot, SnapshotDisk};
-use crate::io::stream::{self, Decoder, Event, StreamError};
+use crate::wire::stream::{self, Decoder, Event, StreamError};
+use crate::wire::{Snapshot, SnapshotDisk};
 
 /// Largest byte range asked for in one request: small enough that several
 /// requests are in flight on a single big extent and that an interruption
@@ -785,7 +785,7 @@ pub fn download(api: &Api, o: &Options) -> Result<Report> {
 mod tests {
     use super::*;
     use crate::client::http::TlsOptions;
-    use crate::io::stream::Encoder;
+    use crate::wire::stream::Encoder;
 
     /// A stream of `changes` over `disk`, made by the server's encoder.
     fn encode(disk: &[u8], changes: &[(bool, u64, u64)]) -> Vec<u8> {

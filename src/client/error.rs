@@ -80,7 +80,7 @@ pub enum ClientError {
     Stream {
         disk: String,
         #[source]
-        source: crate::io::stream::StreamError,
+        source: crate::wire::stream::StreamError,
     },
     #[error("{0}")]
     ReplicaConflict(String),

@@ -16,7 +16,7 @@ use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConf
 use ureq::Body;
 
 use super::error::{ClientError, Result};
-use crate::api::types::{ErrorBody, LoginResponse};
+use crate::wire::{ErrorBody, LoginResponse};
 
 /// Largest JSON answer read. A snapshot of a big fragmented disk lists
 /// millions of chunks at about 70 bytes each; this bounds memory against a

@@ -8,8 +8,8 @@
 //! [`download`] the copy engine over [`replica`] files and [`ranges`],
 //! [`verify`] the checksum comparison, [`progress`] and [`output`] what is
 //! printed. It talks to the server only through its public API; it shares
-//! the JSON types of [`crate::api::types`] and the stream decoder of
-//! [`crate::io::stream`] so both ends read the same contract.
+//! the JSON types of [`crate::wire::json`] and the stream decoder of
+//! [`crate::wire::stream`] so both ends read the same contract.
 //!
 //! It never prints the password or the token. Exit statuses: [`exit`].
 
@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::types::{Health, Snapshot, Vm};
+use crate::wire::{Health, Snapshot, Vm};
 pub use error::exit;
 use error::{ClientError, Result};
 use http::{paths, seg, Api, TlsOptions};
@@ -483,7 +483,7 @@ fn vms(g: &Global, cmd: VmsCmd) -> Result<()> {
     Ok(())
 }
 
-fn allocated(d: &crate::api::types::SnapshotDisk) -> u64 {
+fn allocated(d: &crate::wire::SnapshotDisk) -> u64 {
     d.chunks.iter().map(|c| c.length).sum()
 }
 

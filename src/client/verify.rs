@@ -6,14 +6,13 @@
 //! blocks with no data (`SEEK_DATA`) take the CRC of zeros, computed once.
 
 use std::fs::File;
-
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{ClientError, Result};
 use super::http::{check, paths, read_json, Api};
-use crate::io::threads::read_full;
 
 /// Block size asked for: the endpoint's default (4 MiB), a good balance of
 /// answer size (4 bytes per 4 MiB) and precision of the mismatch report.
@@ -193,16 +192,20 @@ pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(
                 crc32fast::hash(&vec![0u8; len])
             }
         } else {
-            let n =
-                read_full(&file, &mut buf[..len], start).map_err(|source| ClientError::Local {
-                    what: "cannot read the replica",
-                    path: path.to_owned(),
-                    source,
-                })?;
-            if n < len {
-                // Past the local end: a short replica differs here.
-                mismatched.push(i as u64);
-                continue;
+            match file.read_exact_at(&mut buf[..len], start) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // Past the local end: a short replica differs here.
+                    mismatched.push(i as u64);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ClientError::Local {
+                        what: "cannot read the replica",
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
             }
             crc32fast::hash(&buf[..len])
         };

@@ -2,7 +2,7 @@
 //! buffers and hands them out as `bytes::Bytes` response frames.
 //!
 //! ```text
-//!  HTTP handler ──► IoEngine::read / read_multipart / incremental
+//!  HTTP handler ──► IoEngine::read / read_ranges / read_framed(Framing)
 //!                        │ plans batches (aligned segments into one buffer)
 //!                        ▼
 //!  producer task ──► ReadBackend::submit(Batch) ──► io_uring ring thread
@@ -36,13 +36,15 @@
 //! permit rides in each frame's owner). A slow client therefore stalls its
 //! own stream, not the process.
 //!
+//! The io core knows no wire format: a [`Framing`] given by the caller
+//! (`api` adapts the multipart and incremental-stream codecs of `wire`)
+//! says which bytes go around each range's data.
+//!
 //! This module does no path lookup (callers pass paths they resolved from
 //! ids) and never blocks a tokio worker on disk I/O.
 
 pub mod buffer;
 pub mod prefetch;
-pub mod range;
-pub mod stream;
 pub mod threads;
 pub mod uring;
 
@@ -63,8 +65,6 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use buffer::{BufferPool, PooledBuf, ALIGN};
 use prefetch::{FileKey, Parking, PrefetchStats};
-use range::Multipart;
-use stream::{Change, ChangeKind, Encoder};
 
 /// Which backend to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -217,8 +217,9 @@ pub enum IoError {
     },
     #[error("range {start}..{end} is not inside the {size}-byte file")]
     OutOfBounds { start: u64, end: u64, size: u64 },
+    /// A framing refused its plan (the wire format's own error inside).
     #[error("invalid stream plan: {0}")]
-    Plan(#[source] stream::StreamError),
+    Plan(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("read of {len} bytes at {offset} failed")]
     Read {
         offset: u64,
@@ -504,48 +505,15 @@ impl IoEngine {
         self.spawn(file, ranges, Plain, false)
     }
 
-    /// A `multipart/byteranges` body for `ranges` (as [`range::parse`]
-    /// returns them), framed by `multipart`; its length is
-    /// [`Multipart::body_len`].
-    pub fn read_multipart(
+    /// The bytes of several `ranges` (sorted, disjoint, inside the file)
+    /// with the bytes `framing` puts around them: the body of a wire format
+    /// this module does not know (multipart, the incremental stream).
+    pub fn read_framed<F: Framing>(
         &self,
         file: &DiskFile,
         ranges: Vec<Range<u64>>,
-        multipart: Multipart,
+        framing: F,
     ) -> Result<ReadStream, IoError> {
-        let framing = MultipartFraming {
-            headers: ranges
-                .iter()
-                .map(|r| multipart.part_header(r, file.size()))
-                .collect(),
-            trailer: multipart.trailer(),
-        };
-        self.spawn(file, ranges, framing, false)
-    }
-
-    /// The incremental stream ([`stream`], `docs/incremental-stream.md`) of
-    /// `changes` (sorted, disjoint, inside the file): data records carry the
-    /// file's bytes, zero records none.
-    pub fn incremental(
-        &self,
-        file: &DiskFile,
-        changes: Vec<Change>,
-    ) -> Result<ReadStream, IoError> {
-        let encoder = Encoder::new(file.size(), changes.len() as u64);
-        let mut framing = IncrementalFraming {
-            changes,
-            next: 0,
-            encoder,
-            header: None,
-        };
-        framing.header = Some(framing.encoder.header());
-        stream::validate_changes(&framing.changes, file.size()).map_err(IoError::Plan)?;
-        let ranges = framing
-            .changes
-            .iter()
-            .filter(|c| c.kind == ChangeKind::Data)
-            .map(|c| c.offset..c.offset + c.len)
-            .collect();
         self.spawn(file, ranges, framing, false)
     }
 
@@ -655,8 +623,11 @@ impl futures_core::Stream for ReadStream {
     }
 }
 
-/// What surrounds the data of each range in a body.
-trait Framing: Send + 'static {
+/// What surrounds the data of each range in a body. The io core calls it
+/// in body order (`start`, then per range `range_start`, every `data` frame,
+/// `range_end`, then `finish`) and sends what it returns; the wire formats
+/// implement it above this layer.
+pub trait Framing: Send + 'static {
     /// Bytes before the body's first range (or before `finish` if none).
     fn start(&mut self) -> Option<Bytes> {
         None
@@ -679,74 +650,6 @@ trait Framing: Send + 'static {
 
 struct Plain;
 impl Framing for Plain {}
-
-struct MultipartFraming {
-    headers: Vec<String>,
-    trailer: String,
-}
-
-impl Framing for MultipartFraming {
-    fn range_start(&mut self, i: usize) -> Option<Bytes> {
-        Some(Bytes::from(std::mem::take(&mut self.headers[i])))
-    }
-    fn finish(&mut self) -> Option<Bytes> {
-        Some(Bytes::from(std::mem::take(&mut self.trailer)))
-    }
-}
-
-struct IncrementalFraming {
-    changes: Vec<Change>,
-    /// Next change whose record has not been started.
-    next: usize,
-    encoder: Encoder,
-    header: Option<Bytes>,
-}
-
-impl IncrementalFraming {
-    /// Zero records up to (not including) the next data change.
-    fn zeros_until_data(&mut self, out: &mut BytesMut) {
-        while let Some(c) = self.changes.get(self.next) {
-            if c.kind == ChangeKind::Data {
-                break;
-            }
-            out.extend_from_slice(&self.encoder.zero(c.offset, c.len).expect("validated plan"));
-            self.next += 1;
-        }
-    }
-}
-
-impl Framing for IncrementalFraming {
-    fn start(&mut self) -> Option<Bytes> {
-        self.header.take()
-    }
-    fn range_start(&mut self, _i: usize) -> Option<Bytes> {
-        let mut out = BytesMut::new();
-        self.zeros_until_data(&mut out);
-        let c = self.changes[self.next];
-        self.next += 1;
-        out.extend_from_slice(
-            &self
-                .encoder
-                .begin_data(c.offset, c.len)
-                .expect("validated plan"),
-        );
-        Some(out.freeze())
-    }
-    fn data(&mut self, _i: usize, frame: &[u8]) {
-        self.encoder
-            .data(frame)
-            .expect("frames add up to the range");
-    }
-    fn range_end(&mut self, _i: usize) -> Option<Bytes> {
-        Some(self.encoder.end_data().expect("frames add up to the range"))
-    }
-    fn finish(&mut self) -> Option<Bytes> {
-        let mut out = BytesMut::new();
-        self.zeros_until_data(&mut out);
-        out.extend_from_slice(&self.encoder.finish().expect("every record was written"));
-        Some(out.freeze())
-    }
-}
 
 /// Where the data of one range's piece sits in a planned batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,10 +47,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::extent::{self, ByteRange, Extent, ExtentMap};
+use crate::extent::{self, Extent, ExtentMap};
 use crate::ovm::Vm;
 use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions};
 use crate::sys::path::{self, SNAPSHOTS_DIR};
+use crate::wire::{Chunk, Snapshot, SnapshotDisk};
 
 pub use error::SnapshotError;
 pub use reconcile::{Action, ReconcileReport};
@@ -140,15 +141,8 @@ pub struct Manifest {
     pub snapshot: SnapshotRecord,
 }
 
-/// One chunk as the API shows it (API.md, Snapshot): an allocated extent
-/// of a snapshot file, or a range to copy in a diff, in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Chunk {
-    pub start: u64,
-    pub length: u64,
-    pub physical_start: u64,
-}
-
+/// A chunk of the answer from an extent of the map (the wire's shape is
+/// `crate::wire`'s; this is where the snapshot side converts to it).
 impl From<&Extent> for Chunk {
     fn from(e: &Extent) -> Self {
         Chunk {
@@ -157,37 +151,6 @@ impl From<&Extent> for Chunk {
             physical_start: e.physical,
         }
     }
-}
-
-/// One disk of a snapshot as the API shows it. Serialises to API.md's
-/// Snapshot disk object; `size` and `zeroed` (extensions) only in diff
-/// answers, so an old client sees exactly the old fields.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskInfo {
-    pub parent_path: String,
-    pub path: String,
-    pub snapshot_id: String,
-    pub chunks: Vec<Chunk>,
-    pub name: String,
-    pub repo_mountpoint: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zeroed: Option<Vec<ByteRange>>,
-    /// Size of the snapshot file in bytes (always known; `size` is the
-    /// wire field of diff answers).
-    #[serde(skip)]
-    pub file_size: u64,
-}
-
-/// A snapshot as the API shows it (API.md, Snapshot).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub vm_id: String,
-    pub disks: Vec<DiskInfo>,
-    #[serde(skip)]
-    pub created_at_ns: u64,
 }
 
 /// Options of [`Manager::get`] (the query of `GET .../snapshots/{snap}`).
@@ -352,7 +315,7 @@ impl Manager {
 
     /// Snapshots every disk of `vm` under one new id (SEMANTICS.md §1).
     /// Returns the new snapshot with its chunks not squashed.
-    pub fn create(&self, vm: &str) -> Result<SnapshotInfo, SnapshotError> {
+    pub fn create(&self, vm: &str) -> Result<Snapshot, SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
         let vm = self.lookup_vm(vm)?.ok_or_else(|| SnapshotError::NotFound {
             what: format!("VM {vm}"),
@@ -506,7 +469,7 @@ impl Manager {
         vm: &str,
         snap: &str,
         options: &GetOptions,
-    ) -> Result<SnapshotInfo, SnapshotError> {
+    ) -> Result<Snapshot, SnapshotError> {
         let rec = self.record_of(vm, snap)?;
         let maps = self.maps_of(&rec)?;
         let Some(base_id) = options.compare_to.as_deref() else {
@@ -576,7 +539,7 @@ impl Manager {
 
     /// Every snapshot of `vm`, oldest first, chunks squashed. An unknown VM
     /// without snapshots is NotFound.
-    pub fn list(&self, vm: &str) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    pub fn list(&self, vm: &str) -> Result<Vec<Snapshot>, SnapshotError> {
         let recs = self.records_of_known_vm(vm)?;
         recs.iter()
             .map(|r| Ok(info(r, &self.maps_of(r)?, true)))
@@ -756,8 +719,8 @@ fn verify(rec: &SnapshotRecord) -> Result<(), (String, String)> {
 }
 
 /// The API view of a record; `maps` empty gives disks without chunks.
-fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> SnapshotInfo {
-    SnapshotInfo {
+fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> Snapshot {
+    Snapshot {
         id: rec.id.clone(),
         vm_id: rec.vm.clone(),
         created_at_ns: rec.created_at_ns,
@@ -776,7 +739,7 @@ fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> SnapshotInfo 
                     Some(m) => m.extents().iter().map(Chunk::from).collect(),
                     None => Vec::new(),
                 };
-                DiskInfo {
+                SnapshotDisk {
                     parent_path: lossy(&d.parent_path),
                     path: lossy(&rec.disk_path(d)),
                     snapshot_id: rec.id.clone(),
@@ -868,7 +831,7 @@ mod tests {
 
     #[test]
     fn snapshot_json_has_the_api_field_names() {
-        let d = DiskInfo {
+        let d = SnapshotDisk {
             parent_path: "/r/VirtualDisks/a.img".into(),
             path: "/r/CoriolisSnapshots/x/a.img".into(),
             snapshot_id: "x".into(),
@@ -883,7 +846,7 @@ mod tests {
             zeroed: None,
             file_size: 4096,
         };
-        let s = SnapshotInfo {
+        let s = Snapshot {
             id: "x".into(),
             vm_id: "vm".into(),
             disks: vec![d],

@@ -19,8 +19,8 @@ use serde_json::Value;
 use super::*;
 use crate::api::auth::{LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
 use crate::api::config::LocalUser;
-use crate::api::types::{ByteRange, Chunk, Disk, Snapshot, SnapshotDisk, Vm};
 use crate::api::BackendError;
+use crate::wire::{ByteRange, Chunk, Disk, Snapshot, SnapshotDisk, Vm};
 
 const VM1: &str = "0004fb0000060000ccaf98a0baa2c186";
 const VM2: &str = "0004fb00000600001111111111111111";

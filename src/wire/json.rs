@@ -1,4 +1,5 @@
-//! The JSON shapes of the API, exactly as API.md fixes them.
+//! The JSON shapes of the API, exactly as API.md fixes them: what the
+//! server answers and the client reads.
 //!
 //! Field names are the wire contract with existing clients (Coriolis,
 //! `python-ovmexporterclient`): they must not be renamed. Arrays are plain
@@ -8,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ovm::model;
+use crate::extent::ByteRange;
 
 /// One disk of a VM (`VM.disks[]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,35 +35,46 @@ pub struct Vm {
     pub snapshots: Vec<String>,
 }
 
-impl Vm {
-    /// The API view of an inventory VM with its snapshot ids (oldest first).
-    pub fn from_model(vm: &model::Vm, snapshots: Vec<String>) -> Self {
-        Vm {
-            friendly_name: vm.friendly_name.clone(),
-            name: vm.name.clone(),
-            uuid: vm.uuid.clone(),
-            disks: vm
-                .disks
-                .iter()
-                .map(|d| Disk {
-                    name: d.name.clone(),
-                    path: d.path.to_string_lossy().into_owned(),
-                    device_name: d.device_name.clone(),
-                    snapshot_compatible: d.snapshot_compatible,
-                    mode: d.mode.clone(),
-                })
-                .collect(),
-            snapshot_compatible: vm.snapshot_compatible(),
-            snapshots,
-        }
-    }
+/// One chunk (API.md, Snapshot): an allocated extent of a snapshot file,
+/// or a range to copy in a diff, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub start: u64,
+    pub length: u64,
+    pub physical_start: u64,
 }
 
-/// The snapshot JSON (`Snapshot`, `Snapshot.disks[]`, `chunks[]`, the
-/// `zeroed` extension) is the snapshot manager's own answer type, defined
-/// once in `crate::snapshot` and re-exported here under its wire names.
-pub use crate::extent::ByteRange;
-pub use crate::snapshot::{Chunk, DiskInfo as SnapshotDisk, SnapshotInfo as Snapshot};
+/// One disk of a snapshot (API.md's Snapshot disk object); `size` and
+/// `zeroed` (extensions) only in diff answers, so an old client sees
+/// exactly the old fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    pub parent_path: String,
+    pub path: String,
+    pub snapshot_id: String,
+    pub chunks: Vec<Chunk>,
+    pub name: String,
+    pub repo_mountpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroed: Option<Vec<ByteRange>>,
+    /// Size of the snapshot file in bytes (always known to the server; not
+    /// sent: `size` is the wire field of diff answers).
+    #[serde(skip)]
+    pub file_size: u64,
+}
+
+/// A snapshot (API.md, Snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub vm_id: String,
+    pub disks: Vec<SnapshotDisk>,
+    /// Creation time (ordering on the server; not sent).
+    #[serde(skip)]
+    pub created_at_ns: u64,
+}
 
 /// Body of `POST /auth/login`. Unknown fields are ignored, as the old
 /// service did; both fields are required.

@@ -3,7 +3,9 @@
 # (as root). Idempotent: only what is missing is installed.
 set -euo pipefail
 
-pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux python3)
+# python3-fusepy, fuse3, e2fsprogs: the faulty block device of tests/heal.rs
+# (tests/tools/faultyfs.py under a loop device holding ext4).
+pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux python3 python3-fusepy fuse3 e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

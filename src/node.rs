@@ -14,7 +14,7 @@ use crate::api::{Backend, BackendError};
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
 use crate::server::Config;
 use crate::snapshot::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
-use crate::wire::{Disk, Snapshot, Vm};
+use crate::wire::{Disk, HealthCheck, Snapshot, Vm};
 
 /// Why the node could not be opened at start.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +167,8 @@ impl From<SnapshotError> for BackendError {
             // missed change, and retrying will not help: 409, with details.
             SnapshotError::BaseChanged { .. } => BackendError::Conflict(msg),
             SnapshotError::Busy { .. } => BackendError::Conflict(msg),
+            // Reopening the database after a disk error: retry shortly.
+            SnapshotError::Store(ref s) if s.is_unavailable() => BackendError::Unavailable(msg),
             _ => BackendError::Internal(msg),
         }
     }
@@ -230,11 +232,53 @@ impl Backend for Node {
         self.manager_endpoint.clone()
     }
 
-    fn health(&self) -> Result<(), BackendError> {
-        self.inventory
-            .repositories()
-            .map(|_| ())
-            .map_err(|e| BackendError::Internal(error_chain(&e)))
+    fn health(&self) -> Vec<HealthCheck> {
+        let store = self.manager.store().health();
+        let mut checks = vec![HealthCheck::new(
+            "store",
+            None,
+            "writable",
+            store.open && store.writable,
+            Some(
+                store
+                    .reason
+                    .unwrap_or_else(|| "the database is being reopened".into()),
+            ),
+        )];
+        match self.inventory.repository_status() {
+            Ok(repos) => {
+                for r in repos {
+                    let id = Some(r.id.as_str());
+                    checks.push(HealthCheck::new(
+                        "repository",
+                        id,
+                        "readable",
+                        r.readable,
+                        r.reason.clone(),
+                    ));
+                    checks.push(HealthCheck::new(
+                        "repository",
+                        id,
+                        "cloneable",
+                        r.cloneable,
+                        r.reason,
+                    ));
+                }
+            }
+            Err(e) => {
+                // The details name host paths: the log has them, the public
+                // answer does not.
+                tracing::warn!(error = %error_chain(&e), "health: the inventory cannot be read");
+                checks.push(HealthCheck::new(
+                    "inventory",
+                    None,
+                    "readable",
+                    false,
+                    Some("the inventory cannot be read (see the service log)".into()),
+                ))
+            }
+        }
+        checks
     }
 }
 

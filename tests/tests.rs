@@ -10,6 +10,7 @@ mod common;
 mod datapath;
 mod e2e;
 mod fs_core;
+mod heal;
 mod hostile;
 mod io;
 mod ovm;

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 
-use crate::wire::{Snapshot, Vm};
+use crate::wire::{HealthCheck, Snapshot, Vm};
 
 /// Why a backend call failed, by HTTP class, with a message for `details`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +26,10 @@ pub enum BackendError {
     /// older than the snapshot.
     #[error("{0}")]
     BadRequest(String),
+    /// The service cannot serve this now but may shortly (503), e.g. the
+    /// snapshot database is being reopened after a disk error.
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else (500). The message is logged and sent as `details`:
     /// it must not hold secrets.
     #[error("{0}")]
@@ -78,9 +82,10 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Whether the backend can serve (for `GET /health`); Ok by default.
-    fn health(&self) -> Result<(), BackendError> {
-        Ok(())
+    /// The backend's checks for `GET /health` and the metrics: the store
+    /// writable, each repository readable and cloneable. None by default.
+    fn health(&self) -> Vec<HealthCheck> {
+        Vec::new()
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Metrics {
     connections_open: AtomicI64,
     connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     connections_cut: Mutex<BTreeMap<&'static str, u64>>,
+    /// The checks of the last `GET /health` or `/metrics` ([`super::health`]).
+    health: Mutex<Vec<crate::wire::HealthCheck>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -93,6 +95,12 @@ impl Metrics {
         *lock(&self.connections_cut).entry(reason).or_default() += 1;
     }
 
+    /// Keeps the checks of a health answer for the `coe_health_check`
+    /// gauges.
+    pub fn set_health(&self, checks: &[crate::wire::HealthCheck]) {
+        *lock(&self.health) = checks.to_vec();
+    }
+
     /// The Prometheus text exposition format (version 0.0.4), with the io
     /// core's read-ahead counters.
     pub fn render(&self, prefetch: crate::io::prefetch::PrefetchStats) -> String {
@@ -100,6 +108,7 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = self.render_into(&mut out);
         let _ = render_prefetch(&mut out, prefetch);
+        let _ = render_health(&mut out, &lock(&self.health));
         out
     }
 
@@ -235,6 +244,50 @@ fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> s
     Ok(())
 }
 
+/// A label value: quotes, backslashes and newlines escaped, cut short.
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len().min(120));
+    for c in v.chars().take(120) {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The health checks as gauges: 1 passing, 0 failing, with the reason of a
+/// failing one as a label (the same states `GET /health` answers).
+fn render_health(out: &mut String, checks: &[crate::wire::HealthCheck]) -> std::fmt::Result {
+    writeln!(
+        out,
+        "# HELP coe_up 1 when every health check passes (GET /health answers 200)."
+    )?;
+    writeln!(out, "# TYPE coe_up gauge")?;
+    writeln!(out, "coe_up {}", u8::from(checks.iter().all(|c| c.ok)))?;
+    writeln!(
+        out,
+        "# HELP coe_health_check Health checks by component (store, io, repository), id and check; 1 passing."
+    )?;
+    writeln!(out, "# TYPE coe_health_check gauge")?;
+    for c in checks {
+        write!(
+            out,
+            "coe_health_check{{component=\"{}\",id=\"{}\",check=\"{}\"",
+            label(&c.component),
+            label(c.id.as_deref().unwrap_or("")),
+            label(&c.check)
+        )?;
+        if let Some(r) = &c.reason {
+            write!(out, ",reason=\"{}\"", label(r))?;
+        }
+        writeln!(out, "}} {}", u8::from(c.ok))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +320,30 @@ mod tests {
         assert!(text.contains("coe_io_prefetch_reads_total 12\n"));
         assert!(text.contains("coe_io_prefetch_used_total 9\n"));
         assert!(text.contains("# TYPE coe_io_prefetch_buffers gauge\ncoe_io_prefetch_buffers 3\n"));
+        assert!(text.contains("coe_up 1\n"), "{text}");
+    }
+
+    #[test]
+    fn health_checks_render_as_gauges_with_their_reason() {
+        use crate::wire::HealthCheck;
+        let m = Metrics::default();
+        m.set_health(&[
+            HealthCheck::new("store", None, "writable", true, None),
+            HealthCheck::new(
+                "repository",
+                Some("r1"),
+                "readable",
+                false,
+                Some("Input/output error \"x\"".into()),
+            ),
+        ]);
+        let text = m.render(crate::io::prefetch::PrefetchStats::default());
+        assert!(text.contains("coe_up 0\n"), "{text}");
+        assert!(
+            text.contains("coe_health_check{component=\"store\",id=\"\",check=\"writable\"} 1\n")
+        );
+        assert!(text.contains(
+            "coe_health_check{component=\"repository\",id=\"r1\",check=\"readable\",reason=\"Input/output error \\\"x\\\"\"} 0\n"
+        ), "{text}");
     }
 }

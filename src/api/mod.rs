@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod disk;
 pub mod framing;
+pub mod health;
 pub mod metrics;
 pub mod router;
 
@@ -60,6 +61,7 @@ impl From<BackendError> for ApiError {
             BackendError::NotFound(m) => ApiError::NotFound(m),
             BackendError::Conflict(m) => ApiError::Conflict(m),
             BackendError::BadRequest(m) => ApiError::BadRequest(m),
+            BackendError::Unavailable(m) => ApiError::Unavailable(m),
             BackendError::Internal(m) => ApiError::Internal(m),
         }
     }

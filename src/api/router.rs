@@ -22,7 +22,7 @@ use super::config::MetricsAuth;
 use super::metrics::Metrics;
 use super::{blocking, disk, json_response, ApiError, Backend};
 use crate::io::IoEngine;
-use crate::wire::{Health, LoginRequest, LoginResponse};
+use crate::wire::{LoginRequest, LoginResponse};
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are
 /// refused (413) without being read whole.
@@ -492,19 +492,17 @@ where
     match route.handler {
         Handler::Login => login(state, peer, req, user).await.map(|r| (r, false)),
         Handler::Health => {
-            let h = blocking(move || be.health()).await;
-            match h {
-                Ok(()) => ok(json_response(
-                    StatusCode::OK,
-                    &Health {
-                        status: "ok".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                    },
-                )),
-                Err(e) => Err(ApiError::Unavailable(e.to_string())),
-            }
+            let h = super::health::check(state).await;
+            let status = if h.status == "ok" {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            ok(json_response(status, &h))
         }
         Handler::Metrics => {
+            // The gauges show the health checks as of now.
+            super::health::check(state).await;
             let mut r = Response::new(ApiBody::full(
                 state.metrics.render(state.engine.prefetch_stats()),
             ));

@@ -354,11 +354,38 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Health => {
             let api = connect(g, 1)?;
-            let h: Health = api.get_json("health", "/health")?;
+            let resp = api.get("health", "/health")?;
+            // 503 answers the checks too: show which failed.
+            let unavailable = resp.status().as_u16() == 503;
+            let resp = if unavailable {
+                resp
+            } else {
+                http::check("health", resp)?
+            };
+            let h: Health = http::read_json("health", resp)?;
             if g.json {
                 print_json(&h);
             } else {
                 println!("{}: {} (version {})", api.base(), h.status, h.version);
+                for c in h.checks.iter().filter(|c| !c.ok) {
+                    let id = c.id.as_deref().map(|i| format!(" {i}")).unwrap_or_default();
+                    let why = c.reason.as_deref().unwrap_or("failed");
+                    println!("  {}{id} not {}: {why}", c.component, c.check);
+                }
+            }
+            if unavailable {
+                let failed: Vec<String> = h
+                    .checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(|c| format!("{} {}", c.component, c.check))
+                    .collect();
+                return Err(ClientError::Http {
+                    what: "health".into(),
+                    status: 503,
+                    short: "Service Unavailable".into(),
+                    details: format!("failing: {}", failed.join(", ")),
+                });
             }
             Ok(())
         }

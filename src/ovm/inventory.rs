@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::bdb::HashDb;
 use super::config::{InventoryConfig, InventorySource, StaticRepository, StaticVm};
-use super::model::{Disk, Repository, Vm};
+use super::model::{Disk, Repository, RepositoryStatus, Vm};
 use super::pickle::{bytes_to_text, RepositoryRecord};
 use super::probe::{probe_clone, CloneProbe};
 use super::vmcfg::{self, DiskSpec, DiskTarget, OvsMetaEntry, VmConfig, OVSMETA_VIRTUAL_DISK};
@@ -104,6 +104,8 @@ struct RepoView {
 struct Listing {
     repos: Vec<RepoView>,
     vms: Vec<Vm>,
+    /// Every candidate repository, usable or skipped, sorted by id.
+    status: Vec<RepositoryStatus>,
 }
 
 enum Source {
@@ -232,12 +234,19 @@ impl NodeInventory {
         let mut old_cfgs = std::mem::take(&mut st.vmcfgs);
         let mut old_meta = std::mem::take(&mut st.ovsmeta);
         let mut views = Vec::new();
+        let mut status = Vec::new();
         let mut configs: Vec<Arc<VmConfig>> = Vec::new();
         for (mut repo, discover, must_be_mount) in candidates {
             let subject = format!("repository {}", repo.id);
             let mount_stamp = match check_mount(&repo.mount_point, must_be_mount) {
                 Ok(s) => s,
                 Err(e) => {
+                    status.push(RepositoryStatus {
+                        id: repo.id.clone(),
+                        readable: false,
+                        cloneable: false,
+                        reason: Some(format!("skipped: {e}")),
+                    });
                     w.warn(
                         subject,
                         format!(
@@ -255,15 +264,25 @@ impl NodeInventory {
             }
             let meta_path = repo.mount_point.join(OVSMETA);
             let ovsmeta = cached_ovsmeta(&mut old_meta, &mut st.ovsmeta, &meta_path, w);
+            let mut unreadable = None;
             if discover {
                 let vm_dir = repo.mount_point.join(VM_DIR);
-                for entry in cached_dir(&mut old_dirs, &mut st.dirs, &vm_dir, w).iter() {
+                let entries = cached_dir(&mut old_dirs, &mut st.dirs, &vm_dir, w, &mut unreadable);
+                for entry in entries.iter() {
                     let cfg_path = vm_dir.join(entry).join(VM_CFG);
                     if let Some(c) = cached_vmcfg(&mut old_cfgs, &mut st.vmcfgs, &cfg_path, w) {
                         configs.push(c);
                     }
                 }
             }
+            status.push(RepositoryStatus {
+                id: repo.id.clone(),
+                readable: unreadable.is_none(),
+                cloneable: probe.can_clone,
+                reason: unreadable
+                    .map(|e| format!("{VM_DIR} cannot be read: {e}"))
+                    .or_else(|| probe.error.clone().map(|e| format!("cannot clone: {e}"))),
+            });
             views.push(RepoView {
                 repo,
                 ovsmeta,
@@ -304,7 +323,12 @@ impl NodeInventory {
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         views.sort_by(|a, b| a.repo.id.cmp(&b.repo.id));
-        Ok(Listing { repos: views, vms })
+        status.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Listing {
+            repos: views,
+            vms,
+            status,
+        })
     }
 }
 
@@ -328,6 +352,10 @@ impl Inventory for NodeInventory {
             .into_iter()
             .map(|v| (v.repo, v.probe))
             .collect())
+    }
+
+    fn repository_status(&self) -> Result<Vec<RepositoryStatus>, InventoryError> {
+        Ok(self.list()?.status)
     }
 }
 
@@ -484,12 +512,14 @@ fn cached_ovsmeta(
     entry
 }
 
-/// The entries of a folder, sorted; a missing folder is empty.
+/// The entries of a folder, sorted; a missing folder is empty. A folder
+/// that cannot be read is empty too, with the error in `failed`.
 fn cached_dir(
     old: &mut HashMap<PathBuf, (Stamp, Arc<Vec<OsString>>)>,
     new: &mut HashMap<PathBuf, (Stamp, Arc<Vec<OsString>>)>,
     path: &Path,
     w: &mut Warnings,
+    failed: &mut Option<String>,
 ) -> Arc<Vec<OsString>> {
     let subject = path.display().to_string();
     let s = match stamp(path) {
@@ -497,6 +527,7 @@ fn cached_dir(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Arc::default(),
         Err(e) => {
             w.warn(subject.clone(), format!("{subject} skipped: {e}"));
+            *failed = Some(e.to_string());
             return Arc::default();
         }
     };
@@ -514,6 +545,7 @@ fn cached_dir(
                     Ok(e) => names.push(e.file_name()),
                     Err(err) => {
                         w.warn(subject.clone(), format!("{subject}: listing failed: {err}"));
+                        *failed = Some(err.to_string());
                         return Arc::default();
                     }
                 }
@@ -521,6 +553,7 @@ fn cached_dir(
         }
         Err(e) => {
             w.warn(subject.clone(), format!("{subject} skipped: {e}"));
+            *failed = Some(e.to_string());
             return Arc::default();
         }
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use config::{InventoryConfig, InventorySource, StaticDisk, StaticRepository, StaticVm};
 pub use inventory::NodeInventory;
-pub use model::{Disk, Repository, Vm};
+pub use model::{Disk, Repository, RepositoryStatus, Vm};
 pub use probe::CloneProbe;
 
 /// File name of ovs-agent's repository database in its db folder.
@@ -76,6 +76,20 @@ pub trait Inventory: Send + Sync {
     /// diagnostics (filesystem type, method, error). Probes are cached.
     fn clone_probes(&self) -> Result<Vec<(Repository, CloneProbe)>, InventoryError> {
         Ok(Vec::new())
+    }
+    /// Every repository the inventory names, usable or skipped, as the
+    /// last listing found it (health and metrics).
+    fn repository_status(&self) -> Result<Vec<RepositoryStatus>, InventoryError> {
+        Ok(self
+            .clone_probes()?
+            .into_iter()
+            .map(|(r, p)| RepositoryStatus {
+                id: r.id,
+                readable: true,
+                cloneable: p.can_clone,
+                reason: p.error,
+            })
+            .collect())
     }
 }
 

@@ -16,6 +16,20 @@ pub struct Repository {
     pub alias: String,
 }
 
+/// How one repository of the inventory fared in the last listing (for
+/// health and metrics): a repository that is skipped (not mounted, cannot
+/// be read) or cannot clone shows here with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepositoryStatus {
+    pub id: String,
+    /// Mounted and its folders could be read.
+    pub readable: bool,
+    /// The clone probe passed.
+    pub cloneable: bool,
+    /// Why not, when not: an OS error or a short description, never a path.
+    pub reason: Option<String>,
+}
+
 /// A virtual machine and all its disks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vm {

@@ -347,12 +347,14 @@ impl Config {
         let reserved_connections = match api.reserved_connections {
             None => max_connections / 4,
             Some(n) if n >= 0 && (n as u64) < max_connections as u64 => n as usize,
-            Some(n) => return Err(bad(
-                "api.reserved_connections",
-                format!(
+            Some(n) => {
+                return Err(bad(
+                    "api.reserved_connections",
+                    format!(
                     "{n}: must be at least 0 and less than api.max_connections ({max_connections})"
                 ),
-            )),
+                ))
+            }
         };
         let http2_max_concurrent_streams = positive(
             "api.http2_max_concurrent_streams",

@@ -206,3 +206,65 @@ fn reopening_with_a_map_smaller_than_the_data_still_reads_it() {
     assert!(store.map_size() > 100_000, "{}", store.map_size());
     assert_eq!(store.map(&r.id, 0).unwrap(), map(100_000, 1));
 }
+
+#[test]
+fn a_fatal_commit_error_closes_and_reopens_the_environment() {
+    let dir = TempDir::new("heal");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    let mut kept = record("vm", 1);
+    store.insert(&mut kept, &[map(3, 1)]).unwrap();
+    assert!(store.health().writable);
+
+    // The commit fails as after a failed meta-page write: MDB_PANIC, and
+    // the environment refuses everything after, as LMDB's does. The disk
+    // stays bad for one more commit: health's probe.
+    store.fail_next_commits(2);
+    let mut lost = record("vm", 1);
+    let err = store.insert(&mut lost, &[map(3, 2)]).unwrap_err();
+    assert!(err.poisons(), "{err:?}");
+    assert_eq!(lost.seq, 0, "a failed insert assigns no sequence number");
+    let h = store.health();
+    assert!(!h.writable && h.reason.is_some(), "{h:?}");
+
+    // A later request reopens the environment (after a short backoff: two
+    // failures in a row) and is served; nothing of the failed write is there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        match store.get(&lost.id) {
+            Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => break r,
+        }
+    };
+    assert_eq!(got.unwrap(), None);
+    assert_eq!(store.list_vm("vm").unwrap(), vec![kept.clone()]);
+    assert_eq!(store.map(&kept.id, 0).unwrap(), map(3, 1));
+    let mut next = record("vm", 1);
+    store.insert(&mut next, &[map(3, 3)]).unwrap();
+    assert!(next.seq > kept.seq);
+    let h = store.health();
+    assert!(h.open && h.writable && h.reason.is_none(), "{h:?}");
+    assert_eq!(h.reopens, 2);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+}
+
+#[test]
+fn health_probes_an_unwritable_store_back_to_good() {
+    let dir = TempDir::new("probe");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    store.fail_next_commits(1);
+    assert!(store.probe().unwrap_err().poisons());
+    // The first health call probes (and reopens): the disk is fine again.
+    let h = store.health();
+    assert!(h.open && h.writable, "{h:?}");
+    assert_eq!(h.reopens, 1);
+}
+
+#[test]
+fn repeated_failures_back_off_but_boundedly() {
+    assert_eq!(backoff(1), Duration::ZERO);
+    assert_eq!(backoff(2), Duration::from_millis(100));
+    assert_eq!(backoff(3), Duration::from_millis(200));
+    assert_eq!(backoff(40), MAX_BACKOFF);
+}

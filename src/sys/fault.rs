@@ -34,3 +34,11 @@ pub fn point(point: &str) {
         std::process::abort();
     }
 }
+
+/// True the first time `point` is reached when it is the armed one: for
+/// fault points that make a step fail instead of killing the process.
+pub fn once(point: &str) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    armed() == Some(point) && !FIRED.swap(true, Ordering::AcqRel)
+}

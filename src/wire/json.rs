@@ -108,11 +108,50 @@ pub struct ErrorBody {
     pub details: String,
 }
 
-/// Answer of `GET /api/v1/health`.
+/// Answer of `GET /api/v1/health`: `status` is `ok` (HTTP 200) when every
+/// check passes, `unavailable` (HTTP 503) otherwise.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// What was checked (absent from old servers' answers).
+    #[serde(default)]
+    pub checks: Vec<HealthCheck>,
+}
+
+/// One check of `GET /health`, also a `coe_health_check` gauge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// `store`, `io` or `repository`.
+    pub component: String,
+    /// The repository's id, for repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `writable` (store), `up` (io), `readable` or `cloneable`
+    /// (repository).
+    pub check: String,
+    pub ok: bool,
+    /// Why not, when not: an error text, no secret, no path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl HealthCheck {
+    pub fn new(
+        component: &str,
+        id: Option<&str>,
+        check: &str,
+        ok: bool,
+        reason: Option<String>,
+    ) -> Self {
+        HealthCheck {
+            component: component.to_owned(),
+            id: id.map(str::to_owned),
+            check: check.to_owned(),
+            ok,
+            reason: if ok { None } else { reason },
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,5 +18,6 @@ pub mod stream;
 /// The `{start, length}` of `zeroed` ranges: the extent algebra's own type.
 pub use crate::extent::ByteRange;
 pub use json::{
-    Chunk, Disk, ErrorBody, Health, LoginRequest, LoginResponse, Snapshot, SnapshotDisk, Vm,
+    Chunk, Disk, ErrorBody, Health, HealthCheck, LoginRequest, LoginResponse, Snapshot,
+    SnapshotDisk, Vm,
 };

@@ -1,0 +1,353 @@
+//! The producer of one body: submits planned batches with bounded
+//! read-ahead, slices completed buffers into frames (coalescing small ones)
+//! and sends them with the framing bytes, in order.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::backend::{Batch, BatchDone};
+use super::buffer::PooledBuf;
+use super::engine::DiskFile;
+use super::engine::EngineInner;
+use super::error::IoError;
+use super::framing::Framing;
+use super::planner::{Plan, Planner};
+use crate::error::chain as error_chain;
+
+/// Frames at most this long are copied into a shared frame with their
+/// neighbours instead of being sent alone: record headers and small ranges
+/// would otherwise become one TLS record and one write each.
+pub(super) const COALESCE_MAX: usize = 16 << 10;
+/// Size at which a frame of coalesced small pieces is sent.
+pub(super) const COALESCE_TARGET: usize = 256 << 10;
+/// Sends frames to the stream, gluing small ones together (a copy of at
+/// most [`COALESCE_MAX`] bytes each) so 100,000 small records do not become
+/// 300,000 writes; large frames pass through untouched.
+pub(super) struct Out {
+    pub(super) tx: mpsc::Sender<Result<Bytes, IoError>>,
+    pub(super) acc: BytesMut,
+}
+
+/// The receiver is gone: stop producing.
+pub(super) struct Closed;
+
+impl Out {
+    async fn push(&mut self, b: Bytes) -> Result<(), Closed> {
+        if b.len() <= COALESCE_MAX {
+            self.acc.extend_from_slice(&b);
+            if self.acc.len() >= COALESCE_TARGET {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        self.flush().await?;
+        self.tx.send(Ok(b)).await.map_err(|_| Closed)
+    }
+
+    async fn flush(&mut self) -> Result<(), Closed> {
+        if self.acc.is_empty() {
+            return Ok(());
+        }
+        let b = self.acc.split().freeze();
+        self.tx.send(Ok(b)).await.map_err(|_| Closed)
+    }
+
+    async fn fail(&mut self, e: IoError) {
+        // Frames before the error are delivered first, so the client sees
+        // the body break where the failure was.
+        if self.flush().await.is_ok() {
+            let _ = self.tx.send(Err(e)).await;
+        }
+    }
+}
+
+pub(super) struct Producer {
+    pub(super) engine: Arc<EngineInner>,
+    pub(super) file: DiskFile,
+    pub(super) planner: Planner,
+    /// The stream's read-ahead bound (see the module doc).
+    pub(super) permits: Arc<Semaphore>,
+    /// Reads parked for this stream by the request before it ([`prefetch`]),
+    /// already fitted to its range: they come before the planner's.
+    pub(super) adopted: VecDeque<InFlight>,
+    /// Set for a single-range stream that [`prefetch`] follows; taken when
+    /// the reads of the next range are parked.
+    pub(super) seq: Option<Sequence>,
+    pub(super) out: Out,
+}
+
+/// The range of a stream [`prefetch`] follows.
+pub(super) struct Sequence {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    /// Whether this range continued an earlier one: only then are reads
+    /// started for the next (a first request parks only a marker).
+    pub(super) continues: bool,
+}
+
+pub(super) struct InFlight {
+    pub(super) plan: Plan,
+    pub(super) rx: oneshot::Receiver<BatchDone>,
+    pub(super) direct: bool,
+    /// The stream permit of a read started before its stream existed
+    /// (parked by [`prefetch`]), tied to the buffer when the read completes.
+    pub(super) permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Fits reads parked at `range.start` to `range`: drops the pieces (and
+/// whole reads) past its end, cuts the one across it, and keeps reads only
+/// while they cover the range contiguously from its start.
+pub(super) fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> VecDeque<InFlight> {
+    let mut kept = VecDeque::new();
+    let mut covered = range.start;
+    for mut job in jobs {
+        if covered >= range.end {
+            break; // dropped: its buffer returns to the pool when read
+        }
+        let pieces = &mut job.plan.pieces;
+        pieces.retain(|p| p.file_end - (p.len as u64) < range.end);
+        for p in pieces.iter_mut() {
+            if p.file_end > range.end {
+                p.len -= (p.file_end - range.end) as usize;
+                p.file_end = range.end;
+            }
+        }
+        match pieces.last() {
+            // Parked reads are planned from `range.start` on, contiguous.
+            Some(last) if pieces[0].file_end - pieces[0].len as u64 == covered => {
+                covered = last.file_end;
+                kept.push_back(job);
+            }
+            _ => break,
+        }
+    }
+    kept
+}
+
+impl Producer {
+    pub(super) async fn run<F: Framing>(mut self, mut framing: F) {
+        if let Err(e) = self.pump(&mut framing).await {
+            if let Some(e) = e {
+                tracing::warn!(
+                    path = %self.file.path().display(),
+                    error = %error_chain(&e),
+                    "disk read failed; the response body is cut short"
+                );
+                self.out.fail(e).await;
+            }
+            return;
+        }
+        if let Some(b) = framing.finish() {
+            if self.out.push(b).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.out.flush().await;
+    }
+
+    /// `Err(None)`: the client went away; `Err(Some)`: a failure to report.
+    async fn pump<F: Framing>(&mut self, framing: &mut F) -> Result<(), Option<IoError>> {
+        if let Some(b) = framing.start() {
+            self.push(b).await?;
+        }
+        let depth = self.engine.cfg.read_ahead;
+        let mut inflight: VecDeque<InFlight> = std::mem::take(&mut self.adopted);
+        let mut next_plan = self.planner.next_plan();
+        let mut current: Option<usize> = None;
+        loop {
+            while inflight.len() < depth && next_plan.is_some() {
+                if self.out.tx.is_closed() {
+                    return Err(None);
+                }
+                // Wait for memory only when nothing is in flight: otherwise
+                // our own undelivered frames could hold what we wait for.
+                let buf = if inflight.is_empty() {
+                    let permit = Arc::clone(&self.permits)
+                        .acquire_owned()
+                        .await
+                        .expect("never closed");
+                    let mut buf = self.engine.pool.get().await;
+                    buf.attach_permit(permit);
+                    buf
+                } else {
+                    let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                        break;
+                    };
+                    let Some(mut buf) = self.engine.pool.try_get() else {
+                        break;
+                    };
+                    buf.attach_permit(permit);
+                    buf
+                };
+                let plan = next_plan.take().expect("checked");
+                let reader = self.file.reader();
+                let direct = reader.1;
+                let rx = self.submit(reader, buf, &plan);
+                inflight.push_back(InFlight {
+                    plan,
+                    rx,
+                    direct,
+                    permit: None,
+                });
+                next_plan = self.planner.next_plan();
+            }
+            if next_plan.is_none() {
+                // Everything asked for is read or being read: start on
+                // what the client will likely ask for next.
+                self.park_next();
+            }
+            let Some(job) = inflight.pop_front() else {
+                break;
+            };
+            let frame = self.complete(job).await?;
+            for p in &frame.1.pieces {
+                if current != Some(p.range) {
+                    if let Some(c) = current {
+                        if let Some(b) = framing.range_end(c) {
+                            self.push(b).await?;
+                        }
+                    }
+                    if let Some(b) = framing.range_start(p.range) {
+                        self.push(b).await?;
+                    }
+                    current = Some(p.range);
+                }
+                let piece = frame.0.slice(p.buf_offset..p.buf_offset + p.len);
+                framing.data(p.range, &piece);
+                self.push(piece).await?;
+            }
+        }
+        if let Some(c) = current {
+            if let Some(b) = framing.range_end(c) {
+                self.push(b).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, b: Bytes) -> Result<(), Option<IoError>> {
+        self.out.push(b).await.map_err(|Closed| None)
+    }
+
+    /// Once per followed stream: parks the reads of the range after this
+    /// one, as long as this one (see [`prefetch`]), or only a marker when
+    /// this range did not itself continue an earlier one.
+    fn park_next(&mut self) {
+        let Some(seq) = self.seq.take() else {
+            return;
+        };
+        let parking = &self.engine.parking;
+        let key = self.file.inner.key;
+        let size = self.file.size();
+        let cfg = &self.engine.cfg;
+        let window = (seq.end - seq.start).min((cfg.read_ahead * cfg.buffer_size) as u64);
+        let next = seq.end..(seq.end + window).min(size);
+        if !seq.continues || next.is_empty() {
+            parking.park(key, seq.end, VecDeque::new(), 0);
+            return;
+        }
+        let promised = parking.reserve(cfg.read_ahead);
+        let mut planner = Planner::new(std::iter::once(next).collect(), cfg.buffer_size);
+        let mut jobs = VecDeque::new();
+        while jobs.len() < promised {
+            let reader = self.file.reader();
+            if !reader.1 {
+                break; // the file fell back to buffered reads: the kernel reads ahead
+            }
+            let Some(buf) = self.engine.pool.try_get() else {
+                break;
+            };
+            let Some(plan) = planner.next_plan() else {
+                break;
+            };
+            let rx = self.submit(reader, buf, &plan);
+            jobs.push_back(InFlight {
+                plan,
+                rx,
+                direct: true,
+                permit: None,
+            });
+        }
+        parking.park(key, seq.end, jobs, promised);
+    }
+
+    fn submit(
+        &self,
+        (file, direct): (Arc<File>, bool),
+        buf: PooledBuf,
+        plan: &Plan,
+    ) -> oneshot::Receiver<BatchDone> {
+        let (reply, rx) = oneshot::channel();
+        self.engine.backend.submit(Batch {
+            file,
+            direct,
+            buf,
+            segments: plan.segments.clone(),
+            reply,
+        });
+        rx
+    }
+
+    /// Waits for a batch and checks it; a direct batch refused with `EINVAL`
+    /// is read again buffered. Returns the filled buffer as one frame.
+    async fn complete(&mut self, mut job: InFlight) -> Result<(Bytes, Plan), Option<IoError>> {
+        loop {
+            let done = job.rx.await.map_err(|_| Some(IoError::BackendGone))?;
+            let einval = done
+                .results
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .find(|e| e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()));
+            if job.direct {
+                if let Some(e) = einval {
+                    self.file.give_up_direct(e);
+                    job.rx = self.submit(self.file.reader(), done.buf, &job.plan);
+                    job.direct = false;
+                    continue;
+                }
+            }
+            let BatchDone { buf, results } = done;
+            let mut got = Vec::with_capacity(results.len());
+            for (seg, res) in job.plan.segments.iter().zip(results) {
+                match res {
+                    Ok(n) => got.push(n),
+                    Err(source) => {
+                        return Err(Some(IoError::Read {
+                            offset: seg.file_offset,
+                            len: seg.len,
+                            source,
+                        }))
+                    }
+                }
+            }
+            for p in &job.plan.pieces {
+                let seg = job.plan.segments[p.segment];
+                let end = seg.file_offset + got[p.segment] as u64;
+                if end < p.file_end {
+                    return Err(Some(IoError::ShortRead {
+                        at: end,
+                        wanted: p.file_end,
+                    }));
+                }
+            }
+            let mut buf = buf;
+            if let Some(permit) = job.permit.take() {
+                buf.attach_permit(permit);
+            }
+            let filled = job
+                .plan
+                .pieces
+                .iter()
+                .map(|p| p.buf_offset + p.len)
+                .max()
+                .unwrap_or(0);
+            buf.set_filled(filled);
+            return Ok((buf.freeze(), job.plan));
+        }
+    }
+}

@@ -639,6 +639,40 @@ fn client_copies_and_updates_replicas_on_btrfs() {
     e2e_on(Fs::Btrfs);
 }
 
+/// The client's help, with COE_PASSWORD set, names the variable but never
+/// shows its value; the value of a variable that is not secret (COE_URL) is
+/// shown, so the check would see a password printed the same way.
+#[test]
+fn help_never_shows_the_password_from_the_environment() {
+    let secret = "pw-from-the-environment-7f3a9c";
+    let url = "https://help-test.invalid:5544";
+    for args in [
+        &["client", "--help"][..],
+        &["client", "-h"],
+        &["client", "download", "--help"],
+        &["client", "vms", "list", "--help"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("COE_PASSWORD", secret)
+            .env("COE_URL", url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {:?}", out.status);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("COE_PASSWORD"), "{args:?}:\n{text}");
+        assert!(text.contains(url), "{args:?} hides every value:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "{args:?} shows the password:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn demo_serves_with_printed_credentials_and_cleans_up_on_sigterm() {
     let scratch = Fs::Xfs.scratch("demo");

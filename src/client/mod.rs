@@ -846,8 +846,11 @@ mod tests {
         assert_eq!(e.exit_code(), exit::USAGE);
     }
 
+    /// The long help names the password variable and the exit statuses.
+    /// That it never shows the variable's value is checked on the binary,
+    /// with the variable set (tests/e2e.rs): clap reads it at start.
     #[test]
-    fn help_never_shows_the_password_from_the_environment() {
+    fn help_names_the_password_variable_and_exit_statuses() {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("COE_PASSWORD"));
         assert!(help.contains("Exit status"));

@@ -306,20 +306,59 @@ fn snapshot_paths(snap: &Value) -> HashMap<String, PathBuf> {
 fn assert_replicas(out: &Path, snap: &Value) {
     for (name, path) in snapshot_paths(snap) {
         let want = fs::read(&path).unwrap();
-        let got = fs::read(out.join(&name)).unwrap();
-        assert_eq!(got.len(), want.len(), "{name}: size");
-        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-            panic!("{name}: replica differs from the snapshot first at byte {i}");
-        }
-        let m = fs::metadata(out.join(&name)).unwrap();
-        assert_eq!(m.mode() & 0o077, 0, "{name}: replica mode {:o}", m.mode());
-        assert!(
-            m.blocks() * 512 < m.len() / 2,
-            "{name}: replica is not sparse ({} bytes allocated of {})",
-            m.blocks() * 512,
-            m.len()
-        );
+        assert_replica(&name, &out.join(&name), &want);
     }
+}
+
+/// The replica at `path` holds `want` byte for byte, is private, and holds
+/// no block of zeros (README: holes and all-zero 4 KiB blocks are not
+/// written, or are punched when a replica is updated).
+fn assert_replica(name: &str, path: &Path, want: &[u8]) {
+    let got = fs::read(path).unwrap();
+    assert_eq!(got.len(), want.len(), "{name}: size");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        panic!("{name}: replica differs from the snapshot first at byte {i}");
+    }
+    let f = fs::File::open(path).unwrap();
+    let m = f.metadata().unwrap();
+    assert_eq!(m.mode() & 0o077, 0, "{name}: replica mode {:o}", m.mode());
+    let mut zero_blocks = 0;
+    for (start, end) in data_ranges(&f) {
+        for block in start / 4096..end.div_ceil(4096) {
+            let b = (block * 4096) as usize;
+            let e = (b + 4096).min(want.len());
+            if b < e && want[b..e].iter().all(|&x| x == 0) {
+                zero_blocks += 1;
+            }
+        }
+    }
+    assert_eq!(
+        zero_blocks,
+        0,
+        "{name}: {zero_blocks} all-zero 4 KiB blocks of the replica are allocated ({} bytes \
+         allocated of {})",
+        m.blocks() * 512,
+        m.len()
+    );
+}
+
+/// The byte ranges of `f` the filesystem holds data for (SEEK_DATA and
+/// SEEK_HOLE: written or unwritten extents, not holes).
+fn data_ranges(f: &fs::File) -> Vec<(u64, u64)> {
+    let len = f.metadata().unwrap().len();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let start = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => panic!("SEEK_DATA: {e}"),
+        };
+        let end = rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(start)).unwrap();
+        out.push((start, end));
+        pos = end;
+    }
+    out
 }
 
 fn state_file(out: &Path, disk: &str) -> PathBuf {
@@ -589,10 +628,7 @@ fn e2e_on(fs_kind: Fs) {
         "the resumed download fetched everything again: {resumed}"
     );
     let want = fs::read(snapshot_paths(&s2)[DISK_A].clone()).unwrap();
-    assert!(
-        fs::read(out3.join(DISK_A)).unwrap() == want,
-        "resumed copy differs"
-    );
+    assert_replica("resumed copy", &out3.join(DISK_A), &want);
 
     // --verify against the server's checksums.
     let v = client.run(&["verify", VM, &s2_id, "--out", &out_s]);

@@ -310,6 +310,24 @@ mod tests {
         assert!(check_disk_name(&"x".repeat(256)).is_err());
     }
 
+    /// The byte ranges the filesystem holds data for (SEEK_DATA/SEEK_HOLE).
+    fn data_ranges(p: &Path) -> Vec<(u64, u64)> {
+        let f = std::fs::File::open(p).unwrap();
+        let len = f.metadata().unwrap().len();
+        let (mut out, mut pos) = (Vec::new(), 0);
+        while pos < len {
+            let start = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(s) => s,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => panic!("SEEK_DATA: {e}"),
+            };
+            let end = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(start)).unwrap();
+            out.push((start, end));
+            pos = end;
+        }
+        out
+    }
+
     #[test]
     fn writes_land_at_offsets_and_zero_blocks_stay_zero() {
         let p = tmp("w");
@@ -327,6 +345,8 @@ mod tests {
         let mut expect = vec![0u8; 64 * 1024];
         expect[1000..1000 + buf.len()].copy_from_slice(&buf);
         assert_eq!(back, expect);
+        // The two whole zero blocks (4096..12288) were not written: holes.
+        assert_eq!(data_ranges(&p), [(0, 4096), (12288, 16384)]);
         // Punch mode clears old data in zero blocks.
         let r = Replica::open(&p, ZeroBlocks::Punch).unwrap();
         r.write_at(0, &vec![7u8; 16 * 1024]).unwrap();
@@ -335,6 +355,7 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 7));
         assert!(back[4096..12288].iter().all(|&b| b == 0));
         assert!(back[12288..16384].iter().all(|&b| b == 7));
+        assert_eq!(data_ranges(&p), [(0, 4096), (12288, 16384)], "not punched");
         r.zero(100, 50).unwrap();
         let back = std::fs::read(&p).unwrap();
         assert!(back[100..150].iter().all(|&b| b == 0));

@@ -543,6 +543,30 @@ fn e2e_on(fs_kind: Fs) {
         &s1_id,
     ]);
     assert_eq!(noop["bytes"], 0);
+    let s3 = client.json(&["snapshots", "create", VM]);
+    let s3_id = s3["id"].as_str().unwrap().to_owned();
+    let refused = client.run(&[
+        "download",
+        VM,
+        &s3_id,
+        "--out",
+        &out_s,
+        "--diff-from",
+        &s1_id,
+    ]);
+    assert_eq!(
+        refused.status.code(),
+        Some(6),
+        "a diff from S1 applied onto a replica of S2: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_replicas(&out, &s2);
+    for d in [DISK_A, DISK_B] {
+        let st: Value = serde_json::from_slice(&fs::read(state_file(&out, d)).unwrap()).unwrap();
+        assert_eq!(st["snapshot"], s2_id.as_str(), "{d}: {st}");
+        assert_eq!(st["complete"], true, "{d}: {st}");
+    }
+    client.json(&["snapshots", "delete", VM, &s3_id]);
 
     // An interrupted full copy of S2, resumed.
     let out3 = scratch.path("replica-resume");

@@ -483,15 +483,25 @@ impl Manager {
         }
         // The maps must describe the files as they are: a base whose file
         // was replaced or removed may have had its blocks reused.
-        verify(&base).map_err(|(disk, reason)| SnapshotError::BaseChanged {
-            id: base.id.clone(),
-            disk,
-            reason,
+        verify(&base).map_err(|(disk, reason)| {
+            self.unless_deleted(
+                &base.id,
+                SnapshotError::BaseChanged {
+                    id: base.id.clone(),
+                    disk,
+                    reason,
+                },
+            )
         })?;
-        verify(&rec).map_err(|(disk, reason)| SnapshotError::Damaged {
-            id: rec.id.clone(),
-            disk,
-            reason,
+        verify(&rec).map_err(|(disk, reason)| {
+            self.unless_deleted(
+                &rec.id,
+                SnapshotError::Damaged {
+                    id: rec.id.clone(),
+                    disk,
+                    reason,
+                },
+            )
         })?;
         let base_maps = self.maps_of(&base)?;
         let mut out = info(&rec, &[], false);
@@ -537,13 +547,33 @@ impl Manager {
             .collect()
     }
 
+    /// A snapshot whose files are gone or changed is damaged, unless it was
+    /// deleted meanwhile: delete removes the record before the files, so a
+    /// record gone now means the snapshot is not found (a race with a
+    /// delete, not damage).
+    fn unless_deleted(&self, id: &str, err: SnapshotError) -> SnapshotError {
+        match self.store.get(id) {
+            Ok(None) => SnapshotError::NotFound {
+                what: format!("snapshot {id}"),
+            },
+            _ => err,
+        }
+    }
+
     /// Every snapshot of `vm`, oldest first, chunks squashed. An unknown VM
-    /// without snapshots is NotFound.
+    /// without snapshots is NotFound. A snapshot deleted while the list is
+    /// read is left out, never failing the list.
     pub fn list(&self, vm: &str) -> Result<Vec<Snapshot>, SnapshotError> {
         let recs = self.records_of_known_vm(vm)?;
-        recs.iter()
-            .map(|r| Ok(info(r, &self.maps_of(r)?, true)))
-            .collect()
+        let mut out = Vec::with_capacity(recs.len());
+        for r in &recs {
+            match self.maps_of(r) {
+                Ok(maps) => out.push(info(r, &maps, true)),
+                Err(SnapshotError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// The ids of `vm`'s snapshots, oldest first (the VM JSON's
@@ -655,10 +685,15 @@ impl Manager {
                 .ok_or_else(|| SnapshotError::NotFound {
                     what: format!("disk {disk} of snapshot {snap}"),
                 })?;
-        let damaged = |reason: String| SnapshotError::Damaged {
-            id: rec.id.clone(),
-            disk: d.name.clone(),
-            reason,
+        let damaged = |reason: String| {
+            self.unless_deleted(
+                &rec.id,
+                SnapshotError::Damaged {
+                    id: rec.id.clone(),
+                    disk: d.name.clone(),
+                    reason,
+                },
+            )
         };
         let file = open_verified(&rec, d).map_err(damaged)?;
         Ok((file, d.size))

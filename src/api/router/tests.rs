@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,9 +17,9 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use super::*;
-use crate::api::auth::{LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
-use crate::api::config::LocalUser;
-use crate::api::BackendError;
+use crate::api::auth::{Login, LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
+use crate::api::config::{LocalUser, MetricsAuth};
+use crate::api::{Backend, BackendError};
 use crate::wire::{ByteRange, Chunk, Disk, Snapshot, SnapshotDisk, Vm};
 
 const VM1: &str = "0004fb0000060000ccaf98a0baa2c186";

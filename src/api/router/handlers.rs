@@ -1,0 +1,194 @@
+//! The handlers of the matched, authorized routes: each calls the backend
+//! on the blocking pool, or streams disk bytes through the io core.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+
+use super::login::login;
+use super::matcher::{compare_to_param, query_param, squash_param, Params};
+use super::state::State;
+use super::table::{Handler, Route};
+use crate::api::body::ApiBody;
+use crate::api::{blocking, disk, json_response, ApiError, Backend};
+use crate::io::IoEngine;
+
+/// Time a snapshot operation into the metrics.
+async fn timed<T, F>(state: &State, op: &'static str, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, crate::api::BackendError> + Send + 'static,
+    T: Send + 'static,
+{
+    let start = Instant::now();
+    let r = blocking(f).await;
+    state.metrics.snapshot_op(op, r.is_ok(), start.elapsed());
+    r
+}
+
+fn empty_ok() -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::empty());
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, http::HeaderValue::from(0u64));
+    r
+}
+
+/// Run the handler of a matched, authorized route. The bool says whether the
+/// answer is a disk stream.
+pub(super) async fn dispatch<B>(
+    state: &Arc<State>,
+    route: &Route,
+    params: Params,
+    peer: SocketAddr,
+    req: Request<B>,
+    user: &mut Option<String>,
+) -> Result<(Response<ApiBody>, bool), ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let be = state.backend.clone();
+    let query = req.uri().query().map(str::to_owned);
+    let q = query.as_deref();
+    let p = |i: usize| params.get(i).cloned().unwrap_or_default();
+    let ok = |v: Response<ApiBody>| Ok((v, false));
+    match route.handler {
+        Handler::Login => login(state, peer, req, user).await.map(|r| (r, false)),
+        Handler::Health => {
+            let h = crate::api::health::check(state).await;
+            let status = if h.status == "ok" {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            ok(json_response(status, &h))
+        }
+        Handler::Metrics => {
+            // The gauges show the health checks as of now.
+            crate::api::health::check(state).await;
+            let mut r = Response::new(ApiBody::full(
+                state.metrics.render(state.engine.prefetch_stats()),
+            ));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            ok(r)
+        }
+        Handler::ListVms => ok(json_response(
+            StatusCode::OK,
+            &blocking(move || be.list_vms()).await?,
+        )),
+        Handler::GetVm => {
+            let vm = p(0);
+            ok(json_response(
+                StatusCode::OK,
+                &blocking(move || be.get_vm(&vm)).await?,
+            ))
+        }
+        Handler::ListSnapshots => {
+            let (vm, squash) = (p(0), squash_param(q));
+            let snaps = timed(state, "list", move || be.list_snapshots(&vm, squash)).await?;
+            ok(json_response(StatusCode::OK, &snaps))
+        }
+        Handler::CreateSnapshot => {
+            let vm = p(0);
+            let snap = timed(state, "create", move || be.create_snapshot(&vm)).await?;
+            tracing::info!(vm = %snap.vm_id, snapshot = %snap.id, "snapshot created");
+            ok(json_response(StatusCode::OK, &snap))
+        }
+        Handler::PurgeSnapshots => {
+            let vm = p(0);
+            timed(state, "purge", move || be.purge_snapshots(&vm)).await?;
+            state.engine.drop_prefetched(); // as for a delete, below
+            ok(empty_ok())
+        }
+        Handler::GetSnapshot => {
+            let (vm, snap, squash) = (p(0), p(1), squash_param(q));
+            let compare_to = compare_to_param(q)?;
+            let zeroed_separate = match query_param(q, "zeroed").as_deref() {
+                None | Some("" | "include") => false,
+                Some("separate") => true,
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "zeroed={other:?}: expected \"separate\" or \"include\""
+                    )))
+                }
+            };
+            let op = if compare_to.is_some() { "diff" } else { "get" };
+            let s = timed(state, op, move || {
+                be.get_snapshot(&vm, &snap, squash, compare_to.as_deref(), zeroed_separate)
+            })
+            .await?;
+            ok(json_response(StatusCode::OK, &s))
+        }
+        Handler::DeleteSnapshot => {
+            let (vm, snap) = (p(0), p(1));
+            timed(state, "delete", move || be.delete_snapshot(&vm, &snap)).await?;
+            // Reads started ahead hold their files open: let go of them so
+            // the deleted snapshot's space is freed now, not when they
+            // would have expired.
+            state.engine.drop_prefetched();
+            ok(empty_ok())
+        }
+        Handler::Disk => {
+            let (vm, snap, disk) = (p(0), p(1), p(2));
+            let engine = state.engine.clone();
+            // One trip to the blocking pool: the backend's open, then the
+            // engine's O_DIRECT open of the same file.
+            let file = blocking(move || {
+                let (file, size) = be.open_disk(&vm, &snap, &disk)?;
+                disk::open(&engine, file, size, &format!("{vm}/{snap}/{disk}"))
+            })
+            .await?;
+            let head = req.method() == Method::HEAD;
+            disk::respond(&state.engine, &file, req.headers().get(header::RANGE), head)
+        }
+        Handler::Incremental => {
+            let (vm, snap, disk) = (p(0), p(1), p(2));
+            let compare_to = compare_to_param(q)?;
+            let engine = state.engine.clone();
+            let op = if compare_to.is_some() { "diff" } else { "get" };
+            let (d, file) = timed(state, op, move || {
+                snapshot_disk(&*be, &engine, &vm, &snap, &disk, compare_to)
+            })
+            .await?;
+            disk::incremental(&state.engine, &file, &d)
+        }
+        Handler::Checksums => {
+            let (vm, snap, disk) = (p(0), p(1), p(2));
+            let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
+            let engine = state.engine.clone();
+            let (d, file) =
+                blocking(move || snapshot_disk(&*be, &engine, &vm, &snap, &disk, None)).await?;
+            let data = disk::data_ranges(&d, file.size());
+            let sums = disk::checksums(&state.engine, &file, &data, block).await?;
+            ok(json_response(StatusCode::OK, &sums))
+        }
+    }
+}
+
+/// One disk of a snapshot (its extent map, or with `compare_to` the diff
+/// with zeroed ranges apart) and its file, open in the engine.
+fn snapshot_disk(
+    be: &dyn Backend,
+    engine: &IoEngine,
+    vm: &str,
+    snap: &str,
+    disk: &str,
+    compare_to: Option<String>,
+) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), crate::api::BackendError> {
+    let s = be.get_snapshot(vm, snap, true, compare_to.as_deref(), true)?;
+    let d = s
+        .disks
+        .into_iter()
+        .find(|d| d.name == disk)
+        .ok_or_else(|| {
+            crate::api::BackendError::NotFound(format!("disk {disk} of snapshot {snap}"))
+        })?;
+    let (file, size) = be.open_disk(vm, snap, disk)?;
+    let file = disk::open(engine, file, size, &format!("{vm}/{snap}/{disk}"))?;
+    Ok((d, file))
+}

@@ -8,6 +8,9 @@
 # fuzz targets and runs each fuzz target
 # briefly, and unmounts and removes everything even when a step fails.
 #
+# Then the OCFS2 part (scripts/ocfs2/tests.sh): the `ocfs2_*` tests run
+# inside QEMU guests on OCFS2 (Debian's stock kernel, TCG), not on the host.
+#
 # Environment: COE_FUZZ_SECONDS (default 20) per fuzz target; COE_SKIP_FUZZ=1
 # to leave fuzzing out of a local run (CI never sets it).
 set -euo pipefail
@@ -44,7 +47,9 @@ echo "test filesystems: XFS at $COE_TEST_XFS, btrfs at $COE_TEST_BTRFS"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked -- --test-threads="${COE_TEST_THREADS:-2}"
+cargo test --locked -- --test-threads="${COE_TEST_THREADS:-2}" \
+  --skip ocfs2_guest:: --skip ocfs2_cluster::
+./scripts/ocfs2/tests.sh
 # Benches are type-checked by clippy --all-targets above; building them in
 # release here would cost a full optimised build of the tree.
 

@@ -87,6 +87,7 @@ impl Node {
             message,
         })?;
         let store_cfg: StoreConfig = section(config, "store", &config.store)?;
+        crate::sys::clone::set_policy(store_cfg.clone);
         let inventory = ovm::open_inventory(&inv_cfg).map_err(NodeError::Inventory)?;
         let manager = Manager::open(
             &config.db_file,

@@ -1,5 +1,9 @@
 //! The core on real filesystems: FIEMAP, reflink clones, and the property
 //! that a diff never misses a changed byte (SEMANTICS.md §2).
+//!
+//! The checks are functions of the filesystem: the tests here run them on
+//! the host's XFS and btrfs, `ocfs2_guest` runs the same ones on OCFS2 in a
+//! QEMU guest.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -8,7 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use coriolis_ovm_exporter::extent::{diff, flags, ExtentMap};
-use coriolis_ovm_exporter::sys::clone::{reflink, CloneError, CloneMethod};
+use coriolis_ovm_exporter::sys::clone::{
+    reflink, reflink_with, CloneError, CloneMethod, ClonePolicy,
+};
 use coriolis_ovm_exporter::sys::fiemap::{extent_map, extent_map_batched};
 use coriolis_ovm_exporter::sys::{fs_type, FsType};
 use rustix::fs::FallocateFlags;
@@ -21,9 +27,18 @@ fn open_dir(p: &Path) -> File {
     File::open(p).unwrap()
 }
 
-fn clone(dir: &Path, src: &str, dst: &str) -> CloneMethod {
+/// A clone with an explicit policy (the OCFS2 tests use both).
+fn clone_with(dir: &Path, src: &str, dst: &str, policy: ClonePolicy) -> CloneMethod {
     let d = open_dir(dir);
-    reflink(d.as_fd(), Path::new(src), d.as_fd(), Path::new(dst)).unwrap()
+    reflink_with(
+        d.as_fd(),
+        Path::new(src),
+        d.as_fd(),
+        Path::new(dst),
+        policy,
+        &mut || {},
+    )
+    .unwrap()
 }
 
 fn map_of(path: &Path) -> ExtentMap {
@@ -32,7 +47,7 @@ fn map_of(path: &Path) -> ExtentMap {
     extent_map(&f, true).unwrap().clip(size)
 }
 
-fn punch(f: &File, off: u64, len: u64) {
+pub(crate) fn punch(f: &File, off: u64, len: u64) {
     rustix::fs::fallocate(
         f,
         FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -53,6 +68,12 @@ fn filesystems_are_the_expected_kinds() {
 #[test]
 fn sparse_file_has_empty_map_and_data_is_mapped() {
     for fs in Fs::ALL {
+        sparse_and_data(fs);
+    }
+}
+
+pub(crate) fn sparse_and_data(fs: Fs) {
+    {
         let s = fs.scratch("fiemap-basic");
         let p = s.path("disk.img");
         let f = File::create(&p).unwrap();
@@ -69,10 +90,18 @@ fn sparse_file_has_empty_map_and_data_is_mapped() {
 #[test]
 fn clone_shares_extents_and_content() {
     for fs in Fs::ALL {
+        clone_shares(fs, ClonePolicy::Auto, CloneMethod::Ficlone);
+    }
+}
+
+/// A clone made with `policy` by `method` has the content and shares every
+/// extent.
+pub(crate) fn clone_shares(fs: Fs, policy: ClonePolicy, method: CloneMethod) {
+    {
         let s = fs.scratch("clone");
         let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(s.path("src.img"), &data).unwrap();
-        assert_eq!(clone(&s.dir, "src.img", "snap.img"), CloneMethod::Ficlone);
+        assert_eq!(clone_with(&s.dir, "src.img", "snap.img", policy), method);
         assert_eq!(std::fs::read(s.path("snap.img")).unwrap(), data);
         let (a, b) = (map_of(&s.path("src.img")), map_of(&s.path("snap.img")));
         let d = diff(&a, &b);
@@ -94,7 +123,11 @@ fn clone_shares_extents_and_content() {
 
 #[test]
 fn clone_never_follows_symlinks_nor_overwrites() {
-    let s = Fs::Xfs.scratch("clone-symlink");
+    no_symlink_follow(Fs::Xfs);
+}
+
+pub(crate) fn no_symlink_follow(fs: Fs) {
+    let s = fs.scratch("clone-symlink");
     std::fs::write(s.path("real.img"), b"secret").unwrap();
     std::os::unix::fs::symlink(s.path("real.img"), s.path("link.img")).unwrap();
     let d = open_dir(&s.dir);
@@ -149,7 +182,11 @@ fn clone_across_filesystems_is_refused_and_leaves_nothing() {
 /// block of a preallocated file punched out.
 #[test]
 fn fiemap_reads_more_than_100k_extents() {
-    let s = Fs::Xfs.scratch("fiemap-many");
+    fiemap_100k(Fs::Xfs);
+}
+
+pub(crate) fn fiemap_100k(fs: Fs) {
+    let s = fs.scratch("fiemap-many");
     let p = s.path("many.img");
     let f = OpenOptions::new()
         .create(true)
@@ -177,18 +214,26 @@ fn fiemap_reads_more_than_100k_extents() {
 
 /// The kinds of filesystem the property test runs on.
 #[derive(Clone, Copy, Debug)]
-enum Target {
+pub(crate) enum Target {
     Xfs,
     Btrfs,
     /// btrfs with zstd compression on the folder: ENCODED extents.
     BtrfsCompressed,
+    /// OCFS2 in a QEMU guest, cloned with `policy`.
+    Ocfs2(ClonePolicy),
 }
 
-fn seeds() -> u64 {
-    std::env::var("COE_PROPTEST_SEEDS")
+/// Trials per filesystem: `COE_PROPTEST_SEEDS` (default 16) on the host,
+/// `COE_OCFS2_PROPTEST_SEEDS` (default 8) in the slower OCFS2 guest.
+fn seeds(target: Target) -> u64 {
+    let (var, default) = match target {
+        Target::Ocfs2(_) => ("COE_OCFS2_PROPTEST_SEEDS", 8),
+        _ => ("COE_PROPTEST_SEEDS", 16),
+    };
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(16)
+        .unwrap_or(default)
 }
 
 fn random_bytes(rng: &mut fastrand::Rng, n: usize) -> Vec<u8> {
@@ -250,13 +295,7 @@ fn mutate(rng: &mut fastrand::Rng, f: &File, mut size: u64, remaps: bool) {
                 .write_all_at(&random_bytes(rng, len as usize), off)
                 .unwrap(),
             5 => punch(f, off, len),
-            6 => rustix::fs::fallocate(
-                f,
-                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-                off,
-                len,
-            )
-            .unwrap(),
+            6 => zero_range(f, off, len),
             7 => {
                 // Append past the end.
                 f.write_all_at(
@@ -278,6 +317,21 @@ fn mutate(rng: &mut fastrand::Rng, f: &File, mut size: u64, remaps: bool) {
             }
         }
         size = f.metadata().unwrap().len();
+    }
+}
+
+/// `FALLOC_FL_ZERO_RANGE`; where the filesystem has none (OCFS2 answers
+/// EOPNOTSUPP), what it amounts to: a hole punched and unwritten extents
+/// allocated in it.
+fn zero_range(f: &File, off: u64, len: u64) {
+    let flags = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+    match rustix::fs::fallocate(f, flags, off, len) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            punch(f, off, len);
+            rustix::fs::fallocate(f, FallocateFlags::KEEP_SIZE, off, len).unwrap();
+        }
+        Err(e) => panic!("fallocate ZERO_RANGE: {e}"),
     }
 }
 
@@ -308,7 +362,7 @@ fn read_all(p: &Path) -> Vec<u8> {
     v
 }
 
-fn run_trial(dir: &Path, seed: u64, remaps: bool) -> Tally {
+fn run_trial(dir: &Path, seed: u64, remaps: bool, policy: ClonePolicy) -> Tally {
     let mut tally = Tally::default();
     let mut rng = fastrand::Rng::with_seed(seed);
     let src = dir.join("src.img");
@@ -320,9 +374,9 @@ fn run_trial(dir: &Path, seed: u64, remaps: bool) -> Tally {
         .open(&src)
         .unwrap();
     make_source(&mut rng, &f);
-    clone(dir, "src.img", "a.img");
+    clone_with(dir, "src.img", "a.img", policy);
     mutate(&mut rng, &f, f.metadata().unwrap().len(), remaps);
-    clone(dir, "src.img", "b.img");
+    clone_with(dir, "src.img", "b.img", policy);
     drop(f);
 
     let (ma, mb) = (map_of(&dir.join("a.img")), map_of(&dir.join("b.img")));
@@ -389,8 +443,13 @@ fn run_trial(dir: &Path, seed: u64, remaps: bool) -> Tally {
     tally
 }
 
-fn property(target: Target) {
+pub(crate) fn property(target: Target) {
+    let policy = match target {
+        Target::Ocfs2(p) => p,
+        _ => ClonePolicy::Auto,
+    };
     let s = match target {
+        Target::Ocfs2(_) => Fs::Ocfs2.scratch("prop"),
         Target::Xfs => Fs::Xfs.scratch("prop"),
         Target::Btrfs => Fs::Btrfs.scratch("prop"),
         Target::BtrfsCompressed => {
@@ -409,9 +468,9 @@ fn property(target: Target) {
     // the over-report ratio is quoted for); odd seeds add content-preserving
     // remaps. Misses are checked on both.
     let (mut plain, mut remapped) = (Tally::default(), Tally::default());
-    for seed in 0..seeds() {
+    for seed in 0..seeds(target) {
         let remaps = seed % 2 == 1;
-        let t = run_trial(&s.dir, 0x5eed_0000 + seed, remaps);
+        let t = run_trial(&s.dir, 0x5eed_0000 + seed, remaps, policy);
         if remaps {
             remapped.add(t)
         } else {
@@ -424,7 +483,7 @@ fn property(target: Target) {
         "diff property on {target:?}: {} seeds, 0 bytes missed; over-report by 4 KiB block: \
          {:.3}x on writes/punches/zero-ranges/appends ({} reported / {} changed), {:.3}x with \
          content-preserving remaps; {} bytes differed; {} encoded extents seen",
-        seeds(),
+        seeds(target),
         plain.ratio(),
         plain.reported,
         plain.changed_blocks_bytes,
@@ -440,10 +499,14 @@ fn property(target: Target) {
     // block rounding only). Measured at 1.01-1.06x on plain changes and
     // about 1.19x with remaps; a diff reporting all of B's data as changed
     // measured 2.2x and 2.4x. Compressed btrfs extents are reported whole,
-    // hence their margin.
-    let plain_bound = match target {
-        Target::Xfs | Target::Btrfs => 1.25,
-        Target::BtrfsCompressed => 1.5,
+    // hence their margin. OCFS2 copies a shared extent on write in runs
+    // longer than the write (`ocfs2_refcount_cal_cow_clusters`), and has no
+    // zero range (punch + unwritten instead): measured 1.40x plain and 1.46x
+    // with remaps over 8 seeds, hence its margins.
+    let (plain_bound, remap_bound) = match target {
+        Target::Xfs | Target::Btrfs => (1.25, 1.6),
+        Target::BtrfsCompressed => (1.5, 1.6),
+        Target::Ocfs2(_) => (1.75, 1.9),
     };
     assert!(
         plain.ratio() <= plain_bound,
@@ -451,8 +514,8 @@ fn property(target: Target) {
         plain.ratio()
     );
     assert!(
-        remapped.ratio() <= 1.6,
-        "over-report {:.3}x with content-preserving remaps exceeds 1.6x",
+        remapped.ratio() <= remap_bound,
+        "over-report {:.3}x with content-preserving remaps exceeds {remap_bound}x",
         remapped.ratio()
     );
     if matches!(target, Target::BtrfsCompressed) {

@@ -3,7 +3,9 @@
 //! Tests that need reflink filesystems read `COE_TEST_XFS` and
 //! `COE_TEST_BTRFS` (folders on loop-mounted XFS with reflink and btrfs);
 //! `scripts/test.sh` makes them. Without them those tests fail, saying how
-//! to run them: they never pass silently.
+//! to run them: they never pass silently. The modules named `ocfs2_*` run
+//! inside QEMU guests on OCFS2 (`COE_TEST_OCFS2`, `scripts/ocfs2/guest.sh`);
+//! `scripts/test.sh` runs them there and the rest on the host.
 
 mod api;
 mod common;
@@ -13,6 +15,7 @@ mod fs_core;
 mod heal;
 mod hostile;
 mod io;
+mod ocfs2_guest;
 mod ovm;
 mod snapshot;
 mod snapshot_crash;

@@ -97,6 +97,10 @@ pub struct StoreConfig {
     /// exporters on other nodes sharing a repository never remove each
     /// other's snapshots. Default: `/etc/machine-id`, else the host name.
     pub owner: Option<String>,
+    /// Which clone ioctls to use: `"auto"` (`FICLONE`, else OCFS2's
+    /// `OCFS2_IOC_REFLINK`) or `"ocfs2-reflink"` (OCFS2's only, as on
+    /// UEK4; the tests use it to exercise that ioctl on a real OCFS2).
+    pub clone: crate::sys::ClonePolicy,
 }
 
 impl Default for StoreConfig {
@@ -105,6 +109,7 @@ impl Default for StoreConfig {
             map_size: crate::store::DEFAULT_MAP_SIZE as u64,
             max_readers: crate::store::DEFAULT_MAX_READERS,
             owner: None,
+            clone: crate::sys::ClonePolicy::Auto,
         }
     }
 }
@@ -862,6 +867,10 @@ mod tests {
         assert_eq!(c.owner_id(), "node-a");
         assert!(serde_json::from_str::<StoreConfig>(r#"{"mapsize": 1}"#).is_err());
         assert!(!StoreConfig::default().owner_id().is_empty());
+        assert_eq!(c.clone, crate::sys::ClonePolicy::Auto);
+        let c: StoreConfig = serde_json::from_str(r#"{"clone": "ocfs2-reflink"}"#).unwrap();
+        assert_eq!(c.clone, crate::sys::ClonePolicy::Ocfs2Reflink);
+        assert!(serde_json::from_str::<StoreConfig>(r#"{"clone": "ficlone"}"#).is_err());
     }
 
     #[test]

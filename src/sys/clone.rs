@@ -9,11 +9,22 @@
 //! `/proc/self/fd/<dir fd>/<name>` so that only the final name is looked up,
 //! relative to the directory we hold open, and the kernel does not follow a
 //! final symlink there (it looks the old path up without `LOOKUP_FOLLOW`).
+//! Because it looks the name up again, after our `O_NOFOLLOW` open, the name
+//! may by then be another file or a symlink (which OCFS2 would clone as a
+//! symlink): after the ioctl the source name must still be the file we
+//! opened and the clone a regular file, or the clone is removed and the call
+//! fails.
+//!
+//! `[store] clone = "ocfs2-reflink"` ([`ClonePolicy`]) skips `FICLONE`, so
+//! that the OCFS2 ioctl is used on a kernel that has both: that is how the
+//! tests exercise it on a real OCFS2 (a QEMU guest, `scripts/ocfs2/`), and a
+//! way to run as on UEK4 anywhere.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::Mode;
 use rustix::io::Errno;
@@ -64,6 +75,34 @@ pub enum CloneError {
     },
     #[error("a name contains a NUL byte or a slash: {name:?}")]
     BadName { name: String },
+}
+
+/// Which ioctls [`reflink`] may use (`[store] clone` in the config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClonePolicy {
+    /// `FICLONE`, and the OCFS2 ioctl where the kernel has no `FICLONE`.
+    #[default]
+    Auto,
+    /// The OCFS2 ioctl only (fails on other filesystems).
+    Ocfs2Reflink,
+}
+
+static OCFS2_REFLINK_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Sets the policy [`reflink`] uses in this process (the service sets it
+/// once from its config at start).
+pub fn set_policy(policy: ClonePolicy) {
+    OCFS2_REFLINK_ONLY.store(policy == ClonePolicy::Ocfs2Reflink, Ordering::Relaxed);
+}
+
+/// The policy [`reflink`] uses in this process.
+pub fn policy() -> ClonePolicy {
+    if OCFS2_REFLINK_ONLY.load(Ordering::Relaxed) {
+        ClonePolicy::Ocfs2Reflink
+    } else {
+        ClonePolicy::Auto
+    }
 }
 
 /// The OCFS2 ioctl's argument block: two user pointers to NUL-terminated
@@ -136,14 +175,29 @@ pub fn open_regular_nofollow(dir: BorrowedFd<'_>, name: &Path) -> Result<File, C
 }
 
 /// Clones `src_name` in `src_dir` to a new file `dst_name` in `dst_dir`
-/// (which must not exist). Tries `FICLONE` first; where the kernel does not
-/// know it for this filesystem, falls back to the OCFS2 reflink ioctl. On
-/// failure nothing is left at `dst_name`.
+/// (which must not exist). Tries `FICLONE` first (unless the process's
+/// [`policy`] says otherwise); where the kernel does not know it for this
+/// filesystem, falls back to the OCFS2 reflink ioctl. On failure nothing is
+/// left at `dst_name`.
 pub fn reflink(
     src_dir: BorrowedFd<'_>,
     src_name: &Path,
     dst_dir: BorrowedFd<'_>,
     dst_name: &Path,
+) -> Result<CloneMethod, CloneError> {
+    reflink_with(src_dir, src_name, dst_dir, dst_name, policy(), &mut || {})
+}
+
+/// [`reflink`] with an explicit policy, and `before_ocfs2` called just
+/// before the OCFS2 ioctl looks the names up again (tests swap names there
+/// to check what the ioctl's own path resolution makes of them).
+pub fn reflink_with(
+    src_dir: BorrowedFd<'_>,
+    src_name: &Path,
+    dst_dir: BorrowedFd<'_>,
+    dst_name: &Path,
+    policy: ClonePolicy,
+    before_ocfs2: &mut dyn FnMut(),
 ) -> Result<CloneMethod, CloneError> {
     let src = open_regular_nofollow(src_dir, src_name)?;
     let dst_c = check_name(dst_name)?;
@@ -152,7 +206,12 @@ pub fn reflink(
             name: dst_name.display().to_string(),
             source,
         })?;
-    match rustix::fs::ioctl_ficlone(&dst, &src) {
+    let ficlone = match policy {
+        ClonePolicy::Auto => rustix::fs::ioctl_ficlone(&dst, &src),
+        // As a kernel without FICLONE answers.
+        ClonePolicy::Ocfs2Reflink => Err(Errno::NOTTY),
+    };
+    match ficlone {
         Ok(()) => Ok(CloneMethod::Ficlone),
         Err(errno) => {
             drop(dst);
@@ -164,6 +223,7 @@ pub fn reflink(
                 });
             }
             let src_c = check_name(src_name)?;
+            before_ocfs2();
             ocfs2_reflink(&src, src_dir, &src_c, dst_dir, &dst_c).map_err(|e| {
                 if ficlone_unsupported(e) {
                     CloneError::Unsupported {
@@ -177,9 +237,45 @@ pub fn reflink(
                     }
                 }
             })?;
+            // The ioctl looked the source name up itself: it must still be
+            // the file we opened, and the clone a regular file.
+            let clone = path::open_file_at(dst_dir, dst_name);
+            let same = |a: &rustix::fs::Stat, b: &rustix::fs::Stat| {
+                a.st_dev == b.st_dev && a.st_ino == b.st_ino
+            };
+            let ok = match (
+                &clone,
+                rustix::fs::fstat(&src),
+                rustix::fs::statat(
+                    src_dir,
+                    src_c.as_c_str(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                ),
+            ) {
+                (Ok(f), Ok(opened), Ok(named)) => {
+                    same(&opened, &named)
+                        && rustix::fs::fstat(f).is_ok_and(|c| {
+                            rustix::fs::FileType::from_raw_mode(c.st_mode)
+                                == rustix::fs::FileType::RegularFile
+                                && !same(&c, &opened)
+                        })
+                }
+                _ => false,
+            };
+            if !ok {
+                drop(clone);
+                let _ = path::unlink_at(dst_dir, dst_name);
+                return Err(CloneError::Reflink {
+                    name: src_name.display().to_string(),
+                    source: std::io::Error::other(
+                        "the name changed under the OCFS2 reflink (a symlink or another file \
+                         swapped in): clone removed",
+                    ),
+                });
+            }
             // `preserve` copied the source's mode; snapshots stay private.
-            if let Ok(f) = path::open_file_at(dst_dir, dst_name) {
-                let _ = rustix::fs::fchmod(&f, Mode::from_raw_mode(path::FILE_MODE));
+            if let Ok(f) = &clone {
+                let _ = rustix::fs::fchmod(f, Mode::from_raw_mode(path::FILE_MODE));
             }
             Ok(CloneMethod::Ocfs2Reflink)
         }

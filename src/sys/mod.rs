@@ -14,6 +14,6 @@ pub mod fiemap;
 pub mod path;
 pub mod statfs;
 
-pub use clone::{reflink, CloneError, CloneMethod};
+pub use clone::{reflink, CloneError, CloneMethod, ClonePolicy};
 pub use fiemap::{extent_map, FiemapError};
 pub use statfs::{fs_type, FsType};

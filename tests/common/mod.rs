@@ -27,15 +27,21 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub enum Fs {
     Xfs,
     Btrfs,
+    /// OCFS2 in a QEMU guest (`scripts/ocfs2/guest.sh`): only the tests of
+    /// the `ocfs2_guest` and `ocfs2_cluster` modules use it, and they run
+    /// inside the guest.
+    Ocfs2,
 }
 
 impl Fs {
+    /// The filesystems of the host run (OCFS2 is only in the guests).
     pub const ALL: [Fs; 2] = [Fs::Xfs, Fs::Btrfs];
 
     pub fn var(self) -> &'static str {
         match self {
             Fs::Xfs => "COE_TEST_XFS",
             Fs::Btrfs => "COE_TEST_BTRFS",
+            Fs::Ocfs2 => "COE_TEST_OCFS2",
         }
     }
 
@@ -44,6 +50,13 @@ impl Fs {
     pub fn root(self) -> PathBuf {
         match std::env::var_os(self.var()) {
             Some(p) if Path::new(&p).is_dir() => PathBuf::from(p),
+            _ if self == Fs::Ocfs2 => panic!(
+                "COE_TEST_OCFS2 is not set to a mounted OCFS2 folder: the tests of the \
+                 ocfs2_guest and ocfs2_cluster modules run inside QEMU guests with Debian's \
+                 stock kernel. Run them with `./scripts/test.sh` (as root), which boots the \
+                 guests with `scripts/ocfs2/guest.sh` and runs them there; a plain `cargo test` \
+                 runs them outside and they fail here."
+            ),
             _ => panic!(
                 "{} is not set to a mounted {:?} folder: this test needs a real reflink \
                  filesystem. Run the suite as root with `./scripts/test.sh`, which makes and \

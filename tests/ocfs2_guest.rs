@@ -1,0 +1,146 @@
+//! The core on OCFS2, the filesystem of every Oracle VM repository.
+//!
+//! These tests run inside a QEMU guest booted by `scripts/ocfs2/guest.sh`
+//! (Debian's stock kernel, the host's / shared read-only and chrooted into,
+//! an OCFS2 formatted for the run mounted at `COE_TEST_OCFS2`):
+//! `scripts/test.sh` runs this test binary there with the filter
+//! `ocfs2_guest::`. Outside a guest they fail, saying so: they never skip.
+//!
+//! The same checks as on XFS and btrfs (`fs_core`), once through `FICLONE`
+//! (which the 6.1 kernel has for OCFS2) and once through OCFS2's own
+//! `OCFS2_IOC_REFLINK` (`[store] clone = "ocfs2-reflink"`, what UEK4 has),
+//! whose path handling is then attacked by swapping names under it.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use coriolis_ovm_exporter::sys::clone::{reflink_with, CloneError, CloneMethod, ClonePolicy};
+use coriolis_ovm_exporter::sys::{fs_type, FsType};
+
+use crate::common::Fs;
+use crate::fs_core::{self, Target};
+
+#[test]
+fn the_test_folder_is_ocfs2() {
+    let root = File::open(Fs::Ocfs2.root()).unwrap();
+    assert_eq!(fs_type(&root).unwrap(), FsType::Ocfs2);
+}
+
+#[test]
+fn sparse_file_has_empty_map_and_data_is_mapped() {
+    fs_core::sparse_and_data(Fs::Ocfs2);
+}
+
+#[test]
+fn clone_shares_extents_and_content_with_ficlone() {
+    fs_core::clone_shares(Fs::Ocfs2, ClonePolicy::Auto, CloneMethod::Ficlone);
+}
+
+#[test]
+fn clone_shares_extents_and_content_with_the_ocfs2_reflink_ioctl() {
+    fs_core::clone_shares(
+        Fs::Ocfs2,
+        ClonePolicy::Ocfs2Reflink,
+        CloneMethod::Ocfs2Reflink,
+    );
+}
+
+#[test]
+fn clone_never_follows_symlinks_nor_overwrites() {
+    fs_core::no_symlink_follow(Fs::Ocfs2);
+}
+
+#[test]
+fn fiemap_reads_more_than_100k_extents() {
+    fs_core::fiemap_100k(Fs::Ocfs2);
+}
+
+#[test]
+fn diff_never_misses_a_changed_byte_ficlone() {
+    fs_core::property(Target::Ocfs2(ClonePolicy::Auto));
+}
+
+#[test]
+fn diff_never_misses_a_changed_byte_ocfs2_reflink_ioctl() {
+    fs_core::property(Target::Ocfs2(ClonePolicy::Ocfs2Reflink));
+}
+
+/// The OCFS2 ioctl with `swap` run just before it looks the names up.
+fn ocfs2_reflink_racing(dir: &Path, swap: &mut dyn FnMut()) -> Result<CloneMethod, CloneError> {
+    let d = File::open(dir).unwrap();
+    reflink_with(
+        d.as_fd(),
+        Path::new("disk.img"),
+        d.as_fd(),
+        Path::new("snap.img"),
+        ClonePolicy::Ocfs2Reflink,
+        swap,
+    )
+}
+
+/// The OCFS2 ioctl resolves the source path itself, after the `O_NOFOLLOW`
+/// open: a symlink swapped in there would be cloned as a symlink (OCFS2
+/// reflinks symlinks), another file swapped in would be cloned instead.
+/// Either way the call fails and leaves nothing.
+#[test]
+fn ocfs2_reflink_refuses_a_source_swapped_for_a_symlink_or_another_file() {
+    let s = Fs::Ocfs2.scratch("ocfs2-swap");
+    std::fs::write(s.path("disk.img"), vec![0x11u8; 1 << 20]).unwrap();
+    std::fs::write(s.path("secret.img"), vec![0x22u8; 1 << 20]).unwrap();
+
+    // A symlink to the secret swapped in for the source.
+    let err = ocfs2_reflink_racing(&s.dir, &mut || {
+        std::fs::rename(s.path("disk.img"), s.path("disk.old")).unwrap();
+        std::os::unix::fs::symlink("secret.img", s.path("disk.img")).unwrap();
+    })
+    .unwrap_err();
+    assert!(matches!(err, CloneError::Reflink { .. }), "{err:?}");
+    assert!(
+        std::fs::symlink_metadata(s.path("snap.img")).is_err(),
+        "a clone was left behind"
+    );
+
+    // Another regular file swapped in (a hard link to the secret).
+    std::fs::remove_file(s.path("disk.img")).unwrap();
+    std::fs::rename(s.path("disk.old"), s.path("disk.img")).unwrap();
+    let err = ocfs2_reflink_racing(&s.dir, &mut || {
+        std::fs::rename(s.path("disk.img"), s.path("disk.old")).unwrap();
+        std::fs::hard_link(s.path("secret.img"), s.path("disk.img")).unwrap();
+    })
+    .unwrap_err();
+    assert!(matches!(err, CloneError::Reflink { .. }), "{err:?}");
+    assert!(std::fs::symlink_metadata(s.path("snap.img")).is_err());
+
+    // A symlink planted at the destination: the ioctl refuses to create
+    // over it, nothing is written through it.
+    std::fs::remove_file(s.path("disk.img")).unwrap();
+    std::fs::rename(s.path("disk.old"), s.path("disk.img")).unwrap();
+    let outside = s.path("outside.img");
+    let err = ocfs2_reflink_racing(&s.dir, &mut || {
+        std::os::unix::fs::symlink(&outside, s.path("snap.img")).unwrap();
+    })
+    .unwrap_err();
+    assert!(matches!(err, CloneError::Reflink { .. }), "{err:?}");
+    assert!(!outside.exists());
+    std::fs::remove_file(s.path("snap.img")).unwrap();
+
+    // Nothing swapped: the clone is made, private, with the content.
+    let m = ocfs2_reflink_racing(&s.dir, &mut || {}).unwrap();
+    assert_eq!(m, CloneMethod::Ocfs2Reflink);
+    assert_eq!(
+        std::fs::read(s.path("snap.img")).unwrap(),
+        vec![0x11u8; 1 << 20]
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(s.path("snap.img"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The secret is untouched.
+    assert_eq!(
+        std::fs::read(s.path("secret.img")).unwrap(),
+        vec![0x22u8; 1 << 20]
+    );
+}

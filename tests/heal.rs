@@ -315,7 +315,6 @@ impl Server {
     }
 
     /// The environment for the client binary.
-    #[allow(dead_code)]
     pub fn client_env(&self, cmd: &mut Command) {
         cmd.env("COE_URL", &self.url)
             .env("COE_USER", USER)
@@ -530,4 +529,58 @@ fn reads_racing_a_delete_never_answer_500() {
     // The race was run: both sides of it were seen.
     assert!(counts.keys().any(|(_, s)| *s == 404), "{counts:?}");
     assert!(counts.contains_key(&("disk", 200)), "{counts:?}");
+}
+
+/// `--verify` of a snapshot deleted meanwhile is "not found" (exit 4), not
+/// "the server has no checksums endpoint" (exit 1): the 404 of the
+/// checksums is told apart by asking whether the disk is still served.
+#[test]
+fn verifying_a_deleted_snapshot_is_not_found() {
+    use coriolis_ovm_exporter::client::error::exit;
+    use coriolis_ovm_exporter::client::verify::verify_disk;
+
+    let scratch = Fs::Xfs.scratch("heal-verify");
+    let repo = scratch.path("repo");
+    make_repo(&repo, 19);
+    let server = Server::start(&scratch.dir, &repo, &scratch.path("db/exporter.db"), &[]);
+    let api = server.api();
+    let snap = create(&api).unwrap()["id"].as_str().unwrap().to_owned();
+    let replica = scratch.path("replica.img");
+    fs::write(&replica, read_disk(&api, &snap)).unwrap();
+    let ok = verify_disk(&api, VM, &snap, DISK, &replica, 65536).unwrap();
+    assert!(ok.ok(), "{}", ok.describe());
+
+    api.delete("delete", &paths::snapshot(VM, &snap)).unwrap();
+    let err = verify_disk(&api, VM, &snap, DISK, &replica, 65536).unwrap_err();
+    assert_eq!(err.exit_code(), exit::NOT_FOUND, "{err}");
+    assert!(err.to_string().contains("not found"), "{err}");
+    assert!(!err.to_string().contains("checksums endpoint"), "{err}");
+
+    // The client binary, racing downloads with --verify against deletes:
+    // each run succeeds or ends "not found" (exit 4), never exit 1.
+    let mut rng = fastrand::Rng::with_seed(20);
+    let mut codes = std::collections::BTreeMap::<i32, u32>::new();
+    for round in 0..12 {
+        let snap = create(&api).unwrap()["id"].as_str().unwrap().to_owned();
+        let out = scratch.path(&format!("out{round}"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["client", "download", VM, &snap, "--verify", "--out"])
+            .arg(&out)
+            .env("XDG_CACHE_HOME", scratch.path("cache"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        server.client_env(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
+        api.delete("delete", &paths::snapshot(VM, &snap)).unwrap();
+        let done = child.wait_with_output().unwrap();
+        let code = done.status.code().unwrap_or(-1);
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert!(
+            code == 0 || (code == exit::NOT_FOUND && stderr.contains("not found")),
+            "round {round}: exit {code}: {stderr}"
+        );
+        *codes.entry(code).or_default() += 1;
+    }
+    eprintln!("download --verify racing a delete: exit codes {codes:?}");
 }

@@ -544,6 +544,9 @@ fn apply_stream(c: &Ctx<'_>, base: Option<&str>, size: u64) -> Result<StreamOutc
     let resp = c.api.get(&what, &url)?;
     if resp.status().as_u16() == 404 {
         let _ = check(&what, resp);
+        // A 404 is a missing endpoint only if the disk is still there: a
+        // snapshot deleted meanwhile is "not found" (exit 4).
+        c.api.still_there(&c.o.vm, &c.o.snap, c.disk)?;
         return Ok(StreamOutcome::Unavailable);
     }
     let resp = check(&what, resp)?;

@@ -306,6 +306,22 @@ impl Api {
         })
     }
 
+    /// Ok if the disk of the snapshot is still served; a 404 says the
+    /// snapshot (or disk) is gone, as "not found" (exit 4). Tells a
+    /// snapshot deleted meanwhile from an endpoint the server lacks.
+    pub fn still_there(&self, vm: &str, snap: &str, disk: &str) -> Result<()> {
+        match self.disk_size(vm, snap, disk) {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Err(ClientError::Http {
+                what: format!("disk {disk} of snapshot {snap}"),
+                status: 404,
+                short: "Not Found".to_owned(),
+                details: "not found (the snapshot was deleted while it was being read?)".to_owned(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET` one byte range `[start, end)` of a disk; the body reader,
     /// after checking the answer is exactly that range (a whole-file 200
     /// written at an offset would corrupt the replica).

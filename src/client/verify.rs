@@ -101,8 +101,12 @@ pub fn verify_disk(
     );
     let resp = api.get(&what, &url)?;
     if resp.status().as_u16() == 404 {
-        let details = match check(&what, resp) {
-            Err(ClientError::Http { details, .. }) => details,
+        let err = check(&what, resp).err();
+        // A 404 is a missing endpoint only if the disk is still there: a
+        // snapshot deleted meanwhile is "not found" (exit 4).
+        api.still_there(vm, snap, disk)?;
+        let details = match err {
+            Some(ClientError::Http { details, .. }) => details,
             _ => String::new(),
         };
         return Err(ClientError::ChecksumsUnavailable {

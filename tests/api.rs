@@ -765,7 +765,7 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
             ..Options::default()
         },
     );
-    // A login the Manager answers in 2 s, in flight when SIGTERM comes.
+    // A login the Manager holds until released, in flight when SIGTERM comes.
     let mut tls = ex.connect();
     let body = serde_json::json!({"username": SLOW_USER, "password": MGR_PASS}).to_string();
     tls.write_all(&http_request(
@@ -793,6 +793,8 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Only now does the Manager answer: the login was in flight all along.
+    mgr.release_slow();
     let a = read_answer(&mut tls);
     assert_eq!(a.status, 200, "the in-flight login was cut: {}", a.text());
     let status = ex.wait_exit();

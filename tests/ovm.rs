@@ -530,7 +530,23 @@ fn fake_ovm_node_on_xfs() {
     }
     let snap_a = node.repo_a.join("CoriolisSnapshots");
     let before = fs::metadata(&snap_a).unwrap().modified().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A probe file made and removed now would move the folder's mtime only
+    // once the filesystem's clock has ticked past `before`: wait for that
+    // (a file touched beside it shows the clock), not for a fixed time.
+    let tick = node.repo_a.join("clock-tick");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        fs::write(&tick, b"").unwrap();
+        if fs::metadata(&tick).unwrap().modified().unwrap() > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filesystem clock did not move"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    fs::remove_file(&tick).unwrap();
     inv.vms().unwrap();
     assert_eq!(
         fs::metadata(&snap_a).unwrap().modified().unwrap(),

@@ -51,6 +51,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: too large"))
 }
 
+/// How long a transfer that has moved `done` bytes in `elapsed` must pause
+/// to stay at `limit` bytes per second (zero when it is not ahead, or
+/// without a limit).
+fn pace(done: u64, limit: Option<u64>, elapsed: Duration) -> Duration {
+    match limit.filter(|&l| l > 0) {
+        Some(limit) => Duration::from_secs_f64(done as f64 / limit as f64).saturating_sub(elapsed),
+        None => Duration::ZERO,
+    }
+}
+
 /// Shared progress of one download.
 pub struct Progress {
     total: AtomicU64,
@@ -96,11 +106,10 @@ impl Progress {
     /// long as the transfer is ahead of the limit.
     pub fn add(&self, n: u64) {
         let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(limit) = self.limit.filter(|&l| l > 0) {
-            let due = Duration::from_secs_f64(done as f64 / limit as f64);
-            let elapsed = self.start.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
+        if self.limit.is_some() {
+            let wait = pace(done, self.limit, self.start.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
             }
         }
     }
@@ -193,6 +202,30 @@ mod tests {
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
+    #[test]
+    fn the_pause_is_what_the_transfer_is_ahead_of_the_limit() {
+        let ms = Duration::from_millis;
+        // (bytes done, limit, elapsed, pause)
+        let rows = [
+            (1 << 20, Some(4 << 20), ms(0), ms(250)),
+            (1 << 20, Some(4 << 20), ms(100), ms(150)),
+            (1 << 20, Some(4 << 20), ms(250), ms(0)),
+            (1 << 20, Some(4 << 20), ms(900), ms(0)),
+            (3 << 20, Some(1 << 20), ms(1000), ms(2000)),
+            (1 << 30, None, ms(0), ms(0)),
+            (1 << 30, Some(0), ms(0), ms(0)),
+        ];
+        for (done, limit, elapsed, want) in rows {
+            let got = pace(done, limit, elapsed);
+            assert!(
+                got.abs_diff(want) < Duration::from_micros(10),
+                "pace({done}, {limit:?}, {elapsed:?}) = {got:?}, want {want:?}"
+            );
+        }
+    }
+
+    /// Wall clock, a lower bound only: a busy machine can only make it
+    /// slower, never make it fail.
     #[test]
     fn the_rate_limit_holds_the_pace() {
         // 1 MiB at 4 MiB/s cannot take less than a quarter second.

@@ -4,8 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine;
 
@@ -14,7 +13,8 @@ use super::WAIT;
 
 pub const MGR_USER: &str = "admin";
 pub const MGR_PASS: &str = "Welcome1-pw";
-/// A Manager user whose check the stand-in answers slowly (shutdown test).
+/// A Manager user whose check the stand-in holds until the test calls
+/// [`StandInManager::release_slow`] (shutdown test).
 pub const SLOW_USER: &str = "slowpoke";
 
 /// An HTTPS server answering `GET /ovm/core/wsapi/rest/Repository/id` like
@@ -23,6 +23,7 @@ pub const SLOW_USER: &str = "slowpoke";
 pub struct StandInManager {
     pub port: u16,
     pub hits: Arc<AtomicUsize>,
+    released: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl StandInManager {
@@ -38,9 +39,11 @@ impl StandInManager {
         let port = listener.local_addr().unwrap().port();
         let hits = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
+        let released = Arc::new((Mutex::new(false), Condvar::new()));
+        let gate = released.clone();
         std::thread::spawn(move || {
             for tcp in listener.incoming().flatten() {
-                let (config, h) = (config.clone(), h.clone());
+                let (config, h, gate) = (config.clone(), h.clone(), gate.clone());
                 std::thread::spawn(move || {
                     let _ = tcp.set_read_timeout(Some(WAIT));
                     let conn = rustls::ServerConnection::new(config).unwrap();
@@ -71,7 +74,11 @@ impl StandInManager {
                         == "GET /ovm/core/wsapi/rest/Repository/id HTTP/1.1"
                         && header("accept").as_deref() == Some("application/json");
                     if auth == slow {
-                        std::thread::sleep(Duration::from_secs(2));
+                        let (lock, cv) = &*gate;
+                        let open = cv
+                            .wait_timeout_while(lock.lock().unwrap(), WAIT, |r| !*r)
+                            .unwrap();
+                        assert!(*open.0, "the slow login was never released");
                     }
                     let resp = if right_request && (auth == good || auth == slow) {
                         let body = r#"[{"name":"repo1","type":"com.oracle.ovm.mgr.ws.model.Repository","uri":"https://m/ovm/core/wsapi/rest/Repository/0004fb0000030000","value":"0004fb0000030000"}]"#;
@@ -86,13 +93,23 @@ impl StandInManager {
                 });
             }
         });
-        StandInManager { port, hits }
+        StandInManager {
+            port,
+            hits,
+            released,
+        }
     }
     pub fn endpoint(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
     }
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+    /// Lets the held logins of [`SLOW_USER`] be answered.
+    pub fn release_slow(&self) {
+        let (lock, cv) = &*self.released;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
     }
 }
 

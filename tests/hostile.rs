@@ -15,6 +15,7 @@ use rustls::pki_types::ServerName;
 
 use crate::common::exporter::{Client, Exporter, Options, LOCAL_PASS, LOCAL_USER};
 use crate::common::http::{http_request, read_answer, Answer};
+use crate::common::manager::{StandInManager, MGR_PASS, MGR_USER};
 use crate::common::pki::Pki;
 use crate::common::{Fs, WAIT};
 
@@ -260,4 +261,127 @@ fn idle_http2_connections_are_closed() {
     wait_for("the idle cut to be counted", &ex, || {
         metric(&ex, "coe_connections_cut_total{reason=\"idle\"}") >= 1
     });
+}
+
+/// Table row 3 of #11: wrong passwords sent at once from one address get at
+/// most `login_max_failures` checks (the harness sets 3); the rest answer
+/// 429 before the Manager is asked. A Manager that cannot answer counts as
+/// a failure too, and user names from clients are escaped in the log.
+#[test]
+fn concurrent_wrong_logins_get_at_most_max_failures_checks() {
+    let pki = Pki::new();
+    let mgr = StandInManager::start(&pki);
+    let o = Options {
+        manager: Some(mgr.endpoint()),
+        manager_ca: Some(pki.path("mgr-ca.pem")),
+        ..Options::default()
+    };
+    // 30 connections from one address: above the suite's per-address cap.
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        Exporter::config(&pki, dir, port, &o).replace(
+            "\n[api]\n",
+            &format!(
+                "\n[api]\n{LIMITS}max_connections_per_address = 40\nreserved_connections = 0\n"
+            ),
+        )
+    });
+    let body = serde_json::json!({"username": MGR_USER, "password": "wrong"}).to_string();
+    let req = http_request("POST", "/api/v1/auth/login", None, &[], &body);
+    let barrier = std::sync::Barrier::new(30);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..30)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut tls = tls_over(
+                        &ex,
+                        tcp_from("127.0.0.1", ex.port, None).unwrap(),
+                        b"http/1.1",
+                    )
+                    .unwrap();
+                    barrier.wait();
+                    tls.write_all(&req).unwrap();
+                    read_answer(&mut tls).status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(checked + limited, 30, "{statuses:?}");
+    assert!(
+        checked <= 3,
+        "{checked} checks for a limit of 3: {statuses:?}"
+    );
+    assert!(
+        mgr.hits() <= 3,
+        "the Manager was asked {} times",
+        mgr.hits()
+    );
+    // Another address is not limited by that.
+    let ok = request_from(
+        &ex,
+        "127.0.0.2",
+        &http_request(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            &[],
+            &serde_json::json!({"username": MGR_USER, "password": MGR_PASS}).to_string(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.text());
+
+    // A name that would forge log lines is escaped.
+    let evil = "evil\nFAKE line \u{1b}[31m";
+    let a = request_from(
+        &ex,
+        "127.0.0.3",
+        &http_request(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            &[],
+            &serde_json::json!({"username": evil, "password": "x"}).to_string(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.status, 401);
+    let log = ex.log();
+    assert!(
+        !log.contains("evil\nFAKE"),
+        "raw newline from a client in the log"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "raw escape from a client in the log"
+    );
+    assert!(log.contains("evil\\nFAKE"), "{log}");
+}
+
+/// A Manager that does not answer counts as a failed login: after
+/// `login_max_failures` of them the address gets 429, and the Manager is
+/// not asked again.
+#[test]
+fn manager_errors_count_as_failures() {
+    let pki = Pki::new();
+    let dead = format!("https://127.0.0.1:{}", crate::common::free_port());
+    let o = Options {
+        manager: Some(dead),
+        ..Options::default()
+    };
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        Exporter::config(&pki, dir, port, &o).replace("\n[api]\n", &format!("\n[api]\n{LIMITS}"))
+    });
+    let body = serde_json::json!({"username": "someone", "password": "pw"}).to_string();
+    let req = http_request("POST", "/api/v1/auth/login", None, &[], &body);
+    for _ in 0..3 {
+        request_from(&ex, "127.0.0.1", &req)
+            .unwrap()
+            .assert_error(502, "Bad Gateway");
+    }
+    let a = request_from(&ex, "127.0.0.1", &req).unwrap();
+    a.assert_error(429, "Too Many Requests");
+    assert!(a.header("retry-after").is_some());
 }

@@ -242,10 +242,32 @@ fn classify(e: &ureq::Error) -> ManagerError {
 
 /// Rate limit of failed logins per client address, enforced before any
 /// check (so nobody can lock out OVM accounts through this service).
+///
+/// The limit holds under concurrency: an attempt is admitted by
+/// [`LoginLimiter::begin`] only while the address's failures in the window
+/// plus its attempts being checked right now are under `max_failures`, so
+/// a burst of wrong passwords sent at once gets at most `max_failures`
+/// checks and the rest answer 429 before the Manager or argon2 is asked.
 pub struct LoginLimiter {
     max_failures: u32,
     window: Duration,
-    entries: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    entries: Mutex<HashMap<IpAddr, Entry>>,
+}
+
+/// One address's failures in its window and its attempts in flight.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    since: Instant,
+    failures: u32,
+    in_flight: u32,
+}
+
+/// An admitted login attempt; say how it ended with [`Attempt::failed`] or
+/// [`Attempt::succeeded`]. Dropped without either (a cancelled request), it
+/// counts as nothing but frees its place.
+pub struct Attempt<'a> {
+    limiter: &'a LoginLimiter,
+    key: IpAddr,
 }
 
 impl LoginLimiter {
@@ -270,43 +292,127 @@ impl LoginLimiter {
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Instant, u32)>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
         // A poisoned map only holds counters: keep using it.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `Some(retry_after)` when the address must wait before trying again.
+    /// `Some(retry_after)` when the address has used up its failures.
     pub fn blocked(&self, addr: IpAddr) -> Option<Duration> {
         let now = Instant::now();
         let entries = self.entries();
-        let (since, failures) = entries.get(&Self::key(addr))?;
-        let elapsed = now.duration_since(*since);
-        (elapsed < self.window && *failures >= self.max_failures).then(|| self.window - elapsed)
+        let e = entries.get(&Self::key(addr))?;
+        let elapsed = now.duration_since(e.since);
+        (elapsed < self.window && e.failures >= self.max_failures).then(|| self.window - elapsed)
     }
 
-    /// Count a failed login.
-    pub fn failed(&self, addr: IpAddr) {
+    /// Admit one attempt from `addr`, or `Err(retry_after)` when its
+    /// failures and the attempts it has in flight reach `max_failures`.
+    pub fn begin(&self, addr: IpAddr) -> Result<Attempt<'_>, Duration> {
         let now = Instant::now();
+        let key = Self::key(addr);
         let mut entries = self.entries();
-        if entries.len() >= MAX_TRACKED_ADDRESSES {
+        if entries.len() >= MAX_TRACKED_ADDRESSES && !entries.contains_key(&key) {
             let window = self.window;
-            entries.retain(|_, (since, _)| now.duration_since(*since) < window);
+            entries.retain(|_, e| e.in_flight > 0 || now.duration_since(e.since) < window);
             if entries.len() >= MAX_TRACKED_ADDRESSES {
-                if let Some(oldest) = entries.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| *k) {
-                    entries.remove(&oldest);
+                let oldest = entries
+                    .iter()
+                    .filter(|(_, e)| e.in_flight == 0)
+                    .min_by_key(|(_, e)| e.since)
+                    .map(|(k, _)| *k);
+                match oldest {
+                    Some(k) => {
+                        entries.remove(&k);
+                    }
+                    // Every tracked address has a check running: no room.
+                    None => return Err(Duration::from_secs(1)),
                 }
             }
         }
-        let e = entries.entry(Self::key(addr)).or_insert((now, 0));
-        if now.duration_since(e.0) >= self.window {
-            *e = (now, 0);
+        let e = entries.entry(key).or_insert(Entry {
+            since: now,
+            failures: 0,
+            in_flight: 0,
+        });
+        let elapsed = now.duration_since(e.since);
+        if elapsed >= self.window {
+            e.since = now;
+            e.failures = 0;
         }
-        e.1 = e.1.saturating_add(1);
+        if e.failures.saturating_add(e.in_flight) >= self.max_failures {
+            // Blocked by failures: until the window ends; by attempts in
+            // flight: a check takes about a second.
+            let wait = if e.failures >= self.max_failures {
+                self.window.saturating_sub(now.duration_since(e.since))
+            } else {
+                Duration::from_secs(1)
+            };
+            return Err(wait);
+        }
+        e.in_flight += 1;
+        Ok(Attempt { limiter: self, key })
     }
 
-    /// Forget an address after a successful login.
+    fn end(&self, key: IpAddr, outcome: Option<bool>) {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        let Some(e) = entries.get_mut(&key) else {
+            return;
+        };
+        e.in_flight = e.in_flight.saturating_sub(1);
+        match outcome {
+            Some(true) => e.failures = 0,
+            Some(false) => {
+                if now.duration_since(e.since) >= self.window {
+                    e.since = now;
+                    e.failures = 0;
+                }
+                e.failures = e.failures.saturating_add(1);
+            }
+            None => {}
+        }
+        if e.failures == 0 && e.in_flight == 0 {
+            entries.remove(&key);
+        }
+    }
+
+    /// Count a failed login (outside an [`Attempt`]).
+    pub fn failed(&self, addr: IpAddr) {
+        if let Ok(a) = self.begin(addr) {
+            a.failed();
+        }
+    }
+
+    /// Forget an address's failures after a successful login.
     pub fn succeeded(&self, addr: IpAddr) {
-        self.entries().remove(&Self::key(addr));
+        if let Some(e) = self.entries().get_mut(&Self::key(addr)) {
+            e.failures = 0;
+        }
+    }
+}
+
+impl Attempt<'_> {
+    /// The credentials were refused, or nobody could vouch for them (a
+    /// Manager that did not answer counts too: otherwise an attacker who
+    /// can make it fail gets unlimited tries).
+    pub fn failed(self) {
+        let (l, key) = (self.limiter, self.key);
+        std::mem::forget(self);
+        l.end(key, Some(false));
+    }
+
+    /// The credentials were accepted: the address's failures are forgotten.
+    pub fn succeeded(self) {
+        let (l, key) = (self.limiter, self.key);
+        std::mem::forget(self);
+        l.end(key, Some(true));
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.limiter.end(self.key, None);
     }
 }
 
@@ -416,6 +522,31 @@ mod tests {
         l.failed(c);
         l.failed(d);
         assert!(l.blocked(c).is_some());
+    }
+
+    #[test]
+    fn limiter_counts_attempts_in_flight() {
+        let l = LoginLimiter::new(3, Duration::from_secs(60));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let attempts: Vec<_> = (0..3).map(|_| l.begin(a).unwrap()).collect();
+        // Three checks running: a fourth waits, whatever they will say.
+        assert!(l.begin(a).is_err());
+        assert!(l.begin("192.0.2.2".parse().unwrap()).is_ok());
+        let mut it = attempts.into_iter();
+        it.next().unwrap().failed();
+        drop(it.next()); // cancelled: counts as nothing
+                         // One failure and one check running: room for one more.
+        let extra = l.begin(a).unwrap();
+        assert!(l.begin(a).is_err());
+        drop(extra);
+        it.next().unwrap().succeeded();
+        assert!(l.blocked(a).is_none());
+        assert!(l.entries().is_empty(), "nothing left once all ended well");
+        for _ in 0..3 {
+            l.begin(a).unwrap().failed();
+        }
+        let wait = l.begin(a).err().expect("blocked");
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
     }
 
     #[test]

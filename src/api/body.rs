@@ -196,7 +196,8 @@ impl Drop for ApiBody {
             bytes = self.sent,
             complete,
             duration_ms = r.start.elapsed().as_secs_f64() * 1000.0,
-            user = r.user.as_deref().unwrap_or("-"),
+            // From the client (a login's user name): escaped.
+            user = ?r.user.as_deref().unwrap_or("-"),
         );
     }
 }

@@ -97,7 +97,7 @@ impl ApiError {
     pub fn into_response(self) -> Response<ApiBody> {
         let (status, short) = self.status();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), details = %self, "request failed");
+            tracing::warn!(status = status.as_u16(), details = ?self.to_string(), "request failed");
         }
         let body = crate::wire::ErrorBody {
             error: short.to_owned(),

@@ -88,15 +88,20 @@ where
     let creds: LoginRequest =
         serde_json::from_value(value).map_err(|e| bad(e.classify_message()))?;
     *user = Some(creds.username.clone());
+    // At most `login_max_failures` checks per address, counting those in
+    // flight: a burst of logins sent at once cannot get more tries than
+    // the limit (each could reach the Manager's account lockout).
+    let attempt = state.login.limiter.begin(ip).map_err(|wait| {
+        state.metrics.login_failure("rate_limited");
+        ApiError::TooManyRequests {
+            retry_after_secs: wait.as_secs().max(1),
+        }
+    })?;
     let _permit = state
         .login_permits
         .acquire()
         .await
         .map_err(|_| ApiError::Internal("login checks closed".into()))?;
-    // Again after the wait: a burst of logins sent at once all passed the
-    // first check, and the failures of those ahead may have blocked this
-    // address meanwhile (each check can reach the Manager's lockout).
-    rate_limited()?;
     let login = state.login.clone();
     let be = state.backend.clone();
     let username = creds.username.clone();
@@ -108,18 +113,19 @@ where
     .map_err(|e| ApiError::Internal(format!("login task failed: {e}")))?;
     match verdict {
         Ok(Verdict::Valid) => {
-            state.login.limiter.succeeded(ip);
+            attempt.succeeded();
             let token = state
                 .tokens
                 .issue(&username)
                 .map_err(|e| ApiError::Internal(format!("signing the token: {e}")))?;
-            tracing::info!(user = %username, %peer, "login accepted");
+            // `?`: the name comes from the client, escaped in the log.
+            tracing::info!(user = ?username, %peer, "login accepted");
             Ok(json_response(StatusCode::OK, &LoginResponse { token }))
         }
         Ok(Verdict::Rejected) => {
-            state.login.limiter.failed(ip);
+            attempt.failed();
             state.metrics.login_failure("rejected");
-            tracing::warn!(user = %username, %peer, "login rejected");
+            tracing::warn!(user = ?username, %peer, "login rejected");
             Err(ApiError::Unauthorized(
                 "invalid username or password".into(),
             ))
@@ -129,8 +135,11 @@ where
                 crate::api::auth::ManagerError::TlsRejected(_) => "manager_tls",
                 _ => "manager_unreachable",
             };
+            // A failure too: a Manager that can be made to fail must not
+            // give unlimited tries.
+            attempt.failed();
             state.metrics.login_failure(reason);
-            tracing::warn!(user = %username, %peer, error = %e, "login check failed");
+            tracing::warn!(user = ?username, %peer, error = %e, "login check failed");
             Err(ApiError::BadGateway(e.to_string()))
         }
     }

@@ -15,29 +15,37 @@
 #            from the warm page cache: the disk against RAM, printed with
 #            the disk's own ceiling (fio, O_DIRECT, no TLS, no network) so
 #            it is clear which one binds.
-# MODES="warm cold default" picks some; IO_LINES adds [io] lines to all.
+# MODES="warm cold default" picks some; IO_LINES adds [io] lines to all;
+# B_DISK_MIB sizes the disk (default 2048). Rates are the bytes actually
+# received over the wall time; any non-2xx answer, missing answer or short
+# body fails the run.
 . "$(dirname "$0")/lib.sh"
 need_root; build; setup_fs; certs
 trap cleanup EXIT
 CONNS=${CONNS:-16}
 PER_CONN=${PER_CONN:-32} # 4 MiB requests per connection per run
 MODES=${MODES:-warm cold default}
-DISK=$(make_disk bench-b.img 2048)
+B_DISK_MIB=${B_DISK_MIB:-2048}
+DISK=$(make_disk bench-b.img "$B_DISK_MIB")
 # One curl per connection, PER_CONN ranges each (curl reuses the
-# connection between URLs of one invocation).
+# connection between URLs of one invocation), one REPORT line per range
+# in $BENCH_DIR/b-report.<c>. --fail-early: the first error ends the curl
+# with its status instead of the last URL's.
 pull() {
 	local url=$1 c=$2; shift 2
 	local args=() i start
 	for i in $(seq 0 $((PER_CONN - 1))); do
-		start=$(( ((c * PER_CONN + i) % 512) << 22 ))
-		args+=(-r "$start-$((start + (1 << 22) - 1))" -o /dev/null "$url")
+		start=$(( ((c * PER_CONN + i) % (B_DISK_MIB / 4)) << 22 ))
+		args+=(-r "$start-$((start + (1 << 22) - 1))" -o /dev/null -w "$REPORT" "$url")
 		[ "$i" -lt $((PER_CONN - 1)) ] && args+=(--next "${CIPHER[@]}" --cacert "$BENCH_DIR/ca.pem" "$@")
 	done
-	curl -s "${CIPHER[@]}" --cacert "$BENCH_DIR/ca.pem" "$@" "${args[@]}"
+	curl -s --fail-early "${CIPHER[@]}" --cacert "$BENCH_DIR/ca.pem" "$@" "${args[@]}" >"$BENCH_DIR/b-report.$c"
 }
+# Prints MB/s of one run of CONNS pulls; its bytes received go to
+# $BENCH_DIR/b-bytes (the caller runs it in a subshell).
 aggregate() {
 	local url=$1; shift
-	local t0 t1 c p pids=()
+	local t0 t1 c p pids=() bytes=0
 	t0=$(date +%s.%N)
 	for c in $(seq 0 $((CONNS - 1))); do
 		pull "$url" "$c" "$@" &
@@ -47,7 +55,11 @@ aggregate() {
 	# would not say).
 	for p in "${pids[@]}"; do wait "$p"; done
 	t1=$(date +%s.%N)
-	awk -v t0="$t0" -v t1="$t1" -v b=$((CONNS * PER_CONN << 22)) 'BEGIN {printf "%.0f\n", b/(t1-t0)/1e6}'
+	for c in $(seq 0 $((CONNS - 1))); do
+		bytes=$((bytes + $(check_report "$BENCH_DIR/b-report.$c" "$PER_CONN" $((PER_CONN << 22)))))
+	done
+	echo "$bytes" >"$BENCH_DIR/b-bytes"
+	awk -v t0="$t0" -v t1="$t1" -v b="$bytes" 'BEGIN {printf "%.0f\n", b/(t1-t0)/1e6}'
 }
 # CPU seconds (user + system) the given processes used so far.
 cpu() { local p t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
@@ -62,7 +74,7 @@ series() {
 ${IO_LINES:-}"
 	read -r SNAP NAME SNAPFILE < <(snapshot)
 	start_nginx "$(dirname "$SNAPFILE")"
-	local exp=() ngx=() e n hwm ecpu=0 ncpu=0 c0 workers
+	local exp=() ngx=() e n hwm ecpu=0 ncpu=0 ebytes=0 nbytes=0 c0 workers
 	workers=$(pgrep -P "$(cat "$BENCH_DIR/nginx/nginx.pid")" | xargs)
 	local eurl="https://localhost:$EXP_PORT/api/v1/vms/$VM/snapshots/$SNAP/disks/$NAME"
 	local nurl
@@ -71,11 +83,13 @@ ${IO_LINES:-}"
 		if [ "$cold" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
 		c0=$(cpu "$EXP_PID")
 		exp+=("$(aggregate "$eurl" -H "Authorization: Bearer $TOKEN")")
+		ebytes=$((ebytes + $(cat "$BENCH_DIR/b-bytes")))
 		ecpu=$((ecpu + $(cpu "$EXP_PID") - c0))
 		if [ "$cold" = 1 ] && [ "$warm_nginx" = 0 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
 		# shellcheck disable=SC2086
 		c0=$(cpu $workers)
 		ngx+=("$(aggregate "$nurl")")
+		nbytes=$((nbytes + $(cat "$BENCH_DIR/b-bytes")))
 		# shellcheck disable=SC2086
 		ncpu=$((ncpu + $(cpu $workers) - c0))
 	done
@@ -85,8 +99,7 @@ ${IO_LINES:-}"
 	echo "(b) $mode: exporter MB/s: ${exp[*]}"
 	echo "(b) $mode: nginx    MB/s: ${ngx[*]}"
 	echo "(b) $mode: median exporter $e MB/s, nginx $n MB/s, ratio exporter/nginx $(ratio "$e" "$n")"
-	local gb=$((RUNS * CONNS * PER_CONN * 4)) # MiB sent per server
-	echo "(b) $mode: CPU per GiB sent: exporter $(awk -v t="$ecpu" -v k="$ticks" -v m="$gb" 'BEGIN{printf "%.2f", t/k/(m/1024)}') s, nginx $(awk -v t="$ncpu" -v k="$ticks" -v m="$gb" 'BEGIN{printf "%.2f", t/k/(m/1024)}') s"
+	echo "(b) $mode: CPU per GiB sent: exporter $(awk -v t="$ecpu" -v k="$ticks" -v b="$ebytes" 'BEGIN{printf "%.2f", t/k/(b/2^30)}') s, nginx $(awk -v t="$ncpu" -v k="$ticks" -v b="$nbytes" 'BEGIN{printf "%.2f", t/k/(b/2^30)}') s"
 	stop_nginx
 }
 for mode in $MODES; do

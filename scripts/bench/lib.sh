@@ -9,6 +9,8 @@
 # wrk/h2load would add a second TLS stack to justify. Cipher: forced on the
 # client side (TLS 1.3, TLS_AES_128_GCM_SHA256) so both servers use it.
 set -euo pipefail
+# A failure inside $(...) fails the script too (timed runs are captured).
+shopt -s inherit_errexit
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/tmp/coe-bench}
@@ -18,8 +20,14 @@ EXP_PORT=${EXP_PORT:-25544}
 NGINX_PORT=${NGINX_PORT:-25545}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/coriolis-ovm-exporter}
 # HTTP/1.1 like the Python client (requests), and nginx here has no h2.
-# --fail: an error answer ends the run instead of being timed as a transfer.
+# --fail: an error answer ends the run instead of being timed as a transfer
+# (curl's exit status says so only for the last URL of a command line or
+# a -K file: every timed request also writes REPORT, checked with
+# check_report).
 CIPHER=(--fail --http1.1 --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
+# One line per request: status and bytes of body received.
+REPORT='%{http_code} %{size_download}\n'
+
 VM=bench-vm
 # The example config's user: password "change-me".
 USER_HASH='$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg'
@@ -173,6 +181,30 @@ stop_nginx() {
 		rm -f "$BENCH_DIR/nginx/nginx.pid"
 		sleep 0.3
 	fi
+}
+
+# check_report FILE COUNT [BYTES]: FILE holds one REPORT line per request;
+# fails unless there are COUNT lines, every status is 2xx and (when given)
+# the bodies add up to BYTES. Prints the bytes received, the figure every
+# rate is computed from.
+check_report() {
+	awk -v want="$2" -v want_bytes="${3:-}" -v f="$1" '
+		{
+			n++
+			if ($1 !~ /^2[0-9][0-9]$/) {
+				if (bad < 5) printf "%s: request %d answered %s\n", f, n, $1 >"/dev/stderr"
+				bad++
+			}
+			bytes += $2
+		}
+		END {
+			if (n != want) { printf "%s: %d answers for %d requests\n", f, n, want >"/dev/stderr"; bad++ }
+			if (want_bytes != "" && bytes != want_bytes) {
+				printf "%s: %.0f bytes received, %.0f expected\n", f, bytes, want_bytes >"/dev/stderr"; bad++
+			}
+			if (bad) exit 1
+			printf "%.0f\n", bytes
+		}' "$1"
 }
 
 # Median of numbers on stdin.

@@ -148,20 +148,10 @@ fn finish(
         .map_err(|e| ApiError::Internal(format!("building the disk answer: {e}")))
 }
 
-/// The ranges of `disk` as half-open ranges clipped to `size`, sorted and
-/// merged (extent maps can run past the end of file to a block boundary).
-fn clipped(ranges: impl Iterator<Item = (u64, u64)>, size: u64) -> Vec<Range<u64>> {
-    let mut v: Vec<Range<u64>> = ranges
-        .map(|(start, len)| start.min(size)..start.saturating_add(len).min(size))
-        .filter(|r| r.start < r.end)
-        .collect();
-    range::coalesce(&mut v)
-}
-
 /// The allocated (data) ranges of a snapshot disk, or with a diff, the
 /// ranges to copy; clipped to `size`.
 pub fn data_ranges(d: &SnapshotDisk, size: u64) -> Vec<Range<u64>> {
-    clipped(d.chunks.iter().map(|c| (c.start, c.length)), size)
+    d.chunk_ranges(size)
 }
 
 /// The incremental stream of one disk: `d` is the disk of the snapshot as
@@ -174,11 +164,7 @@ pub fn incremental(
 ) -> Result<(Response<ApiBody>, bool), ApiError> {
     let size = disk.size();
     let data = data_ranges(d, size);
-    let zeroed = d
-        .zeroed
-        .as_ref()
-        .map(|z| clipped(z.iter().map(|r| (r.start, r.length)), size))
-        .unwrap_or_default();
+    let zeroed = d.zeroed_ranges(size);
     let changes = stream::plan_changes(&data, &zeroed);
     let len = stream::encoded_len(&changes);
     let body = engine
@@ -349,14 +335,5 @@ mod tests {
         for bad in ["32768", "65537", "134217728", "x", "-1", "0"] {
             assert!(checksum_block(Some(bad)).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn clipping_drops_and_cuts_past_the_end() {
-        assert_eq!(
-            clipped([(0, 10), (8, 4), (100, 5), (20, 0)].into_iter(), 50),
-            vec![0..12]
-        );
-        assert_eq!(clipped([(40, 20)].into_iter(), 50), vec![40..50]);
     }
 }

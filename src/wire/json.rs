@@ -7,8 +7,11 @@
 //! `zeroed`) are optional and left out of answers that do not carry them, so
 //! an old client sees exactly what it saw before.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
+use super::range;
 use crate::extent::ByteRange;
 
 /// One disk of a VM (`VM.disks[]`).
@@ -63,6 +66,22 @@ pub struct SnapshotDisk {
     /// sent: `size` is the wire field of diff answers).
     #[serde(skip)]
     pub file_size: u64,
+}
+
+impl SnapshotDisk {
+    /// The `chunks` as half-open ranges inside a disk of `size` bytes,
+    /// sorted and merged.
+    pub fn chunk_ranges(&self, size: u64) -> Vec<Range<u64>> {
+        range::clipped(self.chunks.iter().map(|c| (c.start, c.length)), size)
+    }
+
+    /// The `zeroed` ranges likewise (none when the answer has none).
+    pub fn zeroed_ranges(&self, size: u64) -> Vec<Range<u64>> {
+        range::clipped(
+            self.zeroed.iter().flatten().map(|r| (r.start, r.length)),
+            size,
+        )
+    }
 }
 
 /// A snapshot (API.md, Snapshot).

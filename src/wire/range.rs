@@ -154,6 +154,17 @@ pub fn coalesce(ranges: &mut [Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
+/// `(start, length)` pairs as half-open ranges clipped to `size`, sorted
+/// and merged (extent maps can run past the end of file to a block
+/// boundary). How both sides read a snapshot disk's `chunks` and `zeroed`.
+pub fn clipped(ranges: impl Iterator<Item = (u64, u64)>, size: u64) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = ranges
+        .map(|(start, len)| start.min(size)..start.saturating_add(len).min(size))
+        .filter(|r| r.start < r.end)
+        .collect();
+    coalesce(&mut v)
+}
+
 fn is_ows(c: char) -> bool {
     c == ' ' || c == '\t'
 }
@@ -412,5 +423,14 @@ mod tests {
         assert_ne!(a.boundary(), b.boundary());
         assert_eq!(a.boundary().len(), BOUNDARY_HEX_DIGITS);
         assert!(a.boundary().bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn clipping_drops_and_cuts_past_the_end() {
+        assert_eq!(
+            clipped([(0, 10), (8, 4), (100, 5), (20, 0)].into_iter(), 50),
+            vec![0..12]
+        );
+        assert_eq!(clipped([(40, 20)].into_iter(), 50), vec![40..50]);
     }
 }

@@ -70,8 +70,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// The umask of the server and the administration commands: files they
+/// create (log, database, lock, snapshot folders) are the service's own.
+const SERVICE_UMASK: u32 = 0o077;
+
+/// Set [`SERVICE_UMASK`], whatever the caller's (a shell's 022, an init
+/// system without `UMask=`).
+fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(SERVICE_UMASK));
+}
+
 /// `coriolis-ovm-exporter [-config PATH]`: run the API server.
 fn serve(args: &[String]) -> ExitCode {
+    private_umask();
     let path = match config_path(args) {
         Ok(p) => p,
         Err(msg) => {
@@ -116,6 +127,7 @@ fn serve(args: &[String]) -> ExitCode {
 /// rebuild the node's snapshot database against the repositories of its
 /// inventory, printing each action. Run with the service stopped.
 fn node_admin(cmd: &str, args: &[String]) -> ExitCode {
+    private_umask();
     let config = match config_path(args).and_then(|p| Config::load(&p).map_err(|e| e.to_string())) {
         Ok(c) => c,
         Err(msg) => {

@@ -802,55 +802,6 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     assert!(ex.log().contains("SIGTERM"), "{}", ex.log());
 }
 
-#[test]
-fn the_example_config_starts_the_service() {
-    let pki = Pki::new();
-    let example = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/config.example.toml"
-    ))
-    .unwrap();
-    // Copied with a common umask: world-readable, which the service warns of.
-    let ex = Exporter::start_with(&pki, 0o644, |dir, port| {
-        let etc = "/etc/coriolis-ovm-exporter/";
-        example
-            .replace(
-                &format!("{etc}srv-pub.pem"),
-                pki.path("srv.pem").to_str().unwrap(),
-            )
-            .replace(
-                &format!("{etc}srv-key.pem"),
-                pki.path("srv.key").to_str().unwrap(),
-            )
-            .replace(
-                &format!("{etc}ca-pub.pem"),
-                pki.path("ca.pem").to_str().unwrap(),
-            )
-            .replace(
-                &format!("{etc}exporter.db"),
-                dir.path("exporter.db").to_str().unwrap(),
-            )
-            .replace(
-                "/var/log/coriolis-ovm-exporter.log",
-                dir.path("exporter.log").to_str().unwrap(),
-            )
-            .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
-            .replace("port = 5544", &format!("port = {port}"))
-            // Nothing listens there: a Manager login answers 502.
-            .replace(
-                "https://ovm-manager.example:7002",
-                &format!("https://127.0.0.1:{}", free_port()),
-            )
-    });
-    assert!(ex.log().contains("chmod 600"), "{}", ex.log());
-    // The example's local user, with the password its comment gives.
-    assert_eq!(ex.login("coriolis", "change-me").status, 200);
-    ex.login("coriolis", "wrong")
-        .assert_error(401, "Not Authorized");
-    ex.login("someone-else", "x")
-        .assert_error(502, "Bad Gateway");
-}
-
 // ---- disk bytes over the wire, with an in-test backend ----------------------
 
 const WIRE_VM: &str = "0004fb0000060000ccaf98a0baa2c186";

@@ -385,3 +385,123 @@ fn manager_errors_count_as_failures() {
     a.assert_error(429, "Too Many Requests");
     assert!(a.header("retry-after").is_some());
 }
+
+/// `config/config.example.toml` with only its paths (and the Manager,
+/// which nothing answers here) changed, as the README has an operator do.
+fn installed_example(pki: &Pki, dir: &crate::common::Scratch, port: u16) -> String {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/config.example.toml"
+    ))
+    .unwrap();
+    let etc = "/etc/coriolis-ovm-exporter/";
+    example
+        .replace(
+            &format!("{etc}srv-pub.pem"),
+            pki.path("srv.pem").to_str().unwrap(),
+        )
+        .replace(
+            &format!("{etc}srv-key.pem"),
+            pki.path("srv.key").to_str().unwrap(),
+        )
+        .replace(
+            &format!("{etc}ca-pub.pem"),
+            pki.path("ca.pem").to_str().unwrap(),
+        )
+        .replace(
+            &format!("{etc}exporter.db"),
+            dir.path("exporter.db").to_str().unwrap(),
+        )
+        .replace(
+            "/var/log/coriolis-ovm-exporter.log",
+            dir.path("exporter.log").to_str().unwrap(),
+        )
+        .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+        .replace("port = 5544", &format!("port = {port}"))
+        .replace(
+            "https://ovm-manager.example:7002",
+            &format!("https://127.0.0.1:{}", crate::common::free_port()),
+        )
+}
+
+/// Runs the server on `config` and expects it to refuse to start: exit
+/// status 2 and one line on stderr, returned.
+fn refused(config: &str) -> String {
+    let dir = crate::common::Scratch::temp("refused");
+    std::fs::write(dir.path("config.toml"), config).unwrap();
+    let out = std::process::Command::new(crate::common::exporter::BIN)
+        .arg("--config")
+        .arg(dir.path("config.toml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+/// Table row 4 of #11: the example config installed as the README says
+/// does not start (its secret is a public placeholder), and once the
+/// secret is set it has no user with a known password. The example user,
+/// uncommented, is refused too; so is an http:// Manager unless allowed.
+#[test]
+fn the_example_config_is_safe_as_installed() {
+    let pki = Pki::new();
+    let dir = crate::common::Scratch::temp("example");
+    let example = installed_example(&pki, &dir, crate::common::free_port());
+    let why = refused(&example);
+    assert!(
+        why.contains("jwt.secret") && why.contains("placeholder"),
+        "{why}"
+    );
+    let with_user = example
+        .replace("CHANGE-ME: at least", "a secret of our own, at least")
+        .replace("# [[auth.users]]", "[[auth.users]]")
+        .replace("# username = ", "username = ")
+        .replace("# password_hash = ", "password_hash = ");
+    let why = refused(&with_user);
+    assert!(why.contains("auth.users.password_hash"), "{why}");
+    let http = example
+        .replace("CHANGE-ME: at least", "a secret of our own, at least")
+        .replace("ovm_endpoint = \"https://", "ovm_endpoint = \"http://");
+    let why = refused(&http);
+    assert!(
+        why.contains("ovm_endpoint") && why.contains("manager.allow_http"),
+        "{why}"
+    );
+
+    // With a secret of one's own it starts; nobody logs in with the
+    // example's password, and the files it made are its own (0600) though
+    // this test runs with a common umask.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        installed_example(&pki, dir, port)
+            .replace("CHANGE-ME: at least", "a secret of our own, at least")
+    });
+    rustix::process::umask(old);
+    ex.login("coriolis", "change-me")
+        .assert_error(502, "Bad Gateway");
+    let log = ex.log();
+    assert!(!log.contains("allow_http"), "{log}");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&ex.dir.dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("exporter.") {
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&entry.metadata().unwrap().permissions());
+            assert_eq!(mode & 0o077, 0, "{name} is {mode:o}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "the log and the database at least");
+
+    // An http:// Manager when allowed: it starts, and says so.
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        installed_example(&pki, dir, port)
+            .replace("CHANGE-ME: at least", "a secret of our own, at least")
+            .replace("ovm_endpoint = \"https://", "ovm_endpoint = \"http://")
+            .replace("allow_http = false", "allow_http = true")
+    });
+    assert!(ex.log().contains("clear text"), "{}", ex.log());
+}

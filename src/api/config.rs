@@ -57,6 +57,9 @@ pub struct ManagerConfig {
     /// CA to verify the Manager with; `None` means not verified (warned).
     pub ca_certificate: Option<PathBuf>,
     pub timeout: Duration,
+    /// `manager.allow_http`: an `http://` endpoint was accepted (warned at
+    /// start: credentials cross the network in clear text).
+    pub allow_http: bool,
 }
 
 /// `[auth]`: local users and the rate limit on failed logins.

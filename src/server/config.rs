@@ -73,6 +73,17 @@ pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_LOGIN_MAX_FAILURES: u32 = 5;
 /// The window over which failed logins are counted.
 pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(300);
+/// The `[jwt] secret` of `config/config.example.toml`, and the one earlier
+/// versions shipped: public, so anyone could sign tokens with them. The
+/// service refuses to start with either.
+pub const PLACEHOLDER_SECRETS: [&str; 2] = [
+    "CHANGE-ME: at least 32 random bytes, e.g. the output of openssl rand -base64 48",
+    "change this to at least 32 random bytes of secret!!",
+];
+/// The password hash of the example user in `config/config.example.toml`
+/// (its password, "change-me", is printed next to it): refused as a user's
+/// hash.
+pub const EXAMPLE_PASSWORD_HASH: &str = "$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg";
 /// Group and other permission bits (`chmod 600` clears them).
 const OTHERS_BITS: u32 = 0o077;
 /// Largest accepted HTTP port number.
@@ -213,6 +224,7 @@ struct RawTls {
 struct RawManager {
     ca_certificate: Option<PathBuf>,
     timeout: Option<String>,
+    allow_http: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -288,6 +300,14 @@ impl Config {
                         "{} bytes long, at least {MIN_SECRET_BYTES} needed for HS256 (RFC 7518)",
                         s.len()
                     ),
+                ))
+            }
+            Some(s) if PLACEHOLDER_SECRETS.contains(&s.as_str()) => {
+                return Err(bad(
+                    "jwt.secret",
+                    "still the example's placeholder, which is public (anyone could sign \
+                     tokens with it); set your own, e.g. `openssl rand -base64 48`"
+                        .into(),
                 ))
             }
             Some(s) => s.into_bytes(),
@@ -422,17 +442,19 @@ impl Config {
             return Err(bad("api.max_header_bytes", "must be at least 8192".into()));
         }
 
+        let manager = raw.manager.unwrap_or_default();
+        let allow_http = manager.allow_http.unwrap_or(false);
         if let Some(endpoint) = &raw.ovm_endpoint {
-            check_endpoint(endpoint).map_err(|p| bad("ovm_endpoint", p))?;
+            check_endpoint(endpoint, allow_http).map_err(|p| bad("ovm_endpoint", p))?;
         }
 
-        let manager = raw.manager.unwrap_or_default();
         if let Some(ca) = &manager.ca_certificate {
             tls::load_certs(ca).map_err(|e| bad("manager.ca_certificate", e.to_string()))?;
         }
         let manager = ManagerConfig {
             ca_certificate: manager.ca_certificate,
             timeout: duration("manager.timeout", manager.timeout, DEFAULT_MANAGER_TIMEOUT)?,
+            allow_http,
         };
 
         let auth = raw.auth.unwrap_or_default();
@@ -440,6 +462,16 @@ impl Config {
         for u in auth.users {
             if u.username.is_empty() {
                 return Err(bad("auth.users.username", "empty".into()));
+            }
+            if u.password_hash == EXAMPLE_PASSWORD_HASH {
+                return Err(bad(
+                    "auth.users.password_hash",
+                    format!(
+                        "user {:?}: the example's hash, whose password is public; make your own \
+                         (see config/config.example.toml)",
+                        u.username
+                    ),
+                ));
             }
             check_password_hash(&u.password_hash).map_err(|p| {
                 bad(
@@ -532,12 +564,24 @@ fn error_text(e: &crate::io::IoError) -> String {
     }
 }
 
-/// `ovm_endpoint` must be an http(s) URL with a host.
-fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let rest = endpoint
-        .strip_prefix("https://")
-        .or_else(|| endpoint.strip_prefix("http://"))
-        .ok_or_else(|| format!("{endpoint:?}: expected https://HOST[:PORT]"))?;
+/// `ovm_endpoint` must be an https URL with a host; `http://` only with
+/// `manager.allow_http` (every login's Manager credentials would cross the
+/// network in clear text).
+fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
+    let rest = match (
+        endpoint.strip_prefix("https://"),
+        endpoint.strip_prefix("http://"),
+    ) {
+        (Some(rest), _) => rest,
+        (None, Some(rest)) if allow_http => rest,
+        (None, Some(_)) => {
+            return Err(format!(
+                "{endpoint:?}: http:// would send every login's Manager credentials in clear \
+                 text; use https://, or set manager.allow_http = true to accept that"
+            ))
+        }
+        (None, None) => return Err(format!("{endpoint:?}: expected https://HOST[:PORT]")),
+    };
     let host = rest.split('/').next().unwrap_or("");
     if host.is_empty() {
         return Err(format!("{endpoint:?}: no host"));

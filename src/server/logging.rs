@@ -21,8 +21,14 @@ struct LogFile {
     file: Mutex<File>,
 }
 
+/// Created 0600 whatever the umask: access lines name users and addresses.
 fn open(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// A locked handle on the log file for one event.

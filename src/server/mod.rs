@@ -367,6 +367,17 @@ pub fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), ServerError>
             "the config file holds the JWT secret but group or others can read it; chmod 600 it"
         );
     }
+    if let Some(e) = config
+        .ovm_endpoint
+        .as_deref()
+        .filter(|e| e.starts_with("http://"))
+    {
+        tracing::warn!(
+            endpoint = %e,
+            "manager.allow_http is set and ovm_endpoint is http://: every login's Manager \
+             credentials cross the network in clear text"
+        );
+    }
     if config.manager.ca_certificate.is_none() {
         tracing::warn!(
             "manager.ca_certificate is not set: the OVM Manager's TLS identity is NOT verified \

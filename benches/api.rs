@@ -108,6 +108,8 @@ fn bench_api(c: &mut Criterion) {
                 let resp = handle(state.clone(), peer, request("/api/v1/vms"))
                     .await
                     .unwrap();
+                // An error answer is no measure of the request path.
+                assert_eq!(resp.status(), http::StatusCode::OK);
                 black_box(resp.into_body().collect().await.unwrap().to_bytes())
             })
         })
@@ -121,6 +123,7 @@ fn bench_api(c: &mut Criterion) {
             rt.block_on(async {
                 let path = "/api/v1/vms/v/snapshots/s/disks/d.img";
                 let resp = handle(state.clone(), peer, request(path)).await.unwrap();
+                assert_eq!(resp.status(), http::StatusCode::OK);
                 let mut body = resp.into_body();
                 let mut n = 0usize;
                 while let Some(frame) = body.frame().await {

@@ -169,6 +169,14 @@ fn assert_killed(out: &Output, point: &str) {
 
 #[test]
 fn a_kill_at_any_point_of_create_or_delete_leaves_a_consistent_state() {
+    // An empty list (or one side missing) would pass without a crash.
+    let creates = fault::POINTS.iter().filter(|p| p.starts_with("create"));
+    let deletes = fault::POINTS.iter().filter(|p| p.starts_with("delete"));
+    assert!(
+        creates.count() >= 2 && deletes.count() >= 1,
+        "fault points: {:?}",
+        fault::POINTS
+    );
     for &point in fault::POINTS {
         let node = Node::new(&format!("crash-{point}"));
         let base = node.create();

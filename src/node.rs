@@ -168,6 +168,9 @@ impl From<SnapshotError> for BackendError {
             // missed change, and retrying will not help: 409, with details.
             SnapshotError::BaseChanged { .. } => BackendError::Conflict(msg),
             SnapshotError::Busy { .. } => BackendError::Conflict(msg),
+            SnapshotError::Store(crate::store::StoreError::BadIdempotencyKey { .. }) => {
+                BackendError::BadRequest(msg)
+            }
             // Reopening the database after a disk error: retry shortly.
             SnapshotError::Store(ref s) if s.is_unavailable() => BackendError::Unavailable(msg),
             _ => BackendError::Internal(msg),
@@ -198,6 +201,10 @@ impl Backend for Node {
 
     fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError> {
         Ok(self.manager.create(vm)?)
+    }
+
+    fn create_snapshot_keyed(&self, vm: &str, key: &str) -> Result<(Snapshot, bool), BackendError> {
+        Ok(self.manager.create_keyed(vm, Some(key))?)
     }
 
     fn get_snapshot(

@@ -279,6 +279,20 @@ impl Server {
         }
     }
 
+    /// Waits until the process ended by itself (a fault point killed it).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server started");
+        c.wait().unwrap()
+    }
+
+    /// The environment of the next [`Server::restart`].
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     /// SIGKILL, and waits for the process to end.
     #[allow(dead_code)]
     pub fn kill(&mut self) {
@@ -583,4 +597,63 @@ fn verifying_a_deleted_snapshot_is_not_found() {
         *codes.entry(code).or_default() += 1;
     }
     eprintln!("download --verify racing a delete: exit codes {codes:?}");
+}
+
+/// A create whose answer is lost (the server killed after the commit,
+/// before answering) is retried by the client with the same
+/// `Idempotency-Key`, and the restarted server answers the snapshot the
+/// first try made: one snapshot, whose id the client learns. Without the
+/// header a create makes a new snapshot, as before.
+#[test]
+fn a_create_retried_after_a_crash_answers_the_same_snapshot() {
+    use coriolis_ovm_exporter::snapshot::fault;
+
+    let scratch = Fs::Xfs.scratch("heal-idem");
+    let repo = scratch.path("repo");
+    make_repo(&repo, 21);
+    let mut server = Server::start(
+        &scratch.dir,
+        &repo,
+        &scratch.path("db/exporter.db"),
+        &[(fault::ENV, fault::CREATE_AFTER_COMMIT)],
+    );
+    let api = server.api();
+    let snap: Value = std::thread::scope(|sc| {
+        let restarter = sc.spawn(|| {
+            // The fault point kills the server inside the first create.
+            let status = server.wait_exit();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(9),
+                "{status}"
+            );
+            server.set_env(&[]);
+            server.restart();
+        });
+        let snap = api.create_snapshot(VM).expect("the retried create");
+        restarter.join().unwrap();
+        snap
+    });
+    let id = snap["id"].as_str().unwrap().to_owned();
+    // The restarted server kept the token's secret: the same api works.
+    assert_eq!(
+        list_ids(&api),
+        vec![id.clone()],
+        "one snapshot, the one answered"
+    );
+    assert!(read_disk(&api, &id) == fs::read(repo.join("VirtualDisks").join(DISK)).unwrap());
+    let log = server.log_text();
+    assert!(
+        log.contains("create replayed for its idempotency key"),
+        "{log}"
+    );
+
+    // A key is per create: another call makes another snapshot; so does a
+    // create without the header.
+    let second: Value = api.create_snapshot(VM).unwrap();
+    let third = create(&api).unwrap();
+    let ids = list_ids(&api);
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.contains(&second["id"].as_str().unwrap().to_owned()));
+    assert!(ids.contains(&third["id"].as_str().unwrap().to_owned()));
 }

@@ -52,6 +52,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Clone every disk of the VM under one new id; chunks not squashed.
     fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError>;
 
+    /// [`Backend::create_snapshot`] with the request's `Idempotency-Key`:
+    /// a retry with the same key within the window answers the snapshot
+    /// the first request made (true: replayed) instead of making another.
+    /// By default the key is not remembered (a plain create).
+    fn create_snapshot_keyed(&self, vm: &str, key: &str) -> Result<(Snapshot, bool), BackendError> {
+        let _ = key;
+        self.create_snapshot(vm).map(|s| (s, false))
+    }
+
     /// One snapshot. With `compare_to`, chunks are the ranges to copy from
     /// the older snapshot (SEMANTICS.md), `size` and `zeroed` are filled, and
     /// `zeroed_separate` leaves the zeroed ranges out of `chunks`.

@@ -31,6 +31,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// snapshot or diff of a huge disk can take the server a while to compute,
 /// but never minutes of silence.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// Tries of a create whose answer was lost (0.5 + 1 + 2 + 4 + 8 s of
+/// waits): enough for a server restart.
+pub const CREATE_TRIES: u32 = 6;
 /// The API's prefix (API.md: `Base: https://HOST:5544/api/v1`).
 const API_PREFIX: &str = "/api/v1";
 
@@ -251,6 +254,52 @@ impl Api {
         }
         let resp = req.send_empty().map_err(|e| Self::transport(what, e))?;
         read_json(what, check(what, resp)?)
+    }
+
+    /// `POST .../snapshots` with an `Idempotency-Key` (a new UUID per
+    /// call): an answer lost to a dropped connection or a server restart,
+    /// or a 503 while the server's database reopens, is retried with the
+    /// same key, so the server answers the snapshot the first try made
+    /// instead of making a second one. Retries back off 0.5 s doubling,
+    /// [`CREATE_TRIES`] tries in all.
+    pub fn create_snapshot<T: DeserializeOwned>(&self, vm: &str) -> Result<T> {
+        let what = format!("snapshot of VM {vm}");
+        let key = uuid::Uuid::new_v4().to_string();
+        let mut wait = Duration::from_millis(500);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut req = self
+                .agent
+                .post(self.url(&paths::snapshots(vm)))
+                .header("Idempotency-Key", &key);
+            if let Some(a) = self.auth() {
+                req = req.header("Authorization", a);
+            }
+            let err = match req.send_empty() {
+                Ok(resp) if resp.status().as_u16() == 503 => check(&what, resp).err(),
+                Ok(resp) => match check(&what, resp) {
+                    Ok(resp) => match read_json(&what, resp) {
+                        // The answer was cut on its way: the snapshot may exist.
+                        Err(e @ ClientError::Transport { .. }) => Some(e),
+                        r => return r,
+                    },
+                    Err(e) => return Err(e),
+                },
+                Err(e) => Some(Self::transport(&what, e)),
+            };
+            let err = err.expect("an error to retry");
+            if tries >= CREATE_TRIES {
+                return Err(err);
+            }
+            eprintln!(
+                "warning: {what}: {}; retrying in {:?} (same Idempotency-Key)",
+                err.chain(),
+                wait
+            );
+            std::thread::sleep(wait);
+            wait *= 2;
+        }
     }
 
     /// `DELETE path`; any 2xx is success.

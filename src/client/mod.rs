@@ -530,9 +530,7 @@ fn snapshots(g: &Global, cmd: SnapCmd) -> Result<()> {
     let mut s = session(g, 1)?;
     match cmd {
         SnapCmd::Create { vm } => {
-            let snap: Snapshot = s.call(g, |api| {
-                api.post_json(&format!("snapshot of VM {vm}"), &paths::snapshots(&vm))
-            })?;
+            let snap: Snapshot = s.call(g, |api| api.create_snapshot(&vm))?;
             if g.json {
                 print_json(&snap);
             } else {

@@ -323,6 +323,20 @@ impl Manager {
     /// Snapshots every disk of `vm` under one new id (SEMANTICS.md §1).
     /// Returns the new snapshot with its chunks not squashed.
     pub fn create(&self, vm: &str) -> Result<Snapshot, SnapshotError> {
+        self.create_keyed(vm, None).map(|(s, _)| s)
+    }
+
+    /// [`Manager::create`] with an idempotency key (the API's
+    /// `Idempotency-Key`): if this key of this VM made a snapshot within
+    /// the store's window and it still exists, that snapshot is answered
+    /// (true: a replay) and nothing is made; else a new one is made and
+    /// the key recorded with it, in the same commit, so that a retry after
+    /// an answer lost to a crash finds it.
+    pub fn create_keyed(
+        &self,
+        vm: &str,
+        key: Option<&str>,
+    ) -> Result<(Snapshot, bool), SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
         let vm = self.lookup_vm(vm)?.ok_or_else(|| SnapshotError::NotFound {
             what: format!("VM {vm}"),
@@ -330,9 +344,19 @@ impl Manager {
         let plan = plan_disks(&vm)?;
         let m = self.vm_mutex(&vm.name);
         let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = key {
+            // Under the VM's lock: no create or delete of it runs now.
+            if let Some(id) = self.store.idempotent(&vm.name, k, now_ns())? {
+                if let Some(rec) = self.store.get(&id)? {
+                    let maps = self.maps_of(&rec)?;
+                    tracing::info!(snapshot = %rec.id, vm = %rec.vm, "create replayed for its idempotency key");
+                    return Ok((info(&rec, &maps, false), true));
+                }
+            }
+        }
         let id = Uuid::new_v4().to_string();
         let mut folders = Vec::new();
-        let result = self.create_in(&vm, &plan, &id, &mut folders);
+        let result = self.create_in(&vm, &plan, &id, &mut folders, key);
         if result.is_err() {
             for f in &folders {
                 if let Err(e) = path::remove_tree_flat(f.snaps_dir.as_fd(), &id) {
@@ -344,7 +368,7 @@ impl Manager {
         }
         let (record, maps) = result?;
         tracing::info!(snapshot = %record.id, vm = %record.vm, disks = record.disks.len(), "snapshot created");
-        Ok(info(&record, &maps, false))
+        Ok((info(&record, &maps, false), false))
     }
 
     fn create_in(
@@ -353,6 +377,7 @@ impl Manager {
         plan: &[PlannedDisk],
         id: &str,
         folders: &mut Vec<Folder>,
+        key: Option<&str>,
     ) -> Result<(SnapshotRecord, Vec<ExtentMap>), SnapshotError> {
         let created_at_ns = now_ns();
         for d in plan {
@@ -448,7 +473,7 @@ impl Manager {
         }
         fault::point(fault::CREATE_AFTER_MANIFEST);
 
-        self.store.insert(&mut record, &maps)?;
+        self.store.insert_keyed(&mut record, &maps, key)?;
         fault::point(fault::CREATE_AFTER_COMMIT);
         Ok((record, maps))
     }

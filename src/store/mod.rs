@@ -2,7 +2,7 @@
 //!
 //! # What lives here
 //! One LMDB environment at `db_file` (a single data file plus `<db_file>-lock`,
-//! `MDB_NOSUBDIR`), holding four databases:
+//! `MDB_NOSUBDIR`), holding five databases:
 //!
 //! | database    | key                                  | value                        |
 //! | ----------- | ------------------------------------ | ---------------------------- |
@@ -10,6 +10,7 @@
 //! | `snapshots` | snapshot id (16 bytes)               | [`SnapshotRecord`] as JSON   |
 //! | `by_vm`     | `u16 len, vm, u64 seq` (big endian)  | snapshot id                  |
 //! | `maps`      | `id, u32 disk index`                 | extent map ([`codec`])       |
+//! | `idempotency` | `u16 len, vm, Idempotency-Key`     | id, u64 created_at_ns        |
 //!
 //! `by_vm` gives each VM's snapshots in creation order with one prefix scan;
 //! `maps` keeps the bulky extent maps out of the records so that listing ids
@@ -93,11 +94,17 @@ pub const DEFAULT_MAP_SIZE: usize = 64 << 30;
 /// Default reader slots. LMDB's own default is 126; the API runs reads on a
 /// blocking pool of up to 512 threads.
 pub const DEFAULT_MAX_READERS: u32 = 1024;
-/// Named databases in the environment (four used, room to grow).
+/// Named databases in the environment (five used, room to grow).
 const MAX_DBS: u32 = 8;
 /// A VM name is part of an LMDB key, whose size is capped at 511 bytes
 /// (`MDB_MAXKEYSIZE`); 2 + name + 8 must fit with room to spare.
 pub const MAX_VM_NAME: usize = 400;
+
+/// How long an `Idempotency-Key` of a create is remembered: a retry of a
+/// create within this window answers the snapshot the first one made.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Longest idempotency key accepted (with the VM name it is an LMDB key).
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
 
 const KEY_SCHEMA: &str = "schema";
 const KEY_NEXT_SEQ: &str = "next_seq";
@@ -185,6 +192,8 @@ pub enum StoreError {
     VmNameTooLong { len: usize },
     #[error("{disks} disks but {maps} extent maps given")]
     MapCount { disks: usize, maps: usize },
+    #[error("an idempotency key of {len} bytes: 1 to {MAX_IDEMPOTENCY_KEY} accepted")]
+    BadIdempotencyKey { len: usize },
     /// The environment failed and could not be reopened yet (HTTP 503).
     #[error("the snapshot database is unavailable (retried in {retry_in:?}): {reason}")]
     Unavailable { reason: String, retry_in: Duration },
@@ -230,6 +239,7 @@ pub struct Handle {
     snapshots: Database<'static, Bytes, Bytes>,
     by_vm: Database<'static, Bytes, Bytes>,
     maps: Database<'static, Bytes, Bytes>,
+    idem: Database<'static, Bytes, Bytes>,
     map_size: usize,
     /// An operation on this environment failed in a way that leaves it
     /// unusable (see [`StoreError::poisons`]): the next operation retires it
@@ -421,19 +431,21 @@ fn open_env(path: &Path, options: &StoreOptions) -> Result<(Handle, usize), Stor
     }
 
     let wtxn = env.write_txn().map_err(open_err)?;
-    let (meta, snapshots, by_vm, maps) = env
+    let (meta, snapshots, by_vm, maps, idem) = env
         .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
             let meta = dbo.create_database::<Str, Bytes>(wtxn, Some("meta"))?;
             let snapshots = dbo.create_database::<Bytes, Bytes>(wtxn, Some("snapshots"))?;
             let by_vm = dbo.create_database::<Bytes, Bytes>(wtxn, Some("by_vm"))?;
             let maps = dbo.create_database::<Bytes, Bytes>(wtxn, Some("maps"))?;
+            // Added beside schema 1 without a bump: older builds ignore it.
+            let idem = dbo.create_database::<Bytes, Bytes>(wtxn, Some("idempotency"))?;
             // Schema: new databases get ours; older ones would be
             // migrated here; newer ones were refused above.
             if meta.get(wtxn, KEY_SCHEMA)?.is_none() {
                 meta.put(wtxn, KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
             }
             Ok(CommitOrAbort::<_, ()>::Commit((
-                meta, snapshots, by_vm, maps,
+                meta, snapshots, by_vm, maps, idem,
             )))
         })
         .map_err(|source| match source {
@@ -453,6 +465,7 @@ fn open_env(path: &Path, options: &StoreOptions) -> Result<(Handle, usize), Stor
             snapshots,
             by_vm,
             maps,
+            idem,
             map_size,
             poisoned: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
@@ -736,6 +749,24 @@ impl Store {
         record: &mut SnapshotRecord,
         maps: &[ExtentMap],
     ) -> Result<u64, StoreError> {
+        self.insert_keyed(record, maps, None)
+    }
+
+    /// [`Store::insert`], recording in the same transaction that the
+    /// idempotency key `key` (of `record.vm`) made this snapshot: a commit
+    /// has both or neither. Keys older than [`IDEMPOTENCY_WINDOW`] are
+    /// dropped in passing.
+    pub fn insert_keyed(
+        &self,
+        record: &mut SnapshotRecord,
+        maps: &[ExtentMap],
+        key: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        if let Some(k) = key {
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(StoreError::BadIdempotencyKey { len: k.len() });
+            }
+        }
         if record.disks.len() != maps.len() {
             return Err(StoreError::MapCount {
                 disks: record.disks.len(),
@@ -783,11 +814,49 @@ impl Store {
                     .put(wtxn, &codec::map_key(&id, i as u32), m)
                     .map_err(|e| h.write_err("write extent map", e))?;
             }
+            if let Some(k) = key {
+                h.drop_expired_keys(wtxn, staged.created_at_ns)?;
+                let mut v = Vec::with_capacity(codec::ID_LEN + 8);
+                v.extend_from_slice(&id);
+                v.extend_from_slice(&staged.created_at_ns.to_be_bytes());
+                h.idem
+                    .put(wtxn, &idem_key(&staged.vm, k), &v)
+                    .map_err(|e| h.write_err("write idempotency key", e))?;
+            }
             Ok(seq)
         })?;
         // Only a committed record gets its sequence number.
         record.seq = seq;
         Ok(seq)
+    }
+
+    /// The snapshot id the idempotency key `key` of `vm` made less than
+    /// [`IDEMPOTENCY_WINDOW`] before `now_ns`, if any (its snapshot may
+    /// have been deleted since: the caller checks).
+    pub fn idempotent(
+        &self,
+        vm: &str,
+        key: &str,
+        now_ns: u64,
+    ) -> Result<Option<String>, StoreError> {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || vm.len() > MAX_VM_NAME {
+            return Ok(None);
+        }
+        self.with(|h| {
+            let txn = h.read_txn()?;
+            let Some(raw) = h
+                .idem
+                .get(&txn, &idem_key(vm, key))
+                .map_err(|e| lmdb("read idempotency key", e))?
+            else {
+                return Ok(None);
+            };
+            let (id, at) = decode_idem(raw)?;
+            if now_ns.saturating_sub(at) > IDEMPOTENCY_WINDOW.as_nanos() as u64 {
+                return Ok(None);
+            }
+            Ok(Some(Uuid::from_bytes(id).to_string()))
+        })
     }
 
     /// The record of snapshot `id`, if there is one. An id that is not a
@@ -933,6 +1002,30 @@ impl Store {
 }
 
 impl Handle {
+    /// Drops the idempotency keys older than the window (a few per day:
+    /// the scan is short).
+    fn drop_expired_keys(&self, wtxn: &mut heed::RwTxn<'_>, now_ns: u64) -> Result<(), StoreError> {
+        let window = IDEMPOTENCY_WINDOW.as_nanos() as u64;
+        let mut expired = Vec::new();
+        for entry in self
+            .idem
+            .iter(wtxn)
+            .map_err(|e| lmdb("scan idempotency keys", e))?
+        {
+            let (k, v) = entry.map_err(|e| lmdb("scan idempotency keys", e))?;
+            let (_, at) = decode_idem(v)?;
+            if now_ns.saturating_sub(at) > window {
+                expired.push(k.to_vec());
+            }
+        }
+        for k in expired {
+            self.idem
+                .delete(wtxn, &k)
+                .map_err(|e| self.write_err("drop idempotency key", e))?;
+        }
+        Ok(())
+    }
+
     fn check_fatal(&self, step: &'static str) -> Result<(), StoreError> {
         if self.fatal.load(Ordering::Acquire) {
             return Err(lmdb(step, heed::Error::Mdb(MdbError::Panic)));
@@ -983,6 +1076,28 @@ impl Handle {
                 source,
             })
     }
+}
+
+/// `u16 len, vm, key`: keys are per VM.
+fn idem_key(vm: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + vm.len() + key.len());
+    k.extend_from_slice(&(vm.len() as u16).to_be_bytes());
+    k.extend_from_slice(vm.as_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// `id (16 bytes), created_at_ns (u64 big endian)`.
+fn decode_idem(raw: &[u8]) -> Result<([u8; codec::ID_LEN], u64), StoreError> {
+    let bad = || StoreError::Corrupt {
+        what: "idempotency entry",
+    };
+    if raw.len() != codec::ID_LEN + 8 {
+        return Err(bad());
+    }
+    let id: [u8; codec::ID_LEN] = raw[..codec::ID_LEN].try_into().map_err(|_| bad())?;
+    let at = u64::from_be_bytes(raw[codec::ID_LEN..].try_into().map_err(|_| bad())?);
+    Ok((id, at))
 }
 
 fn lmdb(step: &'static str, source: heed::Error) -> StoreError {

@@ -268,3 +268,47 @@ fn repeated_failures_back_off_but_boundedly() {
     assert_eq!(backoff(3), Duration::from_millis(200));
     assert_eq!(backoff(40), MAX_BACKOFF);
 }
+
+#[test]
+fn idempotency_keys_map_to_their_snapshot_within_the_window() {
+    let dir = TempDir::new("idem");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    let mut r = record("vm", 1);
+    r.created_at_ns = 1_000;
+    store
+        .insert_keyed(&mut r, &[map(2, 1)], Some("k1"))
+        .unwrap();
+    assert_eq!(
+        store.idempotent("vm", "k1", 2_000).unwrap(),
+        Some(r.id.clone())
+    );
+    // Per VM, per key, and only within the window.
+    assert_eq!(store.idempotent("other", "k1", 2_000).unwrap(), None);
+    assert_eq!(store.idempotent("vm", "k2", 2_000).unwrap(), None);
+    let late = 1_000 + IDEMPOTENCY_WINDOW.as_nanos() as u64 + 1;
+    assert_eq!(store.idempotent("vm", "k1", late).unwrap(), None);
+    // A later keyed insert drops the expired key.
+    let mut r2 = record("vm", 1);
+    r2.created_at_ns = late;
+    store
+        .insert_keyed(&mut r2, &[map(2, 2)], Some("k2"))
+        .unwrap();
+    assert_eq!(store.idempotent("vm", "k1", 2_000).unwrap(), None);
+    assert_eq!(
+        store.idempotent("vm", "k2", late).unwrap(),
+        Some(r2.id.clone())
+    );
+    // Bad keys are refused and nothing is written.
+    let mut r3 = record("vm", 1);
+    let long = "x".repeat(MAX_IDEMPOTENCY_KEY + 1);
+    for k in ["", long.as_str()] {
+        let err = store
+            .insert_keyed(&mut r3, &[map(1, 3)], Some(k))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadIdempotencyKey { .. }),
+            "{err:?}"
+        );
+    }
+    assert_eq!(store.get(&r3.id).unwrap(), None);
+}

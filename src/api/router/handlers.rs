@@ -95,9 +95,19 @@ where
         }
         Handler::CreateSnapshot => {
             let vm = p(0);
-            let snap = timed(state, "create", move || be.create_snapshot(&vm)).await?;
-            tracing::info!(vm = %snap.vm_id, snapshot = %snap.id, "snapshot created");
-            ok(json_response(StatusCode::OK, &snap))
+            let key = idempotency_key(req.headers())?;
+            let (snap, replayed) = timed(state, "create", move || match key {
+                Some(k) => be.create_snapshot_keyed(&vm, &k),
+                None => be.create_snapshot(&vm).map(|s| (s, false)),
+            })
+            .await?;
+            tracing::info!(vm = %snap.vm_id, snapshot = %snap.id, replayed, "snapshot created");
+            let mut r = json_response(StatusCode::OK, &snap);
+            if replayed {
+                r.headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED, http::HeaderValue::from_static("true"));
+            }
+            ok(r)
         }
         Handler::PurgeSnapshots => {
             let vm = p(0);
@@ -191,4 +201,25 @@ fn snapshot_disk(
     let (file, size) = be.open_disk(vm, snap, disk)?;
     let file = disk::open(engine, file, size, &format!("{vm}/{snap}/{disk}"))?;
     Ok((d, file))
+}
+
+/// Header of a create's answer that replays an earlier create with the same
+/// `Idempotency-Key`.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// `Idempotency-Key` of a create: absent is none; else 1 to 64 visible
+/// ASCII characters (a UUID is the usual), anything else 400.
+fn idempotency_key(h: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = h.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let max = crate::store::MAX_IDEMPOTENCY_KEY;
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= max && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {max} visible ASCII characters"
+        ))),
+    }
 }

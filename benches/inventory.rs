@@ -17,8 +17,8 @@ use std::process::Command;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
+use coriolis_ovm_exporter::ovm::agent_records::RepositoryRecord;
 use coriolis_ovm_exporter::ovm::bdb::HashDb;
-use coriolis_ovm_exporter::ovm::pickle::RepositoryRecord;
 use coriolis_ovm_exporter::ovm::{
     vmcfg, Inventory, InventoryConfig, InventorySource, NodeInventory,
 };

@@ -14,8 +14,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use coriolis_ovm_exporter::ovm::agent_records::{RecordError, RepositoryRecord};
 use coriolis_ovm_exporter::ovm::bdb::{BdbError, HashDb};
-use coriolis_ovm_exporter::ovm::pickle::{self, PickleError, RecordError, RepositoryRecord};
+use coriolis_ovm_exporter::ovm::pickle::{self, PickleError};
 use coriolis_ovm_exporter::ovm::{
     self, Inventory, InventoryConfig, InventoryError, InventorySource, NodeInventory,
 };

@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::agent_records::RepositoryRecord;
 use super::bdb::HashDb;
 use super::config::{InventoryConfig, InventorySource, StaticRepository, StaticVm};
 use super::model::{Disk, Repository, RepositoryStatus, Vm};
-use super::pickle::{bytes_to_text, RepositoryRecord};
+use super::pickle::bytes_to_text;
 use super::probe::{probe_clone, CloneProbe};
 use super::vmcfg::{self, DiskSpec, DiskTarget, OvsMetaEntry, VmConfig, OVSMETA_VIRTUAL_DISK};
 use super::{read_bounded, Inventory, InventoryError, MAX_DB_FILE, REPOSITORY_DB};

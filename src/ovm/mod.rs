@@ -1,6 +1,7 @@
 //! The node inventory: repositories, VMs and their disks.
 //!
-//! Read from ovs-agent's Berkeley DB files ([`bdb`], [`pickle`]), `vm.cfg`
+//! Read from ovs-agent's Berkeley DB files ([`bdb`], [`pickle`],
+//! [`agent_records`]), `vm.cfg`
 //! and `.ovsmeta` ([`vmcfg`]) on an Oracle VM Server, or from the static
 //! inventory of the config ([`config`]) elsewhere. Whether a repository can
 //! clone is probed ([`probe`]), not guessed. Everything here reads untrusted
@@ -11,6 +12,7 @@
 //! coming from requests are looked up in the listing, never joined into a
 //! path.
 
+pub mod agent_records;
 pub mod bdb;
 pub mod config;
 mod inventory;
@@ -60,7 +62,7 @@ pub enum InventoryError {
         path: PathBuf,
         key: String,
         #[source]
-        source: pickle::RecordError,
+        source: agent_records::RecordError,
     },
 }
 
@@ -148,11 +150,12 @@ pub fn manager_ip(db_dir: &Path) -> Result<Option<String>, InventoryError> {
     else {
         return Ok(None);
     };
-    let ip = pickle::manager_ip_from_pickle(&value).map_err(|source| InventoryError::Record {
-        path,
-        key: "manager_ip".into(),
-        source,
-    })?;
+    let ip =
+        agent_records::manager_ip_from_pickle(&value).map_err(|source| InventoryError::Record {
+            path,
+            key: "manager_ip".into(),
+            source,
+        })?;
     let ip = ip.trim();
     Ok((!ip.is_empty()).then(|| ip.to_owned()))
 }

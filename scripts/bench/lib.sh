@@ -29,8 +29,6 @@ CIPHER=(--fail --http1.1 --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
 REPORT='%{http_code} %{size_download}\n'
 
 VM=bench-vm
-# The example config's user: password "change-me".
-USER_HASH='$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg'
 
 log() { echo "# $*" >&2; }
 
@@ -86,10 +84,21 @@ make_disk() {
 	echo "$f"
 }
 
+# The bench user's password and its Argon2id hash, made once per run with
+# the argon2 CLI (Debian package, installed when missing): the example
+# config's hash is public and the service refuses it.
+bench_user() {
+	[ -n "${USER_HASH:-}" ] && return
+	command -v argon2 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q argon2 >/dev/null
+	USER_PASS=$(openssl rand -hex 16)
+	USER_HASH=$(printf %s "$USER_PASS" | argon2 "$(openssl rand -hex 8)" -id -t 1 -m 12 -p 1 -e)
+}
+
 # Starts the exporter serving disk $1 with extra [io] lines $2; sets EXP_PID.
 start_exporter() {
 	local disk=$1 io=${2:-}
 	stop_exporter
+	bench_user
 	mkdir -p "$BENCH_DIR/exp"
 	cat >"$BENCH_DIR/exp/config.toml" <<CONF
 db_file = "$BENCH_DIR/fs/exporter.db"
@@ -125,7 +134,7 @@ CONF
 		curl -s --cacert "$BENCH_DIR/ca.pem" "https://localhost:$EXP_PORT/api/v1/health" >/dev/null && break
 		sleep 0.1
 	done
-	TOKEN=$(curl -s --cacert "$BENCH_DIR/ca.pem" -d '{"username":"bench","password":"change-me"}' \
+	TOKEN=$(curl -s --cacert "$BENCH_DIR/ca.pem" -d "{\"username\":\"bench\",\"password\":\"$USER_PASS\"}" \
 		"https://localhost:$EXP_PORT/api/v1/auth/login" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
 	[ -n "$TOKEN" ] || { cat "$BENCH_DIR/exp/stderr.log" "$BENCH_DIR/exp/exporter.log" >&2; exit 1; }
 }

@@ -664,6 +664,31 @@ fn concurrent_creates_deletes_and_diffs_of_one_vm() {
     assert_eq!((report.kept, report.actions.len()), (13, 0), "{report:?}");
 }
 
+/// #11: the per-VM locks live only while used: deletes for any ids (VMs
+/// that do not exist included) leave no entry behind.
+#[test]
+fn deletes_of_unknown_ids_leave_no_lock_entries() {
+    let s = Arc::new(Setup::new(Fs::Xfs, "snap-locks"));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    let vm = format!("no-such-vm-{}", i % 50 + t);
+                    s.mgr
+                        .delete(&vm, "00000000-0000-0000-0000-000000000000")
+                        .unwrap();
+                    let _ = s.mgr.purge(&vm);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(s.mgr.vm_lock_entries(), 0);
+}
+
 #[test]
 fn a_full_map_fails_creates_cleanly_and_reads_keep_working() {
     let s = Setup::with_config(

@@ -38,10 +38,12 @@ pub const DEFAULT_CHECKSUM_BLOCK: u64 = 4 << 20;
 pub const MIN_CHECKSUM_BLOCK: u64 = 64 << 10;
 /// Largest checksum block (ENDPOINTS.md): 64 MiB.
 pub const MAX_CHECKSUM_BLOCK: u64 = 64 << 20;
-/// Most blocks in one checksum answer: bounds the answer (about 11 bytes of
-/// JSON per block, so under 50 MiB) for any disk size; a bigger disk must
-/// ask for bigger blocks.
-pub const MAX_CHECKSUM_BLOCKS: u64 = 1 << 22;
+/// Most blocks in one checksum answer: bounds the answer for any disk size
+/// to under 3 MiB of JSON (at most 11 bytes per block) and its working
+/// memory to 12 bytes per block; a bigger disk must ask for bigger blocks
+/// (the 400 names the smallest it may ask for). With 64 MiB blocks that
+/// covers disks up to 16 TiB.
+pub const MAX_CHECKSUM_BLOCKS: u64 = 1 << 18;
 /// Zeros hashed per step when computing the CRC of a hole block.
 const ZERO_CHUNK: usize = 64 << 10;
 static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
@@ -201,6 +203,28 @@ pub fn checksum_block(param: Option<&str>) -> Result<u64, ApiError> {
     }
 }
 
+/// The 400's text when a disk has more than [`MAX_CHECKSUM_BLOCKS`] blocks
+/// of `block` bytes: the smallest block size that fits, or that none does.
+fn too_many_blocks(size: u64, block: u64) -> String {
+    let blocks = size.div_ceil(block);
+    let need = size
+        .div_ceil(MAX_CHECKSUM_BLOCKS)
+        .next_power_of_two()
+        .max(MIN_CHECKSUM_BLOCK);
+    if need <= MAX_CHECKSUM_BLOCK {
+        format!(
+            "{blocks} blocks of {block} bytes: at most {MAX_CHECKSUM_BLOCKS} per answer; \
+             the smallest blockSize for this {size}-byte disk is {need}"
+        )
+    } else {
+        format!(
+            "{blocks} blocks of {block} bytes: at most {MAX_CHECKSUM_BLOCKS} per answer, and \
+             this {size}-byte disk has more even with the largest blockSize \
+             ({MAX_CHECKSUM_BLOCK}); checksum it in ranges with the disk route instead"
+        )
+    }
+}
+
 /// CRC-32 of `len` zero bytes, without reading anything.
 fn zero_crc(len: u64) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -238,10 +262,7 @@ pub async fn checksums(
     let size = disk.size();
     let blocks = size.div_ceil(block);
     if blocks > MAX_CHECKSUM_BLOCKS {
-        return Err(ApiError::BadRequest(format!(
-            "{blocks} blocks of {block} bytes: at most {MAX_CHECKSUM_BLOCKS} per answer, \
-             ask for a bigger blockSize"
-        )));
+        return Err(ApiError::BadRequest(too_many_blocks(size, block)));
     }
     let block_len = |i: u64| block.min(size - i * block);
     let runs = data_block_runs(data, block);
@@ -316,6 +337,21 @@ mod tests {
             let v = vec![0u8; len as usize];
             assert_eq!(zero_crc(len), crc32fast::hash(&v), "{len}");
         }
+    }
+
+    #[test]
+    fn too_many_blocks_names_the_smallest_block_that_fits() {
+        let tib = 1u64 << 40;
+        let m = too_many_blocks(tib, 1 << 20);
+        assert!(
+            m.contains("smallest blockSize") && m.contains("4194304"),
+            "{m}"
+        );
+        assert_eq!(tib.div_ceil(4 << 20), MAX_CHECKSUM_BLOCKS);
+        let m = too_many_blocks(tib + 1, 4 << 20);
+        assert!(m.contains("8388608"), "{m}");
+        let m = too_many_blocks(32 * tib, 64 << 20);
+        assert!(m.contains("largest blockSize"), "{m}");
     }
 
     #[test]

@@ -198,6 +198,32 @@ struct Folder {
     dir: OwnedFd,
 }
 
+/// A handle on one VM's lock (see `Manager::vm_mutex`): lock it with
+/// [`VmLock::lock`]; dropped after its guard, it removes the VM's entry when
+/// nobody else has it.
+struct VmLock<'a> {
+    locks: &'a Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    vm: String,
+    mutex: Arc<Mutex<()>>,
+}
+
+impl VmLock<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.mutex.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for VmLock<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Clones are only made under the map's lock: 2 (the map's and
+        // ours) means nobody else holds or waits for it.
+        if Arc::strong_count(&self.mutex) == 2 {
+            map.remove(&self.vm);
+        }
+    }
+}
+
 /// The snapshot manager. `Send + Sync`; every method blocks.
 pub struct Manager {
     store: Store,
@@ -311,9 +337,24 @@ impl Manager {
         &self.owner
     }
 
-    fn vm_mutex(&self, vm: &str) -> Arc<Mutex<()>> {
+    /// The lock that serializes create, delete and purge of one VM. Its
+    /// entry in `vm_locks` lives only while someone holds or waits for it,
+    /// so ids sent to DELETE for VMs that do not exist leave nothing behind.
+    fn vm_mutex(&self, vm: &str) -> VmLock<'_> {
         let mut map = self.vm_locks.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(vm.to_owned()).or_default().clone()
+        VmLock {
+            locks: &self.vm_locks,
+            vm: vm.to_owned(),
+            mutex: map.entry(vm.to_owned()).or_default().clone(),
+        }
+    }
+
+    /// VMs with a lock entry now (tests: entries must not accumulate).
+    pub fn vm_lock_entries(&self) -> usize {
+        self.vm_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     fn lookup_vm(&self, name: &str) -> Result<Option<Vm>, SnapshotError> {
@@ -343,7 +384,7 @@ impl Manager {
         })?;
         let plan = plan_disks(&vm)?;
         let m = self.vm_mutex(&vm.name);
-        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = m.lock();
         if let Some(k) = key {
             // Under the VM's lock: no create or delete of it runs now.
             if let Some(id) = self.store.idempotent(&vm.name, k, now_ns())? {
@@ -629,7 +670,7 @@ impl Manager {
     pub fn delete(&self, vm: &str, snap: &str) -> Result<(), SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
         let m = self.vm_mutex(vm);
-        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = m.lock();
         let Some(rec) = self.store.get(snap)? else {
             return Ok(());
         };
@@ -645,7 +686,7 @@ impl Manager {
     pub fn purge(&self, vm: &str) -> Result<usize, SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
         let m = self.vm_mutex(vm);
-        let _one_at_a_time = m.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = m.lock();
         let recs = self.records_of_known_vm(vm)?;
         for r in &recs {
             self.delete_record(r)?;

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,10 +19,13 @@ use super::backend::ReadBackend;
 use super::buffer::BufferPool;
 use super::config::{BackendChoice, BackendKind, IoConfig};
 use super::error::IoError;
+use super::file::{DiskFile, FileInner};
 use super::framing::{Framing, Plain};
+use super::inflight::fit;
 use super::planner::Planner;
 use super::prefetch::{FileKey, Parking, PrefetchStats};
-use super::producer::{fit, Out, Producer, Sequence};
+use super::producer::{Out, Producer, Sequence};
+use super::shared::EngineInner;
 use super::{threads, uring};
 use crate::error::chain as error_chain;
 
@@ -30,68 +33,10 @@ use crate::error::chain as error_chain;
 /// bounded by the stream permits, this only bounds message count.
 pub(super) const CHANNEL_SLOTS: usize = 64;
 
-/// An open disk file, ready for streams. Cheap to clone.
-#[derive(Clone)]
-pub struct DiskFile {
-    pub(super) inner: Arc<FileInner>,
-}
-
-pub(super) struct FileInner {
-    pub(super) path: PathBuf,
-    pub(super) size: u64,
-    pub(super) key: FileKey,
-    pub(super) buffered: Arc<File>,
-    /// The `O_DIRECT` descriptor, when the open accepted it.
-    pub(super) direct: Option<Arc<File>>,
-    /// Cleared for good when a direct read fails with `EINVAL`.
-    pub(super) use_direct: AtomicBool,
-}
-
-impl DiskFile {
-    /// Size in bytes when opened.
-    pub fn size(&self) -> u64 {
-        self.inner.size
-    }
-
-    /// Whether reads currently go through `O_DIRECT`.
-    pub fn is_direct(&self) -> bool {
-        self.inner.direct.is_some() && self.inner.use_direct.load(Ordering::Relaxed)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    pub(super) fn reader(&self) -> (Arc<File>, bool) {
-        match &self.inner.direct {
-            Some(d) if self.inner.use_direct.load(Ordering::Relaxed) => (Arc::clone(d), true),
-            _ => (Arc::clone(&self.inner.buffered), false),
-        }
-    }
-
-    pub(super) fn give_up_direct(&self, err: &std::io::Error) {
-        if self.inner.use_direct.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                path = %self.inner.path.display(),
-                error = %err,
-                "O_DIRECT read refused; this file falls back to buffered reads"
-            );
-        }
-    }
-}
-
 /// The io core. Cheap to clone; every clone shares the backend and pool.
 #[derive(Clone)]
 pub struct IoEngine {
     inner: Arc<EngineInner>,
-}
-
-pub(super) struct EngineInner {
-    pub(super) backend: Box<dyn ReadBackend>,
-    pub(super) pool: BufferPool,
-    pub(super) cfg: IoConfig,
-    /// Reads started ahead of the request that will want them.
-    pub(super) parking: Parking,
 }
 
 impl IoEngine {

@@ -48,10 +48,13 @@ pub mod buffer;
 pub mod config;
 pub mod engine;
 pub mod error;
+mod file;
 pub mod framing;
+mod inflight;
 mod planner;
 pub mod prefetch;
 mod producer;
+mod shared;
 pub mod threads;
 pub mod uring;
 
@@ -60,6 +63,7 @@ pub use config::{
     BackendChoice, BackendKind, IoConfig, DEFAULT_BUFFER_SIZE, DEFAULT_POOL_BUFFERS,
     DEFAULT_READ_AHEAD, DEFAULT_RINGS, DEFAULT_RING_ENTRIES, DEFAULT_THREADS, MAX_BUFFER_SIZE,
 };
-pub use engine::{DiskFile, IoEngine, ReadStream};
+pub use engine::{IoEngine, ReadStream};
 pub use error::IoError;
+pub use file::DiskFile;
 pub use framing::Framing;

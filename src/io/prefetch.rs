@@ -23,7 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::producer::InFlight;
+use super::inflight::InFlight;
 
 /// How long parked reads wait for the request that continues them.
 pub const PARK_TTL: Duration = Duration::from_secs(5);

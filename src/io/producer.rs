@@ -4,19 +4,19 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::backend::{Batch, BatchDone};
 use super::buffer::PooledBuf;
-use super::engine::DiskFile;
-use super::engine::EngineInner;
 use super::error::IoError;
+use super::file::DiskFile;
 use super::framing::Framing;
+use super::inflight::InFlight;
 use super::planner::{Plan, Planner};
+use super::shared::EngineInner;
 use crate::error::chain as error_chain;
 
 /// Frames at most this long are copied into a shared frame with their
@@ -88,45 +88,6 @@ pub(super) struct Sequence {
     /// Whether this range continued an earlier one: only then are reads
     /// started for the next (a first request parks only a marker).
     pub(super) continues: bool,
-}
-
-pub(super) struct InFlight {
-    pub(super) plan: Plan,
-    pub(super) rx: oneshot::Receiver<BatchDone>,
-    pub(super) direct: bool,
-    /// The stream permit of a read started before its stream existed
-    /// (parked by [`prefetch`]), tied to the buffer when the read completes.
-    pub(super) permit: Option<OwnedSemaphorePermit>,
-}
-
-/// Fits reads parked at `range.start` to `range`: drops the pieces (and
-/// whole reads) past its end, cuts the one across it, and keeps reads only
-/// while they cover the range contiguously from its start.
-pub(super) fn fit(jobs: VecDeque<InFlight>, range: Range<u64>) -> VecDeque<InFlight> {
-    let mut kept = VecDeque::new();
-    let mut covered = range.start;
-    for mut job in jobs {
-        if covered >= range.end {
-            break; // dropped: its buffer returns to the pool when read
-        }
-        let pieces = &mut job.plan.pieces;
-        pieces.retain(|p| p.file_end - (p.len as u64) < range.end);
-        for p in pieces.iter_mut() {
-            if p.file_end > range.end {
-                p.len -= (p.file_end - range.end) as usize;
-                p.file_end = range.end;
-            }
-        }
-        match pieces.last() {
-            // Parked reads are planned from `range.start` on, contiguous.
-            Some(last) if pieces[0].file_end - pieces[0].len as u64 == covered => {
-                covered = last.file_end;
-                kept.push_back(job);
-            }
-            _ => break,
-        }
-    }
-    kept
 }
 
 impl Producer {

@@ -142,7 +142,7 @@ mod tests {
 
     use super::*;
     use crate::client::download::fetch::Tracker;
-    use crate::client::download::run::{Options, Transport};
+    use crate::client::download::options::{Options, Transport};
     use crate::client::http::{Api, TlsOptions};
     use crate::client::progress::Progress;
     use crate::client::ranges::RangeSet;

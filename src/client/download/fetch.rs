@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::run::{Options, TICK};
+use super::options::{Options, TICK};
 use crate::client::error::{ClientError, Result};
 use crate::client::http::Api;
 use crate::client::progress::Progress;

@@ -19,8 +19,10 @@
 
 mod apply;
 mod fetch;
+mod options;
 mod plan;
 mod run;
 
 pub use fetch::PIECE_LEN;
-pub use run::{download, DiskReport, Options, Report, Transport};
+pub use options::{Options, Transport};
+pub use run::{download, DiskReport, Report};

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::run::{Options, Transport};
+use super::options::{Options, Transport};
 use crate::client::error::{ClientError, Result};
 use crate::client::http::{paths, seg, Api};
 use crate::client::ranges::RangeSet;

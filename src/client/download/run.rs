@@ -2,46 +2,20 @@
 //! bytes (stream or ranges), checkpoint, verify, and report.
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use super::apply::{apply_ranges, apply_stream, StreamOutcome};
 use super::fetch::{monitored, Ctx, Tracker};
+use super::options::{Options, Transport};
 use super::plan::{minus, plan_full, plan_incremental, Plan};
 use crate::client::error::{ClientError, Result};
 use crate::client::http::Api;
 use crate::client::progress::Progress;
 use crate::client::replica::Replica;
 use crate::client::verify::VerifyOutcome;
-
-/// How the bytes of an incremental are fetched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
-    /// Incremental stream when the server has it, else ranges; full copies
-    /// by ranges.
-    Auto,
-    /// Always the incremental stream (also for full copies); fail without.
-    Stream,
-    /// Always `Range` requests.
-    Ranges,
-}
-
-/// What `download` was asked to do.
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub vm: String,
-    pub snap: String,
-    pub out: PathBuf,
-    pub diff_from: Option<String>,
-    pub jobs: usize,
-    pub disks: Vec<String>,
-    pub transport: Transport,
-    pub limit_rate: Option<u64>,
-    pub progress: bool,
-}
 
 /// What happened to one disk.
 #[derive(Clone, Debug, Serialize)]
@@ -80,9 +54,6 @@ pub struct Report {
 
 /// Mode of an output folder the client creates.
 pub(super) const OUT_DIR_MODE: u32 = 0o700;
-
-/// Progress redraw interval.
-pub(super) const TICK: Duration = Duration::from_millis(200);
 
 pub(super) fn run_plan(
     api: &Api,

@@ -13,7 +13,10 @@ use std::path::Path;
 use bytes::Bytes;
 use coriolis_ovm_exporter::wire::stream::{Decoder, Event};
 
-use crate::common::{http_request, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS, LOCAL_USER};
+use crate::common::{
+    drop_cache, http_request, resident_bytes, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS,
+    LOCAL_USER,
+};
 
 /// Not a multiple of 4096, so the tail read under `O_DIRECT` is checked.
 const SIZE: u64 = (24 << 20) + 12_345;
@@ -181,7 +184,7 @@ fn run(fs: Fs, backend: &str) {
             v["disks"][0]["path"].as_str().unwrap().to_owned(),
         )
     };
-    let (snap1, name, _) = create();
+    let (snap1, name, path1) = create();
     let v1 = std::fs::read(&disk).unwrap();
     // Changes: scattered 4 KiB writes, a write into a hole, a punched hole
     // where data was (a zeroed range).
@@ -203,10 +206,19 @@ fn run(fs: Fs, backend: &str) {
     assert_ne!(v1, v2);
     let disk_url = |snap: &str| format!("{snaps}/{snap}/disks/{name}");
 
-    // Whole files, both snapshots.
+    // Whole files, both snapshots. The first read through the server (with
+    // the default O_DIRECT) leaves the snapshot file out of the page cache:
+    // an export does not evict the VMs' cache.
+    drop_cache(Path::new(&path1));
+    assert!(resident_bytes(Path::new(&path1)) < 1 << 20, "cache dropped");
     let w1 = get(&ex, &disk_url(&snap1), &token, &[]);
     assert_eq!(w1.status, 200, "{}", w1.text());
     assert!(w1.body == v1, "snapshot 1 bytes differ");
+    let cached = resident_bytes(Path::new(&path1));
+    assert!(
+        cached < 1 << 20,
+        "streaming {SIZE} bytes through the server left {cached} bytes in the page cache"
+    );
     let w2 = get(&ex, &disk_url(&snap2), &token, &[]);
     assert!(w2.body == v2, "snapshot 2 bytes differ");
 

@@ -3,8 +3,9 @@
 //! rcgen), a local user, and the real client binary as a separate process:
 //! full copy, disk changes (writes, hole punches, growth, shrinking),
 //! incremental onto the copy by the stream or by ranges, an interrupted
-//! download resumed, `--verify`, exit codes, the token cache; and the demo
-//! command started, used and stopped.
+//! download resumed (client killed, or server lost), `--verify` (and
+//! against a server without the checksums endpoint), exit codes, the token
+//! cache; and the demo command started, used and stopped.
 
 use std::collections::HashMap;
 use std::fs;
@@ -40,6 +41,7 @@ fn toml_path(p: &Path) -> String {
 /// A server with its own config, certificate, user and repository.
 struct Server {
     child: Child,
+    config: PathBuf,
     url: String,
     ca: PathBuf,
     password: String,
@@ -79,15 +81,9 @@ impl Server {
         )
         .unwrap();
         let log = dir.join("server.log");
-        let child = Command::new(BIN)
-            .arg("-config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
         let s = Server {
-            child,
+            child: Self::spawn(&config, &log),
+            config,
             url: format!("https://127.0.0.1:{port}"),
             ca,
             password,
@@ -95,6 +91,38 @@ impl Server {
         };
         s.wait_healthy();
         s
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Child {
+        Command::new(BIN)
+            .arg("-config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    }
+
+    /// Kills the server (SIGKILL: every connection is lost at once).
+    fn kill(&mut self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the server again with the same config (port, database).
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log);
+        self.wait_healthy();
     }
 
     fn wait_healthy(&self) {
@@ -126,6 +154,131 @@ impl Drop for Server {
             rustix::process::Signal::TERM,
         );
         let _ = self.child.wait();
+    }
+}
+
+/// An HTTPS front of a [`Server`] standing in for a server without the
+/// checksums endpoint (the old service): every `.../checksums` path answers
+/// 404 with the API's error body, everything else is passed through, one
+/// request per connection (`Connection: close`). Counts the 404s it made.
+struct NoChecksums {
+    url: String,
+    hidden: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl NoChecksums {
+    fn start(server: &Server, dir: &Path) -> NoChecksums {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("srv-pub.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(dir.join("srv-key.pem")).unwrap();
+        let front = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs.clone(), key)
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certs[0].clone()).unwrap();
+        let back = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let upstream = server.url.trim_start_matches("https://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let hidden = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = hidden.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let (front, back, upstream, count) =
+                    (front.clone(), back.clone(), upstream.clone(), count.clone());
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(START_TIMEOUT));
+                    let conn = rustls::ServerConnection::new(front).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let Some(head) = crate::common::manager::read_head(&mut tls) else {
+                        return;
+                    };
+                    let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                    if path.split('?').next().unwrap().ends_with("/checksums")
+                        || path.split('?').next().unwrap().ends_with("/checksums/")
+                    {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let body = r#"{"error":"Not Found","details":"no such route"}"#;
+                        let _ = write!(
+                            tls,
+                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    } else {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        let mut body = vec![0u8; length];
+                        if tls.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let mut request: String = head
+                            .trim_end()
+                            .lines()
+                            .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                            .map(|l| format!("{l}\r\n"))
+                            .collect();
+                        request += "Connection: close\r\n\r\n";
+                        let tcp = std::net::TcpStream::connect(&upstream).unwrap();
+                        let name = ServerName::try_from("127.0.0.1").unwrap();
+                        let conn = rustls::ClientConnection::new(back, name).unwrap();
+                        let mut up = rustls::StreamOwned::new(conn, tcp);
+                        if up.write_all(request.as_bytes()).is_err() || up.write_all(&body).is_err()
+                        {
+                            return;
+                        }
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            match up.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if tls.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let _ = tls.flush();
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        NoChecksums { url, hidden }
+    }
+
+    fn hidden(&self) -> usize {
+        self.hidden.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -675,6 +828,25 @@ fn e2e_on(fs_kind: Fs) {
         assert_eq!(dl.status.code(), Some(0));
     }
 
+    // A server without the checksums endpoint (the old service): --verify
+    // cannot check, says so and exits 1; the rest of the API works through
+    // the same front, so the 1 is the missing endpoint.
+    let old = NoChecksums::start(&server, &scratch.dir);
+    let mut via_old = Client::new(&server, &scratch.path("old-cache"));
+    via_old.env.insert("COE_URL", old.url.clone());
+    assert_eq!(via_old.json(&["vms", "list"]).as_array().unwrap().len(), 1);
+    for args in [
+        &["verify", VM, &s2_id, "--out", &out2_s][..],
+        &["download", VM, &s2_id, "--out", &out2_s, "--verify"],
+    ] {
+        let before = old.hidden();
+        let v = via_old.run(args);
+        let stderr = String::from_utf8_lossy(&v.stderr).into_owned();
+        assert_eq!(v.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("checksums"), "{args:?}: {stderr}");
+        assert!(old.hidden() > before, "{args:?} never asked for checksums");
+    }
+
     // Delete and purge.
     client.json(&["snapshots", "delete", VM, &s1_id]);
     let left = client.json(&["snapshots", "list", VM]);
@@ -697,6 +869,95 @@ fn client_copies_and_updates_replicas_on_xfs() {
 #[test]
 fn client_copies_and_updates_replicas_on_btrfs() {
     e2e_on(Fs::Btrfs);
+}
+
+/// README: a rerun after a lost connection fetches only what is missing.
+/// The server dies mid-download (every connection lost at once, nothing
+/// answers the retries): the client gives up with exit 1, its state file
+/// saying what it has; with the server back, the same command resumes.
+#[test]
+fn a_download_cut_by_a_lost_connection_resumes() {
+    let scratch = Fs::Xfs.scratch("e2e-lost");
+    let mut rng = fastrand::Rng::with_seed(0x1057);
+    let repo = scratch.path("repo");
+    make_repo(&repo, &mut rng);
+    let mut server = Server::start(&scratch.dir, &repo, &mut rng);
+    let client = Client::new(&server, &scratch.path("cache"));
+    let snap = client.json(&["snapshots", "create", VM]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    let out = scratch.path("replica");
+    let out_s = out.display().to_string();
+    let mut child = client
+        .command(&[
+            "download",
+            VM,
+            &id,
+            "--out",
+            &out_s,
+            "--jobs",
+            "1",
+            "--limit-rate",
+            "2M",
+            "--disk",
+            DISK_A,
+            "--quiet",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = state_file(&out, DISK_A);
+    let t = Instant::now();
+    let progressed = || {
+        fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| !v["done"].as_array().unwrap().is_empty())
+    };
+    while !progressed() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rate-limited download ended before the connection was lost"
+        );
+        assert!(t.elapsed() < START_TIMEOUT, "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < START_TIMEOUT,
+            "the client never gave up on a dead server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lost = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&lost.stderr).into_owned();
+    assert_eq!(lost.status.code(), Some(1), "{stderr}");
+    let partial: Value = serde_json::from_slice(&fs::read(&state).unwrap()).unwrap();
+    assert_eq!(partial["complete"], false, "{partial}");
+    assert!(!partial["done"].as_array().unwrap().is_empty(), "{partial}");
+
+    server.restart();
+    let resumed = client.json(&["download", VM, &id, "--out", &out_s, "--disk", DISK_A]);
+    assert!(
+        resumed["disks"][0]["resumed"].as_bool().unwrap(),
+        "{resumed}"
+    );
+    let a_alloc: u64 = snap["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["name"] == DISK_A)
+        .flat_map(|d| d["chunks"].as_array().unwrap().iter())
+        .map(|c| c["length"].as_u64().unwrap())
+        .sum();
+    assert!(
+        resumed["bytes"].as_u64().unwrap() < a_alloc,
+        "the resumed download fetched everything again: {resumed}"
+    );
+    let want = fs::read(snapshot_paths(&snap)[DISK_A].clone()).unwrap();
+    assert_replica("resumed copy", &out.join(DISK_A), &want);
 }
 
 /// The client's help, with COE_PASSWORD set, names the variable but never

@@ -2,7 +2,6 @@
 //! backends (io_uring and the pread thread pool), with O_DIRECT on and off.
 
 use std::ops::Range;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use coriolis_ovm_exporter::io::{
 use coriolis_ovm_exporter::wire::range::{self, Multipart};
 use coriolis_ovm_exporter::wire::stream::{self, Change, ChangeKind, Event};
 
-use crate::common::{Fs, LogCapture};
+use crate::common::{drop_cache, resident_bytes, Fs, LogCapture};
 
 /// Both backends, O_DIRECT on and off.
 fn variants() -> Vec<(BackendChoice, bool)> {
@@ -407,22 +406,6 @@ async fn wait_until(cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("condition not reached in 60 s");
-}
-
-fn resident_bytes(path: &Path) -> u64 {
-    let out = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .expect("fincore (util-linux) is installed by scripts/deps.sh");
-    assert!(out.status.success(), "fincore: {:?}", out);
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn drop_cache(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

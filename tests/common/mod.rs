@@ -183,3 +183,22 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Bytes of `path` in the page cache (`fincore`, util-linux).
+pub fn resident_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) is installed by scripts/deps.sh");
+    assert!(out.status.success(), "fincore: {:?}", out);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Drops the page cache of `path` (after writing back its dirty pages).
+pub fn drop_cache(path: &Path) {
+    use std::os::fd::AsFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}

@@ -634,6 +634,27 @@ fn e2e_on(fs_kind: Fs) {
     let again = client.json(&["download", VM, &s1_id, "--out", &out_s]);
     assert_eq!(again["bytes"], 0);
     assert!(again["disks"][0]["up_to_date"].as_bool().unwrap());
+    // A full copy through the stream (format 2: zstd records over 3
+    // shards, zero blocks skipped) gives the same replicas.
+    let out_z = scratch.path("replica-zstd");
+    let out_z_s = out_z.display().to_string();
+    let z = client.json(&[
+        "download",
+        VM,
+        &s1_id,
+        "--out",
+        &out_z_s,
+        "--transport",
+        "stream",
+        "--compress",
+        "zstd",
+        "--jobs",
+        "3",
+    ]);
+    for d in z["disks"].as_array().unwrap() {
+        assert_eq!(d["transport"], "stream", "{z}");
+    }
+    assert_replicas(&out_z, &s1);
     // A second copy, to apply the incremental by ranges too.
     let out2 = scratch.path("replica-ranges");
     let out2_s = out2.display().to_string();

@@ -19,3 +19,4 @@ mod ocfs2_guest;
 mod ovm;
 mod snapshot;
 mod snapshot_crash;
+mod stream_wan;

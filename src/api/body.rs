@@ -1,8 +1,12 @@
 //! The response body type, and the access log written when it ends.
 //!
-//! A body is either fully in memory (JSON, metrics, errors) or an io core
-//! [`ReadStream`]
-//! (disk bytes, incremental streams). A stream that fails yields an error
+//! A body is either fully in memory (JSON, metrics, errors), an io core
+//! [`ReadStream`] of a known length (disk bytes, incremental streams of
+//! format version 1), or [`Chunked`]: frames of a length nobody knows ahead
+//! (format version 2, whose zero blocks and compression are found while
+//! reading), sent with HTTP/1.1 chunked encoding and ended by an explicit
+//! [`Chunk::End`], so a producer that dies is a broken body, never a short
+//! one. A stream that fails yields an error
 //! frame, so hyper aborts the connection instead of ending the body cleanly:
 //! the client sees a broken transfer, never a short file. Each body carries
 //! the request's [`AccessRecord`]; when hyper drops the body (sent, or the
@@ -17,6 +21,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
 use crate::io::ReadStream;
@@ -42,7 +47,20 @@ const MAX_LOGGED_TARGET: usize = 512;
 enum Kind {
     Full(Option<Bytes>),
     Stream { stream: ReadStream, remaining: u64 },
+    Chunked { rx: Chunked, ended: bool },
 }
+
+/// One message of a [`Chunked`] body's producer.
+pub enum Chunk {
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// The body is broken: the connection is aborted.
+    Fail(std::io::Error),
+}
+
+/// The receiving end of a body of unknown length.
+pub type Chunked = mpsc::Receiver<Chunk>;
 
 /// The body of every response.
 pub struct ApiBody {
@@ -71,6 +89,11 @@ impl ApiBody {
             stream,
             remaining: len,
         })
+    }
+
+    /// A body of unknown length: `rx`'s data until its [`Chunk::End`].
+    pub fn chunked(rx: Chunked) -> Self {
+        ApiBody::new(Kind::Chunked { rx, ended: false })
     }
 
     fn new(kind: Kind) -> Self {
@@ -137,6 +160,23 @@ impl Body for ApiBody {
                     }
                 }
             }
+            Kind::Chunked { ended: true, .. } => Poll::Ready(None),
+            Kind::Chunked { rx, ended } => match rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Chunk::Data(b))) => Poll::Ready(Some(Ok(b))),
+                Poll::Ready(Some(Chunk::End)) => {
+                    *ended = true;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Chunk::Fail(e))) => {
+                    tracing::warn!(error = %error_chain(&e), "disk stream failed: aborting the answer");
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "disk stream producer stopped before the end",
+                )))),
+            },
         };
         match polled {
             Poll::Ready(Some(Ok(b))) => {
@@ -156,6 +196,7 @@ impl Body for ApiBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Stream { remaining, .. } => *remaining == 0,
+            Kind::Chunked { ended, .. } => *ended,
         }
     }
 
@@ -163,6 +204,7 @@ impl Body for ApiBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream { remaining, .. } => SizeHint::with_exact(*remaining),
+            Kind::Chunked { .. } => SizeHint::default(),
         }
     }
 }

@@ -23,7 +23,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{error_chain, ApiBody};
-use super::framing::WireReads;
+use super::framing::{V2Options, WireReads};
 use super::{ApiError, BackendError};
 use crate::io::{DiskFile, IoEngine};
 use crate::wire::range::{self, Multipart};
@@ -158,16 +158,35 @@ pub fn data_ranges(d: &SnapshotDisk, size: u64) -> Vec<Range<u64>> {
 
 /// The incremental stream of one disk: `d` is the disk of the snapshot as
 /// `get_snapshot` answered it (with `compare_to` and `zeroed_separate`, or
-/// without for a full sparse copy).
+/// without for a full sparse copy). Format version 1 (a known length)
+/// unless `v2` (asked for by query parameters, [`stream_params`]).
 pub fn incremental(
     engine: &IoEngine,
     disk: &DiskFile,
     d: &SnapshotDisk,
+    v2: Option<V2Options>,
 ) -> Result<(Response<ApiBody>, bool), ApiError> {
     let size = disk.size();
     let data = data_ranges(d, size);
     let zeroed = d.zeroed_ranges(size);
     let changes = stream::plan_changes(&data, &zeroed);
+    if let Some(o) = v2 {
+        let (rx, span) = engine
+            .incremental_v2_body(disk, changes, o)
+            .map_err(|e| internal("starting the incremental stream", &e))?;
+        tracing::debug!(
+            start = span.start,
+            end = span.end,
+            ?o,
+            "incremental stream, format 2"
+        );
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, INCREMENTAL_CONTENT_TYPE)
+            .body(ApiBody::chunked(rx))
+            .map(|r| (r, true))
+            .map_err(|e| ApiError::Internal(format!("building the disk answer: {e}")));
+    }
     let len = stream::encoded_len(&changes);
     let body = engine
         .incremental(disk, changes)
@@ -176,6 +195,75 @@ pub fn incremental(
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, INCREMENTAL_CONTENT_TYPE);
     finish(b, len, Some(body))
+}
+
+/// The incremental stream's query parameters (docs/incremental-stream.md):
+/// `None` for format version 1 (nothing asked: today's bytes), else the
+/// version 2 options. `get` looks a parameter up. Any version 2 parameter
+/// asks for version 2; `version=1` with one of them is refused.
+pub fn stream_params(get: impl Fn(&str) -> Option<String>) -> Result<Option<V2Options>, ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    let num = |name: &str| -> Result<Option<u64>, ApiError> {
+        match get(name).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+                ApiError::BadRequest(format!("{name}={v:?}: expected a non-negative integer"))
+            }),
+        }
+    };
+    let version = num("version")?;
+    let compress = get("compress").filter(|v| !v.is_empty());
+    let level = num("level")?;
+    let (shard, shards, from) = (num("shard")?, num("shards")?, num("from")?);
+    let mut o = V2Options::default();
+    match compress.as_deref() {
+        None => {
+            if level.is_some() {
+                return bad("level: only with compress=zstd".into());
+            }
+        }
+        Some("zstd") => {
+            let l = level.map_or(Ok(stream::DEFAULT_ZSTD_LEVEL), |l| {
+                i32::try_from(l)
+                    .ok()
+                    .filter(|l| stream::ZSTD_LEVELS.contains(l))
+                    .ok_or(())
+            });
+            match l {
+                Ok(l) => o.zstd = Some(l),
+                Err(()) => {
+                    return bad(format!(
+                        "level={}: expected {} to {}",
+                        level.unwrap_or(0),
+                        stream::ZSTD_LEVELS.start(),
+                        stream::ZSTD_LEVELS.end()
+                    ))
+                }
+            }
+        }
+        Some(c) => return bad(format!("compress={c:?}: expected \"zstd\"")),
+    }
+    match (shard, shards) {
+        (None, None) => {}
+        (Some(i), Some(n)) if n >= 1 && n <= stream::MAX_SHARDS as u64 && i < n => {
+            o.shard = (n > 1).then_some((i as u32, n as u32));
+        }
+        _ => {
+            return bad(format!(
+                "shard and shards: both, with 0 <= shard < shards <= {}",
+                stream::MAX_SHARDS
+            ))
+        }
+    }
+    o.from = from;
+    let wants_v2 = o != V2Options::default() || shards.is_some();
+    match version {
+        None => Ok(wants_v2.then_some(o)),
+        Some(1) if !wants_v2 => Ok(None),
+        Some(2) => Ok(Some(o)),
+        Some(1) => bad("compress, shard and from need version 2".into()),
+        Some(v) => bad(format!("version={v}: expected 1 or 2")),
+    }
 }
 
 /// The checksums answer (ENDPOINTS.md).

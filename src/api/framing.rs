@@ -5,14 +5,33 @@
 //! module is where the two meet, so neither `io` nor `wire` knows the other.
 //!
 //! [`WireReads`] gives [`IoEngine`] the two reads by name.
+//!
+//! Format version 2 of the incremental stream ([`incremental_v2`]) is not a
+//! framing: its records depend on the data (zero blocks, compression). The
+//! io core reads the data ranges plainly; a producer task cuts them into
+//! the format's pieces (at most [`stream::RECORD_MAX`] each), has each piece
+//! encoded on the blocking pool (zero detection, zstd, CRC: never on the
+//! network threads), several at once, and sends the results in order.
+//!
+//! Memory of one version 2 stream, beyond the io core's own `read_ahead`
+//! buffers: at most [`ENCODE_AHEAD`] pieces being encoded or waiting to be
+//! sent (each its input, at most 1 MiB, and its output, at most 1 MiB plus
+//! 40 bytes per 4 KiB of zero blocks), plus [`OUT_SLOTS`] encoded pieces in
+//! the channel to hyper: under 13 MiB. Encoding in the whole process runs
+//! on at most as many blocking threads as there are cores
+//! ([`encode_slots`]); a stream that waits for one holds only its bound.
 
+use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Semaphore};
 
+use super::body::{Chunk, Chunked};
 use crate::io::{DiskFile, Framing, IoEngine, IoError, ReadStream};
 use crate::wire::range::Multipart;
-use crate::wire::stream::{self, Change, ChangeKind, Encoder};
+use crate::wire::stream::{self, Change, ChangeKind, Encoder, StreamHeader};
 
 /// The wire-format reads of the io core.
 pub trait WireReads {
@@ -31,6 +50,14 @@ pub trait WireReads {
     /// file's bytes, zero records none. A plan that breaks those rules is
     /// [`IoError::Plan`].
     fn incremental(&self, file: &DiskFile, changes: Vec<Change>) -> Result<ReadStream, IoError>;
+
+    /// The incremental stream in format version 2 ([`incremental_v2`]).
+    fn incremental_v2_body(
+        &self,
+        file: &DiskFile,
+        changes: Vec<Change>,
+        o: V2Options,
+    ) -> Result<(Chunked, Range<u64>), IoError>;
 }
 
 impl WireReads for IoEngine {
@@ -66,6 +93,15 @@ impl WireReads for IoEngine {
             header,
         };
         self.read_framed(file, ranges, framing)
+    }
+
+    fn incremental_v2_body(
+        &self,
+        file: &DiskFile,
+        changes: Vec<Change>,
+        o: V2Options,
+    ) -> Result<(Chunked, Range<u64>), IoError> {
+        incremental_v2(self, file, changes, o)
     }
 }
 
@@ -134,5 +170,214 @@ impl Framing for IncrementalFraming {
         self.zeros_until_data(&mut out);
         out.extend_from_slice(&self.encoder.finish().expect("every record was written"));
         Some(out.freeze())
+    }
+}
+
+/// Version 2 pieces of one stream encoded or waiting to be sent at once.
+pub const ENCODE_AHEAD: usize = 4;
+/// Encoded pieces queued for hyper per version 2 stream.
+pub const OUT_SLOTS: usize = 4;
+
+/// Pieces being encoded in the whole process: one per core (the work is
+/// CPU; more would only queue on the blocking pool).
+fn encode_slots() -> Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            Arc::new(Semaphore::new(n))
+        })
+        .clone()
+}
+
+/// What a version 2 body is asked to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct V2Options {
+    /// zstd level, or raw data records.
+    pub zstd: Option<i32>,
+    /// `(index, count)`.
+    pub shard: Option<(u32, u32)>,
+    /// Resume position: the body starts here (clamped into the shard).
+    pub from: Option<u64>,
+}
+
+/// The body of format version 2 for `changes` (a plan: sorted, disjoint,
+/// inside the file) and its header's span, for logging.
+pub fn incremental_v2(
+    engine: &IoEngine,
+    file: &DiskFile,
+    changes: Vec<Change>,
+    o: V2Options,
+) -> Result<(Chunked, Range<u64>), IoError> {
+    let size = file.size();
+    stream::validate_changes(&changes, size).map_err(|e| IoError::Plan(Box::new(e)))?;
+    let (shard, shards) = o.shard.unwrap_or((0, 1));
+    let span = stream::shard_span(&changes, size, shard, shards);
+    let start = o.from.unwrap_or(0).clamp(span.start, span.end);
+    let mut flags = stream::FLAG_ZERO_BLOCKS;
+    if o.zstd.is_some() {
+        flags |= stream::FLAG_ZSTD;
+    }
+    if shards > 1 {
+        flags |= stream::FLAG_SHARD;
+    }
+    if o.from.is_some() {
+        flags |= stream::FLAG_RESUMED;
+    }
+    let header = StreamHeader {
+        disk_size: size,
+        records: 0,
+        version: stream::VERSION_2,
+        flags,
+        start,
+        end: span.end,
+        shard,
+        shards,
+    };
+    let pieces = stream::pieces(&stream::clip(&changes, start..span.end));
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    for p in pieces.iter().filter(|p| p.kind == ChangeKind::Data) {
+        match ranges.last_mut() {
+            Some(last) if last.end == p.offset => last.end = p.offset + p.len,
+            _ => ranges.push(p.offset..p.offset + p.len),
+        }
+    }
+    let reads = if ranges.is_empty() {
+        None
+    } else {
+        Some(engine.read_ranges(file, ranges)?)
+    };
+    let (tx, rx) = mpsc::channel(OUT_SLOTS);
+    let producer = V2Producer {
+        tx,
+        reads,
+        carry: Bytes::new(),
+        zstd: o.zstd,
+        records: 0,
+        data_bytes: 0,
+    };
+    let head = stream::header_v2(&header);
+    tokio::spawn(producer.run(head, pieces));
+    Ok((rx, start..span.end))
+}
+
+enum Pending {
+    Ready(Bytes),
+    Job(tokio::task::JoinHandle<stream::EncodedPiece>),
+}
+
+struct V2Producer {
+    tx: mpsc::Sender<Chunk>,
+    reads: Option<ReadStream>,
+    /// Read bytes not yet given to a piece.
+    carry: Bytes,
+    zstd: Option<i32>,
+    records: u64,
+    data_bytes: u64,
+}
+
+/// Why the producer stopped early.
+enum Stop {
+    /// The client went away.
+    Gone,
+    Failed(std::io::Error),
+}
+
+impl V2Producer {
+    async fn run(mut self, head: Bytes, pieces: Vec<Change>) {
+        match self.pump(head, pieces).await {
+            Ok(()) => {
+                let _ = self.tx.send(Chunk::End).await;
+            }
+            Err(Stop::Gone) => {}
+            Err(Stop::Failed(e)) => {
+                let _ = self.tx.send(Chunk::Fail(e)).await;
+            }
+        }
+    }
+
+    async fn send(&mut self, b: Bytes) -> Result<(), Stop> {
+        self.tx.send(Chunk::Data(b)).await.map_err(|_| Stop::Gone)
+    }
+
+    /// Sends the oldest pending piece.
+    async fn send_front(&mut self, pending: &mut VecDeque<Pending>) -> Result<(), Stop> {
+        let b = match pending.pop_front() {
+            None => return Ok(()),
+            Some(Pending::Ready(b)) => b,
+            Some(Pending::Job(j)) => {
+                let e = j.await.map_err(|e| {
+                    Stop::Failed(std::io::Error::other(format!("encoding task failed: {e}")))
+                })?;
+                self.records += e.records;
+                self.data_bytes += e.data_bytes;
+                Bytes::from(e.bytes)
+            }
+        };
+        self.send(b).await
+    }
+
+    /// The next `len` bytes of the reads.
+    async fn take(&mut self, len: usize) -> Result<Vec<u8>, Stop> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            if self.carry.is_empty() {
+                let reads = self.reads.as_mut().expect("data pieces have reads");
+                self.carry = match reads.next().await {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => return Err(Stop::Failed(std::io::Error::other(e))),
+                    None => {
+                        return Err(Stop::Failed(std::io::Error::other(
+                            "disk read ended before the stream's data",
+                        )))
+                    }
+                };
+            }
+            let n = (len - buf.len()).min(self.carry.len());
+            buf.extend_from_slice(&self.carry.split_to(n));
+        }
+        Ok(buf)
+    }
+
+    async fn pump(&mut self, head: Bytes, pieces: Vec<Change>) -> Result<(), Stop> {
+        self.send(head).await?;
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let slots = encode_slots();
+        for p in pieces {
+            // Send what is done before waiting on anything else.
+            while match pending.front() {
+                Some(Pending::Ready(_)) => true,
+                Some(Pending::Job(j)) => j.is_finished(),
+                None => false,
+            } {
+                self.send_front(&mut pending).await?;
+            }
+            match p.kind {
+                ChangeKind::Zero => {
+                    self.records += 1;
+                    pending.push_back(Pending::Ready(stream::zero_record(p.offset, p.len)));
+                }
+                ChangeKind::Data => {
+                    let data = self.take(p.len as usize).await?;
+                    let permit = Arc::clone(&slots)
+                        .acquire_owned()
+                        .await
+                        .expect("never closed");
+                    let level = self.zstd;
+                    pending.push_back(Pending::Job(tokio::task::spawn_blocking(move || {
+                        let _slot = permit;
+                        stream::encode_piece(p.offset, &data, level)
+                    })));
+                }
+            }
+            while pending.len() >= ENCODE_AHEAD {
+                self.send_front(&mut pending).await?;
+            }
+        }
+        while !pending.is_empty() {
+            self.send_front(&mut pending).await?;
+        }
+        let end = stream::end_record(self.records, self.data_bytes);
+        self.send(end).await
     }
 }

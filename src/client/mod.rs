@@ -194,6 +194,13 @@ pub struct DownloadArgs {
     /// Bandwidth cap, bytes per second (e.g. 50M).
     #[arg(long, value_parser = parse_size)]
     pub limit_rate: Option<u64>,
+    /// Compress stream transfers (`zstd`: each record on its own, by the
+    /// server; worth it over links slower than the server's cores).
+    #[arg(long, value_enum, default_value_t = download::Compress::None)]
+    pub compress: download::Compress,
+    /// zstd level with --compress zstd (1 fastest .. 19).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compress_level: i32,
 }
 
 #[derive(Args, Debug)]
@@ -704,6 +711,7 @@ fn download_cmd(g: &Global, a: DownloadArgs) -> Result<()> {
         transport: a.transport,
         limit_rate: a.limit_rate,
         progress: !g.quiet,
+        zstd: (a.compress == download::Compress::Zstd).then_some(a.compress_level),
     };
     let mut report = s.call(g, |api| download::download(api, &o))?;
     // A verification that cannot run is reported after the download's own

@@ -159,13 +159,14 @@ where
         Handler::Incremental => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let compare_to = compare_to_param(q)?;
+            let v2 = disk::stream_params(|name| query_param(q, name))?;
             let engine = state.engine.clone();
             let op = if compare_to.is_some() { "diff" } else { "get" };
             let (d, file) = timed(state, op, move || {
                 snapshot_disk(&*be, &engine, &vm, &snap, &disk, compare_to)
             })
             .await?;
-            disk::incremental(&state.engine, &file, &d)
+            disk::incremental(&state.engine, &file, &d, v2)
         }
         Handler::Checksums => {
             let (vm, snap, disk) = (p(0), p(1), p(2));

@@ -1,12 +1,19 @@
 //! Applying an incremental stream onto the replica: records decoded with
 //! `crate::wire::stream`, each checked before it counts as done; and the
 //! fallback by ranges (zeroed ranges punched locally, changed ones fetched).
+//! The stream is asked in format version 2 (zero blocks; `--compress`;
+//! `--jobs` shards, each on its own thread; a broken shard resumed with
+//! `from`); a server that predates it answers version 1, applied whole.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::fetch::{fetch_pieces, read_full, Ctx, IO_BUF, PIECE_LEN};
+use super::fetch::{
+    fetch_pieces, lock, read_full, retryable, Ctx, IO_BUF, PIECE_LEN, RETRIES, RETRY_BACKOFF,
+};
 use crate::client::error::{ClientError, Result};
 use crate::client::http::{check, paths, seg};
 use crate::client::ranges::pieces;
@@ -23,19 +30,41 @@ pub(super) enum StreamOutcome {
     Broken { why: String, zeroed: u64 },
 }
 
-pub(super) fn apply_stream(c: &Ctx<'_>, base: Option<&str>, size: u64) -> Result<StreamOutcome> {
-    let mut url = format!("{}/incremental", paths::disk(&c.o.vm, &c.o.snap, c.disk));
+/// The stream's URL: format version 2 with the options asked for (zero
+/// blocks always; zstd; the shard; the resume position). A server that
+/// predates version 2 ignores the parameters and answers version 1.
+fn stream_url(c: &Ctx<'_>, base: Option<&str>, shard: (u32, u32), from: Option<u64>) -> String {
+    let mut url = format!(
+        "{}/incremental?version=2",
+        paths::disk(&c.o.vm, &c.o.snap, c.disk)
+    );
     if let Some(b) = base {
-        url += &format!("?compareTo={}", seg(b));
+        url += &format!("&compareTo={}", seg(b));
     }
+    if let Some(l) = c.o.zstd {
+        url += &format!("&compress=zstd&level={l}");
+    }
+    if shard.1 > 1 {
+        url += &format!("&shard={}&shards={}", shard.0, shard.1);
+    }
+    if let Some(f) = from {
+        url += &format!("&from={f}");
+    }
+    url
+}
+
+type Body = Box<dyn Read + Send>;
+
+/// Opens one stream body; `None` when the server has no stream (404).
+fn open_stream(c: &Ctx<'_>, url: &str) -> Result<Option<Body>> {
     let what = format!("incremental stream of disk {}", c.disk);
-    let resp = c.api.get(&what, &url)?;
+    let resp = c.api.get(&what, url)?;
     if resp.status().as_u16() == 404 {
         let _ = check(&what, resp);
         // A 404 is a missing endpoint only if the disk is still there: a
         // snapshot deleted meanwhile is "not found" (exit 4).
         c.api.still_there(&c.o.vm, &c.o.snap, c.disk)?;
-        return Ok(StreamOutcome::Unavailable);
+        return Ok(None);
     }
     let resp = check(&what, resp)?;
     let ct = resp
@@ -50,18 +79,170 @@ pub(super) fn apply_stream(c: &Ctx<'_>, base: Option<&str>, size: u64) -> Result
             problem: format!("Content-Type {ct:?}, expected {}", stream::CONTENT_TYPE),
         });
     }
-    let mut body = resp.into_body().into_reader();
-    apply_stream_body(c, &mut body, size, what)
+    Ok(Some(Box::new(resp.into_body().into_reader())))
+}
+
+/// The incremental stream onto the replica: over `--jobs` shards when the
+/// server speaks format version 2 (shard 0 is asked first; its header says
+/// which version came), each shard resumed with `from` where it broke.
+pub(super) fn apply_stream(c: &Ctx<'_>, base: Option<&str>, size: u64) -> Result<StreamOutcome> {
+    let shards = (c.o.jobs.max(1) as u32).min(stream::MAX_SHARDS);
+    let Some(mut first) = open_stream(c, &stream_url(c, base, (0, shards), None))? else {
+        return Ok(StreamOutcome::Unavailable);
+    };
+    // The header decides: read it before starting the other shards.
+    let stream_err = |source| ClientError::Stream {
+        disk: c.disk.to_owned(),
+        source,
+    };
+    let mut pre = Vec::new();
+    let header = loop {
+        let mut b = [0u8; stream::HEADER_LEN];
+        let n = first.read(&mut b).map_err(|source| ClientError::Body {
+            disk: c.disk.to_owned(),
+            source,
+        })?;
+        if n == 0 {
+            return Err(stream_err(StreamError::Truncated("the stream header")));
+        }
+        pre.extend_from_slice(&b[..n]);
+        let mut input = Bytes::copy_from_slice(&pre);
+        if let Some(Event::Header(h)) = Decoder::new().decode(&mut input).map_err(stream_err)? {
+            break h;
+        }
+    };
+    let first: Body = Box::new(std::io::Cursor::new(pre).chain(first));
+    if header.version == stream::VERSION || shards == 1 {
+        return apply_shard(c, base, size, (0, shards), first, header.version);
+    }
+    let failed: Mutex<Option<ClientError>> = Mutex::new(None);
+    let zeroed = AtomicUsize::new(0);
+    let broken: Mutex<Option<String>> = Mutex::new(None);
+    let first = Mutex::new(Some(first));
+    std::thread::scope(|s| {
+        for i in 0..shards {
+            let (failed, zeroed, broken, first) = (&failed, &zeroed, &broken, &first);
+            s.spawn(move || {
+                let r = if i == 0 {
+                    let body = lock(first).take().expect("once");
+                    apply_shard(c, base, size, (0, shards), body, stream::VERSION_2)
+                } else {
+                    match open_stream(c, &stream_url(c, base, (i, shards), None)) {
+                        Ok(Some(body)) => {
+                            apply_shard(c, base, size, (i, shards), body, stream::VERSION_2)
+                        }
+                        Ok(None) => Ok(StreamOutcome::Unavailable),
+                        Err(e) => Err(e),
+                    }
+                };
+                match r {
+                    Ok(StreamOutcome::Done { zeroed: z }) => {
+                        zeroed.fetch_add(z as usize, Ordering::Relaxed);
+                    }
+                    Ok(StreamOutcome::Broken { why, zeroed: z }) => {
+                        zeroed.fetch_add(z as usize, Ordering::Relaxed);
+                        lock(broken).get_or_insert(why);
+                    }
+                    Ok(StreamOutcome::Unavailable) => {
+                        lock(broken).get_or_insert(format!("shard {i} has no stream"));
+                    }
+                    Err(e) => {
+                        lock(failed).get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let zeroed = zeroed.into_inner() as u64;
+    Ok(
+        match broken.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => StreamOutcome::Broken { why, zeroed },
+            None => StreamOutcome::Done { zeroed },
+        },
+    )
+}
+
+/// Applies one stream body (one shard, or the whole stream) and, for
+/// format version 2, resumes it with `from` after a broken connection or a
+/// record that failed its checksum: the body continues at the end of the
+/// last record applied whole, bit for bit what the broken one would have
+/// sent.
+fn apply_shard(
+    c: &Ctx<'_>,
+    base: Option<&str>,
+    size: u64,
+    shard: (u32, u32),
+    body: Body,
+    version: u16,
+) -> Result<StreamOutcome> {
+    let what = format!("incremental stream of disk {}", c.disk);
+    let mut body = Some(body);
+    let mut resume_at: Option<u64> = None;
+    let mut zeroed = 0u64;
+    let mut attempt = 0;
+    loop {
+        let mut b = match body.take() {
+            Some(b) => b,
+            None => match open_stream(c, &stream_url(c, base, shard, resume_at))? {
+                Some(b) => b,
+                None => return Ok(StreamOutcome::Unavailable),
+            },
+        };
+        let mut written = 0;
+        let r = apply_stream_body(c, &mut b, size, what.clone(), &mut resume_at, &mut written);
+        match r {
+            Ok(StreamOutcome::Done { zeroed: z }) => {
+                return Ok(StreamOutcome::Done { zeroed: zeroed + z })
+            }
+            Ok(StreamOutcome::Broken { why, zeroed: z }) if version == stream::VERSION => {
+                return Ok(StreamOutcome::Broken {
+                    why,
+                    zeroed: zeroed + z,
+                })
+            }
+            Ok(StreamOutcome::Broken { why, zeroed: z }) if attempt < RETRIES => {
+                zeroed += z;
+                attempt += 1;
+                c.progress.sub(written);
+                eprintln!(
+                    "warning: disk {}: {why}; resuming the stream at {} (retry {attempt} of \
+                     {RETRIES})",
+                    c.disk,
+                    resume_at.unwrap_or(0)
+                );
+            }
+            Ok(other) => return Ok(other),
+            Err(e) if version == stream::VERSION_2 && attempt < RETRIES && retryable(&e) => {
+                attempt += 1;
+                c.progress.sub(written);
+                eprintln!(
+                    "warning: {}; resuming the stream at {} (retry {attempt} of {RETRIES})",
+                    e.chain(),
+                    resume_at.unwrap_or(0)
+                );
+                std::thread::sleep(RETRY_BACKOFF * attempt);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Applies an incremental stream read from `body` to the replica: data
 /// written at its offsets, zero records punched, each record marked done
 /// once complete (a data record only after its checksum matched).
+/// `resume_at` follows the end of the last record applied whole (from the
+/// header's span start on): where a version 2 stream resumes. `written`
+/// counts the data bytes written, verified or not.
 pub(super) fn apply_stream_body(
     c: &Ctx<'_>,
     body: &mut impl Read,
     size: u64,
     what: String,
+    resume_at: &mut Option<u64>,
+    written: &mut u64,
 ) -> Result<StreamOutcome> {
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; IO_BUF];
@@ -76,7 +257,14 @@ pub(super) fn apply_stream_body(
             source,
         })?;
         if n == 0 {
-            dec.finish().map_err(stream_err)?;
+            dec.finish().map_err(|e| match e {
+                // A version 2 body cut short is a broken connection: resumable.
+                StreamError::Truncated(_) if resume_at.is_some() => ClientError::Body {
+                    disk: c.disk.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e),
+                },
+                e => stream_err(e),
+            })?;
             return Ok(StreamOutcome::Done { zeroed });
         }
         let mut input = Bytes::copy_from_slice(&buf[..n]);
@@ -94,18 +282,31 @@ pub(super) fn apply_stream_body(
                                 ),
                             });
                         }
+                        if h.version == stream::VERSION_2 {
+                            resume_at.get_or_insert(h.start);
+                        }
                     }
                     Event::Zero { offset, len } => {
                         c.replica.zero(offset, len)?;
                         zeroed += len;
                         c.tracker.mark(offset, offset + len);
+                        if resume_at.is_some() {
+                            *resume_at = Some(offset + len);
+                        }
                     }
                     Event::DataStart { .. } | Event::End { .. } => {}
                     Event::Data { offset, bytes } => {
                         c.replica.write_at(offset, &bytes)?;
                         c.progress.add(bytes.len() as u64);
+                        *written += bytes.len() as u64;
                     }
-                    Event::DataEnd { offset, len } => c.tracker.mark(offset, offset + len),
+                    Event::DataEnd { offset, len } => {
+                        c.tracker.mark(offset, offset + len);
+                        *written = 0;
+                        if resume_at.is_some() {
+                            *resume_at = Some(offset + len);
+                        }
+                    }
                 },
                 Err(StreamError::DataChecksum { offset, len }) => {
                     return Ok(StreamOutcome::Broken {
@@ -196,6 +397,7 @@ mod tests {
                     transport: Transport::Auto,
                     limit_rate: None,
                     progress: false,
+                    zstd: None,
                 },
                 dir,
             }
@@ -227,7 +429,7 @@ mod tests {
                 tracker: &tracker,
                 progress: &progress,
             };
-            let r = apply_stream_body(&c, &mut &stream[..], size, "test".into());
+            let r = apply_stream_body(&c, &mut &stream[..], size, "test".into(), &mut None, &mut 0);
             (r, std::fs::read(&path).unwrap(), tracker.done())
         }
     }

@@ -24,5 +24,5 @@ mod plan;
 mod run;
 
 pub use fetch::PIECE_LEN;
-pub use options::{Options, Transport};
+pub use options::{Compress, Options, Transport};
 pub use run::{download, DiskReport, Report};

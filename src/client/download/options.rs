@@ -30,4 +30,13 @@ pub struct Options {
     pub transport: Transport,
     pub limit_rate: Option<u64>,
     pub progress: bool,
+    /// `--compress zstd`: the level asked of the stream.
+    pub zstd: Option<i32>,
+}
+
+/// `--compress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    None,
+    Zstd,
 }

@@ -505,3 +505,124 @@ fn the_example_config_is_safe_as_installed() {
     });
     assert!(ex.log().contains("clear text"), "{}", ex.log());
 }
+
+/// A VM with one sparse disk of `size` bytes (its first MiB all 7s) on the
+/// test XFS, the exporter serving it with `[api]` limits `limits` and
+/// `extra` config, a token and the disk's URL in a first snapshot.
+struct DiskSetup {
+    _scratch: crate::common::Scratch,
+    ex: Exporter,
+    token: String,
+    url: String,
+}
+
+fn disk_setup(tag: &str, size: u64, limits: &str, extra: &str) -> DiskSetup {
+    let scratch = Fs::Xfs.scratch(tag);
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
+    }
+    let pki = Pki::new();
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        let mut c = Exporter::config(&pki, dir, port, &o)
+            .replace("\n[api]\n", &format!("\n[api]\n{limits}"));
+        c += &format!(
+            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+             mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
+             disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+        );
+        c + extra
+    });
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
+    assert_eq!(snap.status, 200, "{}", snap.text());
+    let v = snap.json();
+    let url = format!(
+        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
+        v["id"].as_str().unwrap(),
+        v["disks"][0]["name"].as_str().unwrap()
+    );
+    DiskSetup {
+        _scratch: scratch,
+        ex,
+        token,
+        url,
+    }
+}
+
+/// Starts a full-disk GET from `src` with a tiny receive window and reads
+/// only the head: a client that stops reading.
+fn stalled_download(s: &DiskSetup, src: &str) -> Tls {
+    let mut tls = tls_over(
+        &s.ex,
+        tcp_from(src, s.ex.port, Some(4096)).unwrap(),
+        b"http/1.1",
+    )
+    .unwrap();
+    tls.write_all(&http_request("GET", &s.url, Some(&s.token), &[], ""))
+        .unwrap();
+    let mut head = vec![0u8; 512];
+    let n = tls.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    tls
+}
+
+/// Table row 1 of #11: clients that start full-disk downloads and stop
+/// reading, more of them than the buffer pool has room for at their
+/// read-ahead, do not stop anyone else's download: a new 1 MiB range is
+/// served in full while they stall (the send timeout is long, so they are
+/// not cut meanwhile), and the disk-read memory stays within the pool plus
+/// the overflow.
+#[test]
+fn stalled_downloads_do_not_stop_other_downloads() {
+    // 16 buffers of 1 MiB, 4 per stream: 4 stalled streams took them all
+    // before #11.
+    let s = disk_setup(
+        "hostile-fair",
+        256 << 20,
+        "max_connections = 64\nsend_timeout = \"120s\"\n",
+        "\n[io]\npool_buffers = 16\nread_ahead = 4\noverflow_buffers = 8\n",
+    );
+    let stalled: Vec<Tls> = (0..12)
+        .map(|i| stalled_download(&s, &format!("127.0.0.{}", 10 + i)))
+        .collect();
+    // The stalled streams have taken what they can.
+    wait_for("the stalled streams to hold the shared pool", &s.ex, || {
+        metric(&s.ex, "coe_io_buffers_in_use ") >= 12
+    });
+    for i in 0..5u64 {
+        let a = request_from(
+            &s.ex,
+            "127.0.0.2",
+            &http_request(
+                "GET",
+                &s.url,
+                Some(&s.token),
+                &[(
+                    "Range",
+                    &format!("bytes={}-{}", i << 20, ((i + 1) << 20) - 1),
+                )],
+                "",
+            ),
+        )
+        .unwrap_or_else(|e| panic!("honest range {i}: {e}; log:\n{}", s.ex.log()));
+        assert_eq!(a.status, 206, "{}", a.text());
+        let want = if i == 0 { 7u8 } else { 0u8 };
+        assert!(
+            a.body.len() == 1 << 20 && a.body.iter().all(|b| *b == want),
+            "range {i}"
+        );
+    }
+    assert!(metric(&s.ex, "coe_io_buffers_in_use ") <= 16);
+    assert!(metric(&s.ex, "coe_io_overflow_buffers_in_use ") <= 8);
+    drop(stalled);
+}

@@ -236,6 +236,18 @@ fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> s
             "Buffers held by reads started ahead, now.",
             p.buffers as u64,
         ),
+        (
+            "coe_io_buffers_in_use",
+            "gauge",
+            "Shared read buffers handed out now (io.pool_buffers at most).",
+            p.pool_in_use as u64,
+        ),
+        (
+            "coe_io_overflow_buffers_in_use",
+            "gauge",
+            "Read buffers made beyond the pool now, for streams that held none (io.overflow_buffers at most).",
+            p.overflow_in_use as u64,
+        ),
     ] {
         writeln!(out, "# HELP {name} {help}")?;
         writeln!(out, "# TYPE {name} {kind}")?;
@@ -304,6 +316,7 @@ mod tests {
             parked: 12,
             adopted: 9,
             buffers: 3,
+            ..Default::default()
         });
         assert!(text.contains(
             "coe_http_requests_total{route=\"/api/v1/vms\",method=\"GET\",status=\"200\"} 2\n"

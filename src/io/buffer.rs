@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Alignment of every buffer: one 4 KiB page, a multiple of every logical
 /// block size Linux accepts for `O_DIRECT` on the disks this serves (512 and
@@ -80,18 +80,41 @@ pub struct BufferPool {
 
 struct PoolInner {
     buf_len: usize,
-    /// One permit per buffer that may exist; a [`PooledBuf`] holds one.
+    /// One permit per shared buffer that may exist; a [`PooledBuf`] holds
+    /// one (or an overflow permit).
     permits: Arc<Semaphore>,
     /// Buffers allocated earlier and now unused. Allocated lazily, so a pool
-    /// that is never busy costs no memory.
+    /// that is never busy costs no memory. Overflow buffers are never kept.
     free: Mutex<Vec<AlignedBuf>>,
     capacity: usize,
+    /// Shared buffers only a stream holding none may take (see
+    /// [`BufferPool::try_get_extra`]).
+    reserved: usize,
+    /// Permits of the overflow: buffers beyond the pool, for a stream that
+    /// holds none when the pool is empty ([`BufferPool::get_first`]).
+    overflow: Arc<Semaphore>,
+    overflow_capacity: usize,
+    /// Woken whenever a shared buffer comes back.
+    returned: Notify,
 }
 
 impl BufferPool {
     /// A pool of at most `count` buffers of `buf_len` bytes (rounded up to a
     /// multiple of [`ALIGN`]).
     pub fn new(buf_len: usize, count: usize) -> BufferPool {
+        BufferPool::with_shares(buf_len, count, 0, 0)
+    }
+
+    /// A pool of `count` shared buffers of which `reserved` only go to
+    /// streams that hold none, plus up to `overflow` buffers made on demand
+    /// for such streams when the pool is empty (see the io module's doc).
+    /// Memory is at most `(count + overflow) * buf_len`.
+    pub fn with_shares(
+        buf_len: usize,
+        count: usize,
+        reserved: usize,
+        overflow: usize,
+    ) -> BufferPool {
         let buf_len = buf_len.div_ceil(ALIGN).max(1) * ALIGN;
         BufferPool {
             inner: Arc::new(PoolInner {
@@ -99,6 +122,10 @@ impl BufferPool {
                 permits: Arc::new(Semaphore::new(count)),
                 free: Mutex::new(Vec::with_capacity(count)),
                 capacity: count,
+                reserved: reserved.min(count),
+                overflow: Arc::new(Semaphore::new(overflow)),
+                overflow_capacity: overflow,
+                returned: Notify::new(),
             }),
         }
     }
@@ -113,9 +140,54 @@ impl BufferPool {
         self.inner.capacity
     }
 
-    /// How many buffers are handed out right now.
+    /// How many shared buffers are handed out right now.
     pub fn in_use(&self) -> usize {
         self.inner.capacity - self.inner.permits.available_permits()
+    }
+
+    /// How many overflow buffers exist right now.
+    pub fn overflow_in_use(&self) -> usize {
+        self.inner.overflow_capacity - self.inner.overflow.available_permits()
+    }
+
+    /// A buffer beyond a stream's first: only while more than the reserved
+    /// share is free, so streams that hold buffers (stalled ones included)
+    /// can never take the last ones from a stream that holds none.
+    pub fn try_get_extra(&self) -> Option<PooledBuf> {
+        if self.inner.permits.available_permits() <= self.inner.reserved {
+            return None;
+        }
+        self.try_get()
+    }
+
+    /// A buffer beyond a stream's first, waiting until one is free above
+    /// the reserved share ([`BufferPool::try_get_extra`]).
+    pub async fn get_extra(&self) -> PooledBuf {
+        loop {
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(b) = self.try_get_extra() {
+                return b;
+            }
+            returned.await;
+        }
+    }
+
+    /// The buffer of a stream that holds none: a free shared one (the
+    /// reserved share included), else an overflow buffer, else the first
+    /// shared one to come back. It waits only when the pool and the overflow
+    /// are both used up.
+    pub async fn get_first(&self) -> PooledBuf {
+        if let Some(b) = self.try_get() {
+            return b;
+        }
+        if let Ok(permit) = Arc::clone(&self.inner.overflow).try_acquire_owned() {
+            let mut b = self.make(permit, false);
+            b.overflow = true;
+            return b;
+        }
+        self.get().await
     }
 
     /// Waits for a free buffer.
@@ -134,19 +206,27 @@ impl BufferPool {
     }
 
     fn take(&self, permit: OwnedSemaphorePermit) -> PooledBuf {
-        let reused = self
-            .inner
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        self.make(permit, true)
+    }
+
+    fn make(&self, permit: OwnedSemaphorePermit, reuse: bool) -> PooledBuf {
+        let reused = if reuse {
+            self.inner
+                .free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()
+        } else {
+            None
+        };
         let buf = reused.unwrap_or_else(|| AlignedBuf::new(self.inner.buf_len));
         PooledBuf {
             buf: Some(buf),
             pool: Arc::clone(&self.inner),
-            _pool_permit: permit,
+            pool_permit: Some(permit),
             stream_permit: None,
             filled: 0,
+            overflow: false,
         }
     }
 }
@@ -162,9 +242,12 @@ pub struct PooledBuf {
     /// `Some` until dropped.
     buf: Option<AlignedBuf>,
     pool: Arc<PoolInner>,
-    _pool_permit: OwnedSemaphorePermit,
+    /// `Some` until dropped (released before waiters are woken).
+    pool_permit: Option<OwnedSemaphorePermit>,
     stream_permit: Option<OwnedSemaphorePermit>,
     filled: usize,
+    /// Made beyond the pool: freed when dropped, not kept for reuse.
+    overflow: bool,
 }
 
 impl PooledBuf {
@@ -212,15 +295,20 @@ impl PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
+        if let Some(buf) = self.buf.take().filter(|_| !self.overflow) {
             self.pool
                 .free
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(buf);
         }
-        // The permits are fields: they are released after the buffer is back
-        // on the free list, so a waiter woken by them finds it there.
+        // Released after the buffer is back on the free list, so a waiter
+        // woken by it finds it there; then those waiting for a buffer above
+        // the reserve look again.
+        drop(self.pool_permit.take());
+        if !self.overflow {
+            self.pool.returned.notify_waiters();
+        }
     }
 }
 
@@ -244,6 +332,43 @@ mod tests {
             assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0, "len {len}");
             assert!(b.len() >= len && b.len() % ALIGN == 0);
         }
+    }
+
+    #[tokio::test]
+    async fn reserved_share_and_overflow_serve_streams_that_hold_none() {
+        let pool = BufferPool::with_shares(ALIGN, 4, 1, 2);
+        // Streams that already hold buffers take extras down to the
+        // reserve, no further.
+        let extras: Vec<_> = std::iter::from_fn(|| pool.try_get_extra()).collect();
+        assert_eq!(extras.len(), 3);
+        // A stream holding none gets the reserved one, then overflow ones.
+        let first = pool.get_first().await;
+        assert_eq!((pool.in_use(), pool.overflow_in_use()), (4, 0));
+        let o1 = pool.get_first().await;
+        let o2 = pool.get_first().await;
+        assert_eq!(pool.overflow_in_use(), 2);
+        // Overflow buffers are freed, not kept: the bound is the pool plus
+        // the overflow.
+        drop((o1, o2));
+        assert_eq!(pool.overflow_in_use(), 0);
+        assert_eq!(pool.inner.free.lock().unwrap().len(), 0);
+        // With both used up, a first buffer waits for a shared one.
+        let _o: Vec<_> = (0..2)
+            .map(|_| {
+                Arc::clone(&pool.inner.overflow)
+                    .try_acquire_owned()
+                    .unwrap()
+            })
+            .collect();
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get_first().await.len() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        assert_eq!(waiter.await.unwrap(), ALIGN);
+        drop(extras);
     }
 
     #[test]

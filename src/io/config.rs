@@ -42,6 +42,9 @@ pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 pub const DEFAULT_READ_AHEAD: usize = 4;
 /// Default buffers in the whole process (64 MiB at the default size).
 pub const DEFAULT_POOL_BUFFERS: usize = 64;
+/// Default buffers made beyond the pool for streams that hold none while
+/// the pool is used up (see `buffer::BufferPool::get_first`).
+pub const DEFAULT_OVERFLOW_BUFFERS: usize = 64;
 /// Default `pread` threads: enough outstanding reads to keep an SSD queue
 /// busy; they sleep in the kernel, so more threads than cores is right.
 pub const DEFAULT_THREADS: usize = 16;
@@ -68,8 +71,15 @@ pub struct IoConfig {
     /// client reads a file in consecutive ranges with `O_DIRECT` (which
     /// gets no kernel read-ahead): see [`prefetch`]. Default true.
     pub prefetch: bool,
-    /// Buffers in the whole process.
+    /// Shared buffers in the whole process.
     pub pool_buffers: usize,
+    /// Of `pool_buffers`, how many only go to streams that hold none (a
+    /// stream's first buffer): streams that already hold some, stalled
+    /// ones included, cannot take them. Default `pool_buffers / 4`.
+    pub reserved_buffers: Option<usize>,
+    /// Buffers made beyond the pool, one per stream that holds none while
+    /// the pool is empty, freed after use. Default 64.
+    pub overflow_buffers: usize,
     /// Threads of the `threads` backend.
     pub threads: usize,
     /// Ring threads of the `io_uring` backend.
@@ -92,6 +102,8 @@ impl Default for IoConfig {
             read_ahead: DEFAULT_READ_AHEAD,
             prefetch: true,
             pool_buffers: DEFAULT_POOL_BUFFERS,
+            reserved_buffers: None,
+            overflow_buffers: DEFAULT_OVERFLOW_BUFFERS,
             threads: DEFAULT_THREADS,
             rings: DEFAULT_RINGS,
             ring_entries: DEFAULT_RING_ENTRIES,
@@ -101,6 +113,17 @@ impl Default for IoConfig {
 }
 
 impl IoConfig {
+    /// `reserved_buffers`, or its default: a quarter of the pool.
+    pub fn reserved(&self) -> usize {
+        self.reserved_buffers.unwrap_or(self.pool_buffers / 4)
+    }
+
+    /// The most disk-read memory the engine holds, whatever the clients
+    /// do: every shared buffer and every overflow buffer at once.
+    pub fn memory_bound(&self) -> usize {
+        (self.pool_buffers + self.overflow_buffers) * self.buffer_size
+    }
+
     pub fn validate(&self) -> Result<(), IoError> {
         let bad = |what: &'static str| Err(IoError::Config(what));
         if self.buffer_size == 0
@@ -111,6 +134,9 @@ impl IoConfig {
         }
         if self.read_ahead == 0 || self.pool_buffers < self.read_ahead {
             return bad("read_ahead must be at least 1 and pool_buffers at least read_ahead");
+        }
+        if self.reserved() >= self.pool_buffers {
+            return bad("reserved_buffers must be less than pool_buffers");
         }
         if self.threads == 0 || self.rings == 0 || self.ring_entries < 2 {
             return bad("threads and rings must be at least 1, ring_entries at least 2");

@@ -85,7 +85,12 @@ impl IoEngine {
         Ok(IoEngine {
             inner: Arc::new(EngineInner {
                 backend,
-                pool: BufferPool::new(cfg.buffer_size, cfg.pool_buffers),
+                pool: BufferPool::with_shares(
+                    cfg.buffer_size,
+                    cfg.pool_buffers,
+                    cfg.reserved(),
+                    cfg.overflow_buffers,
+                ),
                 cfg: cfg.clone(),
                 parking: Parking::new(cfg.pool_buffers / 2),
             }),
@@ -102,7 +107,11 @@ impl IoEngine {
 
     /// How the read-ahead across requests has fared ([`prefetch`]).
     pub fn prefetch_stats(&self) -> PrefetchStats {
-        self.inner.parking.stats()
+        PrefetchStats {
+            pool_in_use: self.inner.pool.in_use(),
+            overflow_in_use: self.inner.pool.overflow_in_use(),
+            ..self.inner.parking.stats()
+        }
     }
 
     /// Drops every read parked for a following request; their buffers

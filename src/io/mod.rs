@@ -30,11 +30,41 @@
 //! `O_DIRECT` reads get no kernel read-ahead; [`prefetch`] starts the reads
 //! of the next range when a client reads a file in consecutive ranges.
 //!
-//! Memory is bounded twice: the [`buffer::BufferPool`] caps all buffers of
-//! the process, and every stream holds at most `read_ahead` buffers,
-//! counting frames already handed to hyper but not yet written (a stream
-//! permit rides in each frame's owner). A slow client therefore stalls its
-//! own stream, not the process.
+//! ## Memory, and fair sharing of it
+//!
+//! Every buffer has an owner and a bound. Disk-read memory is at most
+//! `(pool_buffers + overflow_buffers) * buffer_size` whatever the clients do
+//! ([`config::IoConfig::memory_bound`]; 128 MiB with the defaults), and every
+//! stream holds at most `read_ahead` buffers, counting frames already handed
+//! to hyper but not yet written (a stream permit rides in each frame's
+//! owner). A client that stops reading therefore stalls its own stream and
+//! keeps at most its own read-ahead.
+//!
+//! That alone is not fair: `pool_buffers / read_ahead` stalled streams
+//! would hold the whole pool and every new stream would wait on buffers that
+//! may never come back. So the pool is shared in three parts
+//! ([`buffer::BufferPool::with_shares`]):
+//!
+//! - a stream's *first* buffer (when it holds none: a new stream, or one
+//!   whose frames were all sent) may come from anywhere in the pool;
+//! - its further read-ahead buffers only while more than
+//!   `reserved_buffers` (default a quarter of the pool) are free, so the
+//!   last ones always go to streams that hold none;
+//! - when the pool is empty, a stream that holds none gets an *overflow*
+//!   buffer, made beyond the pool (at most `overflow_buffers`) and freed
+//!   after use.
+//!
+//! A stream whose frames still wait on its client never takes from the
+//! reserve or the overflow: it waits for a buffer above the reserve or for
+//! its own frames to go, whichever comes first. The admission cannot
+//! deadlock: a stream that waits either holds nothing (and is served by the
+//! reserve, the overflow, or the first buffer any stream gives back) or
+//! waits on its own client. With the defaults, about 90 clients must stall
+//! at once before a new stream waits at all, and then it waits for the
+//! first stalled response that `api.send_timeout` cuts (the server's
+//! watchdog drops the connection, and with it the frames and their
+//! buffers). Reads started ahead for a following request ([`prefetch`])
+//! take buffers above the reserve only.
 //!
 //! The io core knows no wire format: a [`Framing`] given by the caller
 //! (`api` adapts the multipart and incremental-stream codecs of `wire`)

@@ -80,6 +80,10 @@ pub struct PrefetchStats {
     pub adopted: u64,
     /// Buffers parked right now.
     pub buffers: usize,
+    /// Shared pool buffers handed out right now (the engine fills it in).
+    pub pool_in_use: usize,
+    /// Overflow buffers alive right now (the engine fills it in).
+    pub overflow_in_use: usize,
 }
 
 /// The parked reads of one engine.
@@ -175,6 +179,7 @@ impl Parking {
             parked: s.parked,
             adopted: s.adopted,
             buffers: s.entries.iter().map(|p| p.jobs.len()).sum(),
+            ..PrefetchStats::default()
         }
     }
 

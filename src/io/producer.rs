@@ -127,19 +127,22 @@ impl Producer {
                 }
                 // Wait for memory only when nothing is in flight: otherwise
                 // our own undelivered frames could hold what we wait for.
+                // The stream permit waits on our own client only; the
+                // buffer comes from the reserved share or the overflow when
+                // other streams (stalled ones) hold the rest of the pool.
                 let buf = if inflight.is_empty() {
                     let permit = Arc::clone(&self.permits)
                         .acquire_owned()
                         .await
                         .expect("never closed");
-                    let mut buf = self.engine.pool.get().await;
+                    let mut buf = self.first_buffer(depth).await;
                     buf.attach_permit(permit);
                     buf
                 } else {
                     let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                         break;
                     };
-                    let Some(mut buf) = self.engine.pool.try_get() else {
+                    let Some(mut buf) = self.engine.pool.try_get_extra() else {
                         break;
                     };
                     buf.attach_permit(permit);
@@ -191,6 +194,27 @@ impl Producer {
         Ok(())
     }
 
+    /// A buffer when none is in flight. A stream that holds none (all its
+    /// frames were sent) may take the reserved share or the overflow; one
+    /// whose frames still wait in hyper or the socket (a stalled client)
+    /// waits for a shared buffer above the reserve or for its own frames to
+    /// go, whichever comes first: it never takes more than one buffer from
+    /// the reserve or the overflow, and only when it holds none.
+    async fn first_buffer(&self, depth: usize) -> PooledBuf {
+        // The caller holds one of our `depth` permits.
+        if self.permits.available_permits() + 1 >= depth {
+            return self.engine.pool.get_first().await;
+        }
+        let others = u32::try_from(depth - 1).unwrap_or(u32::MAX);
+        tokio::select! {
+            b = self.engine.pool.get_extra() => b,
+            all = self.permits.acquire_many(others) => {
+                drop(all);
+                self.engine.pool.get_first().await
+            }
+        }
+    }
+
     async fn push(&mut self, b: Bytes) -> Result<(), Option<IoError>> {
         self.out.push(b).await.map_err(|Closed| None)
     }
@@ -220,7 +244,8 @@ impl Producer {
             if !reader.1 {
                 break; // the file fell back to buffered reads: the kernel reads ahead
             }
-            let Some(buf) = self.engine.pool.try_get() else {
+            // Speculative: never from the reserved share.
+            let Some(buf) = self.engine.pool.try_get_extra() else {
                 break;
             };
             let Some(plan) = planner.next_plan() else {

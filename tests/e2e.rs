@@ -841,8 +841,33 @@ fn e2e_on(fs_kind: Fs) {
             .unwrap();
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, 12345).unwrap();
+        // The whole-disk digest agrees before the flip, not after.
+        let d = client.json(&[
+            "verify",
+            VM,
+            &s2_id,
+            "--out",
+            &out_s,
+            "--verify-with",
+            "blake3",
+        ]);
+        for disk in d["disks"].as_array().unwrap() {
+            assert_eq!(disk["digest_match"], true, "{d}");
+        }
         f.write_all_at(&[b[0] ^ 0xff], 12345).unwrap();
         assert_eq!(client.code(&["verify", VM, &s2_id, "--out", &out_s]), 5);
+        assert_eq!(
+            client.code(&[
+                "verify",
+                VM,
+                &s2_id,
+                "--out",
+                &out_s,
+                "--verify-with",
+                "sha256"
+            ]),
+            5
+        );
         let dl = client.run(&[
             "download", VM, &s2_id, "--out", &out2_s, "--verify", "--json",
         ]);

@@ -26,6 +26,7 @@ use super::body::{error_chain, ApiBody};
 use super::framing::{V2Options, WireReads};
 use super::{ApiError, BackendError};
 use crate::io::{DiskFile, IoEngine};
+use crate::wire::digest::{self, Algorithm, DigestAnswer};
 use crate::wire::range::{self, Multipart};
 use crate::wire::stream::{self, CONTENT_TYPE as INCREMENTAL_CONTENT_TYPE};
 use crate::wire::SnapshotDisk;
@@ -412,6 +413,134 @@ pub async fn checksums(
         block_size: block,
         algorithm: "crc32",
         crc32,
+    })
+}
+
+/// Most blocks in one strong-digest answer (`algorithm=blake3|sha256`):
+/// 67 bytes of JSON per block, so under 2.2 MiB; 2 TiB at the largest
+/// blockSize. Bigger disks: checksum them in ranges, or CRC-32.
+pub const MAX_DIGEST_BLOCKS: u64 = 1 << 15;
+
+/// `algorithm`: `None` for the CRC-32 answer (absent or `crc32`), else the
+/// strong digest asked for.
+pub fn checksum_algorithm(param: Option<&str>) -> Result<Option<Algorithm>, ApiError> {
+    match param.filter(|v| !v.is_empty()) {
+        None | Some("crc32") => Ok(None),
+        Some(v) => Algorithm::parse(v).map(Some).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "algorithm={v:?}: expected \"crc32\", \"blake3\" or \"sha256\""
+            ))
+        }),
+    }
+}
+
+/// The strong digests of `disk` (`crate::wire::digest` has the exact
+/// construction): blocks with a data byte are read through the engine and
+/// hashed on the blocking pool, hole blocks are the digest of zeros,
+/// computed once without reading.
+pub async fn digests(
+    engine: &IoEngine,
+    disk: &DiskFile,
+    data: &[Range<u64>],
+    block: u64,
+    alg: Algorithm,
+) -> Result<DigestAnswer, ApiError> {
+    let size = disk.size();
+    let blocks = size.div_ceil(block);
+    if blocks > MAX_DIGEST_BLOCKS {
+        let need = size
+            .div_ceil(MAX_DIGEST_BLOCKS)
+            .next_power_of_two()
+            .max(MIN_CHECKSUM_BLOCK);
+        return Err(ApiError::BadRequest(if need <= MAX_CHECKSUM_BLOCK {
+            format!(
+                "{blocks} blocks of {block} bytes: at most {MAX_DIGEST_BLOCKS} per {} answer; \
+                 the smallest blockSize for this {size}-byte disk is {need}",
+                alg.name()
+            )
+        } else {
+            format!(
+                "{blocks} blocks of {block} bytes: at most {MAX_DIGEST_BLOCKS} per {} answer \
+                 even with the largest blockSize ({MAX_CHECKSUM_BLOCK})",
+                alg.name()
+            )
+        }));
+    }
+    let block_len = move |i: u64| block.min(size - i * block);
+    let runs = data_block_runs(data, block);
+    let byte_ranges: Vec<Range<u64>> = runs
+        .iter()
+        .map(|r| r.start * block..(r.end * block).min(size))
+        .collect();
+    let data_blocks: Vec<u64> = runs.iter().flat_map(|r| r.clone()).collect();
+    // The reads feed a hashing task on the blocking pool through a small
+    // channel: the network threads only move frames.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let lens: Vec<u64> = data_blocks.iter().map(|&i| block_len(i)).collect();
+    let hashing = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, &'static str> {
+        let mut out = Vec::with_capacity(lens.len());
+        let mut h = alg.hasher();
+        let mut left = lens.first().copied().unwrap_or(0);
+        while let Some(frame) = rx.blocking_recv() {
+            let mut f: &[u8] = &frame;
+            while !f.is_empty() {
+                if out.len() >= lens.len() {
+                    return Err("the read returned more bytes than asked");
+                }
+                let n = left.min(f.len() as u64) as usize;
+                h.update(&f[..n]);
+                f = &f[n..];
+                left -= n as u64;
+                if left == 0 {
+                    out.push(std::mem::replace(&mut h, alg.hasher()).finalize());
+                    left = lens.get(out.len()).copied().unwrap_or(0);
+                }
+            }
+        }
+        if out.len() != lens.len() {
+            return Err("the read ended before the last block");
+        }
+        Ok(out)
+    });
+    if !byte_ranges.is_empty() {
+        let mut s = engine
+            .read_ranges(disk, byte_ranges)
+            .map_err(|e| internal("starting the digest read", &e))?;
+        while let Some(frame) = s.next().await {
+            let frame = frame.map_err(|e| internal("reading for digests", &e))?;
+            if tx.send(frame).await.is_err() {
+                break; // the hasher failed: its error is below
+            }
+        }
+    }
+    drop(tx);
+    let data_digests = hashing
+        .await
+        .map_err(|e| ApiError::Internal(format!("digest task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("digests: {e}")))?;
+    let (full_zero, tail_zero) =
+        tokio::task::spawn_blocking(move || (alg.zeros(block.min(size)), alg.zeros(size % block)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("digest task failed: {e}")))?;
+    let mut all = Vec::with_capacity(blocks as usize);
+    let mut d = data_blocks.iter().zip(&data_digests).peekable();
+    for i in 0..blocks {
+        match d.peek() {
+            Some((&bi, &x)) if bi == i => {
+                all.push(x);
+                d.next();
+            }
+            _ if block_len(i) == block => all.push(full_zero),
+            _ => all.push(tail_zero),
+        }
+    }
+    let whole = alg.disk_digest(size, block, &all);
+    Ok(DigestAnswer {
+        size,
+        block_size: block,
+        algorithm: alg.name().to_owned(),
+        blocks: all.iter().map(digest::hex).collect(),
+        digest: digest::hex(&whole),
     })
 }
 

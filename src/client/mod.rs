@@ -185,6 +185,10 @@ pub struct DownloadArgs {
     /// After the download, compare per-block CRC-32s with the server's.
     #[arg(long)]
     pub verify: bool,
+    /// What --verify compares: per-block CRC-32s, or a strong digest per
+    /// block and over the whole disk (blake3, sha256).
+    #[arg(long, value_enum, default_value_t = verify::VerifyWith::Crc32)]
+    pub verify_with: verify::VerifyWith,
     /// Only these disks (repeatable).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
@@ -215,6 +219,10 @@ pub struct VerifyArgs {
     /// Only these disks (repeatable).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
+    /// What to compare: per-block CRC-32s, or a strong digest per block and
+    /// over the whole disk.
+    #[arg(long, value_enum, default_value_t = verify::VerifyWith::Crc32)]
+    pub verify_with: verify::VerifyWith,
 }
 
 /// Runs the client with `args` (after `client`); the exit status.
@@ -670,17 +678,19 @@ fn verify_all(
     snap: &str,
     out: &std::path::Path,
     disks: &[String],
+    with: verify::VerifyWith,
 ) -> Result<Vec<verify::VerifyOutcome>> {
     let mut v = Vec::new();
     for d in disks {
         replica::check_disk_name(d)?;
-        v.push(verify::verify_disk(
+        v.push(verify::verify_disk_with(
             api,
             vm,
             snap,
             d,
             &out.join(d),
             verify::DEFAULT_BLOCK,
+            with,
         )?);
     }
     Ok(v)
@@ -719,7 +729,7 @@ fn download_cmd(g: &Global, a: DownloadArgs) -> Result<()> {
     let mut verify_error = None;
     if a.verify {
         let names: Vec<String> = report.disks.iter().map(|d| d.disk.clone()).collect();
-        match verify_all(&s.api, &a.vm, &a.snap, &a.out, &names) {
+        match verify_all(&s.api, &a.vm, &a.snap, &a.out, &names, a.verify_with) {
             Ok(outcomes) => {
                 for (d, v) in report.disks.iter_mut().zip(outcomes) {
                     d.verify = Some(v);
@@ -791,7 +801,9 @@ fn verify_cmd(g: &Global, a: VerifyArgs) -> Result<()> {
     } else {
         a.disks.clone()
     };
-    let outcomes = s.call(g, |api| verify_all(api, &a.vm, &a.snap, &a.out, &disks))?;
+    let outcomes = s.call(g, |api| {
+        verify_all(api, &a.vm, &a.snap, &a.out, &disks, a.verify_with)
+    })?;
     if g.json {
         print_json(&VerifyReport {
             vm: a.vm.clone(),

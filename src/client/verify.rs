@@ -4,6 +4,10 @@
 //!
 //! The server computes hole blocks without reading them; so does this side:
 //! blocks with no data (`SEEK_DATA`) take the CRC of zeros, computed once.
+//!
+//! `--verify-with blake3|sha256` asks the endpoint's strong digests instead
+//! (`crate::wire::digest`): per-block digests locate differences, and the
+//! whole-disk digest, recomputed here over the replica, proves it equal.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -13,6 +17,19 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ClientError, Result};
 use super::http::{check, paths, read_json, Api};
+use crate::wire::digest::{self, Algorithm, DigestAnswer};
+
+/// What `--verify` compares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyWith {
+    /// CRC-32 per block (any server with the checksums endpoint).
+    #[default]
+    Crc32,
+    /// BLAKE3 per block and over the whole disk.
+    Blake3,
+    /// SHA-256 per block and over the whole disk.
+    Sha256,
+}
 
 /// Block size asked for: the endpoint's default (4 MiB), a good balance of
 /// answer size (4 bytes per 4 MiB) and precision of the mismatch report.
@@ -42,17 +59,33 @@ pub struct VerifyOutcome {
     /// Indexes of blocks that differ (block i covers
     /// `[i*block_size, (i+1)*block_size)`).
     pub mismatched: Vec<u64>,
+    /// With a strong digest: `algorithm:hex` of the whole disk, as the
+    /// server sent it and this side recomputed it over the replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// With a strong digest: whether the replica's whole-disk digest
+    /// equals the server's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_match: Option<bool>,
 }
 
 impl VerifyOutcome {
     pub fn ok(&self) -> bool {
-        self.size == self.local_size && self.mismatched.is_empty()
+        self.size == self.local_size
+            && self.mismatched.is_empty()
+            && self.digest_match != Some(false)
     }
 
     /// One line for people.
     pub fn describe(&self) -> String {
         if self.ok() {
-            return format!("{}: {} blocks match", self.disk, self.blocks);
+            return match &self.digest {
+                Some(d) => format!(
+                    "{}: {} blocks and the disk digest {d} match",
+                    self.disk, self.blocks
+                ),
+                None => format!("{}: {} blocks match", self.disk, self.blocks),
+            };
         }
         let mut s = format!("{}:", self.disk);
         if self.size != self.local_size {
@@ -85,7 +118,7 @@ impl VerifyOutcome {
     }
 }
 
-/// Checks the replica at `path` against the snapshot's disk.
+/// Checks the replica at `path` against the snapshot's disk by CRC-32s.
 pub fn verify_disk(
     api: &Api,
     vm: &str,
@@ -94,10 +127,31 @@ pub fn verify_disk(
     path: &Path,
     block_size: u64,
 ) -> Result<VerifyOutcome> {
+    verify_disk_with(api, vm, snap, disk, path, block_size, VerifyWith::Crc32)
+}
+
+/// Checks the replica at `path` against the snapshot's disk, comparing
+/// what `with` says.
+pub fn verify_disk_with(
+    api: &Api,
+    vm: &str,
+    snap: &str,
+    disk: &str,
+    path: &Path,
+    block_size: u64,
+    with: VerifyWith,
+) -> Result<VerifyOutcome> {
     let what = format!("checksums of disk {disk}");
+    let alg = match with {
+        VerifyWith::Crc32 => None,
+        VerifyWith::Blake3 => Some(Algorithm::Blake3),
+        VerifyWith::Sha256 => Some(Algorithm::Sha256),
+    };
     let url = format!(
-        "{}/checksums?blockSize={block_size}",
-        paths::disk(vm, snap, disk)
+        "{}/checksums?blockSize={block_size}{}",
+        paths::disk(vm, snap, disk),
+        alg.map(|a| format!("&algorithm={}", a.name()))
+            .unwrap_or_default()
     );
     let resp = api.get(&what, &url)?;
     if resp.status().as_u16() == 404 {
@@ -114,7 +168,12 @@ pub fn verify_disk(
             details: format!("404: {details}"),
         });
     }
-    let sums: Checksums = read_json(&what, check(&what, resp)?)?;
+    let resp = check(&what, resp)?;
+    if let Some(alg) = alg {
+        let sums: DigestAnswer = read_json(&what, resp)?;
+        return verify_digests(disk, path, alg, sums, &what);
+    }
+    let sums: Checksums = read_json(&what, resp)?;
     let bad = |problem: String| ClientError::Protocol {
         what: what.clone(),
         problem,
@@ -145,6 +204,76 @@ pub fn verify_disk(
         block_size: bs,
         blocks,
         mismatched,
+        digest: None,
+        digest_match: None,
+    })
+}
+
+/// The strong-digest comparison: the answer checked for consistency (its
+/// disk digest over its block digests), the replica's blocks hashed (holes
+/// not read) and its disk digest recomputed.
+fn verify_digests(
+    disk: &str,
+    path: &Path,
+    alg: Algorithm,
+    sums: DigestAnswer,
+    what: &str,
+) -> Result<VerifyOutcome> {
+    let bad = |problem: String| ClientError::Protocol {
+        what: what.to_owned(),
+        problem,
+    };
+    if sums.algorithm != alg.name() {
+        return Err(bad(format!(
+            "algorithm {:?}, expected {}",
+            sums.algorithm,
+            alg.name()
+        )));
+    }
+    let bs = sums.block_size;
+    if !bs.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&bs) {
+        return Err(bad(format!("block size {bs} out of range")));
+    }
+    let blocks = sums.size.div_ceil(bs);
+    let want: Vec<[u8; 32]> = sums
+        .blocks
+        .iter()
+        .map(|h| digest::from_hex(h))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("a block digest is not 64 hex digits".to_owned()))?;
+    if want.len() as u64 != blocks {
+        return Err(bad(format!("{} digests for {blocks} blocks", want.len())));
+    }
+    let server = digest::from_hex(&sums.digest)
+        .ok_or_else(|| bad("the disk digest is not 64 hex digits".to_owned()))?;
+    if alg.disk_digest(sums.size, bs, &want) != server {
+        return Err(bad(
+            "the disk digest is not the digest of the block digests".to_owned(),
+        ));
+    }
+    let zero_full = alg.zeros(bs);
+    let (local_size, mismatched, local) = compare_with(
+        path,
+        sums.size,
+        bs,
+        &want,
+        |b| {
+            let mut h = alg.hasher();
+            h.update(b);
+            h.finalize()
+        },
+        |len| if len == bs { zero_full } else { alg.zeros(len) },
+    )?;
+    let local_digest = alg.disk_digest(local_size, bs, &local);
+    Ok(VerifyOutcome {
+        disk: disk.to_owned(),
+        size: sums.size,
+        local_size,
+        block_size: bs,
+        blocks,
+        mismatched,
+        digest: Some(format!("{}:{}", alg.name(), sums.digest)),
+        digest_match: Some(local_digest == server),
     })
 }
 
@@ -152,6 +281,29 @@ pub fn verify_disk(
 /// `[i*bs, min((i+1)*bs, size))`); its size and the indexes of the blocks
 /// that differ. Holes are not read: their CRC is that of zeros.
 pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(u64, Vec<u64>)> {
+    let mut zero_crc: Option<u32> = None;
+    let (local_size, mismatched, _) = compare_with(path, size, bs, crcs, crc32fast::hash, |len| {
+        if len == bs {
+            *zero_crc.get_or_insert_with(|| crc32fast::hash(&vec![0u8; bs as usize]))
+        } else {
+            crc32fast::hash(&vec![0u8; len as usize])
+        }
+    })?;
+    Ok((local_size, mismatched))
+}
+
+/// [`compare_blocks`] for any per-block digest: `hash` of a block's bytes,
+/// `zeros` of a hole block's length (never read). Also the replica's
+/// digest per block (the server's where a block could not be read: it is
+/// listed as different anyway).
+fn compare_with<D: Copy + PartialEq>(
+    path: &Path,
+    size: u64,
+    bs: u64,
+    want: &[D],
+    hash: impl Fn(&[u8]) -> D,
+    mut zeros: impl FnMut(u64) -> D,
+) -> Result<(u64, Vec<u64>, Vec<D>)> {
     let file = File::open(path).map_err(|source| ClientError::Local {
         what: "cannot open the replica",
         path: path.to_owned(),
@@ -166,11 +318,11 @@ pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(
         })?
         .len();
     let mut mismatched = Vec::new();
+    let mut local = Vec::with_capacity(want.len());
     let mut buf = vec![0u8; bs as usize];
-    let mut zero_crc: Option<u32> = None;
     // Next offset holding data; u64::MAX when none is left.
     let mut next_data = 0u64;
-    for (i, &want) in crcs.iter().enumerate() {
+    for (i, &want) in want.iter().enumerate() {
         let start = i as u64 * bs;
         let end = (start + bs).min(size);
         let len = (end - start) as usize;
@@ -190,17 +342,14 @@ pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(
         }
         let got = if next_data >= end && end <= local_size {
             // A hole: zeros, without reading them.
-            if len as u64 == bs {
-                *zero_crc.get_or_insert_with(|| crc32fast::hash(&vec![0u8; bs as usize]))
-            } else {
-                crc32fast::hash(&vec![0u8; len])
-            }
+            zeros(len as u64)
         } else {
             match file.read_exact_at(&mut buf[..len], start) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     // Past the local end: a short replica differs here.
                     mismatched.push(i as u64);
+                    local.push(want);
                     continue;
                 }
                 Err(source) => {
@@ -211,13 +360,14 @@ pub fn compare_blocks(path: &Path, size: u64, bs: u64, crcs: &[u32]) -> Result<(
                     })
                 }
             }
-            crc32fast::hash(&buf[..len])
+            hash(&buf[..len])
         };
         if got != want {
             mismatched.push(i as u64);
         }
+        local.push(got);
     }
-    Ok((local_size, mismatched))
+    Ok((local_size, mismatched, local))
 }
 
 #[cfg(test)]

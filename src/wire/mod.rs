@@ -11,6 +11,7 @@
 //! shape. Conversions from the server's own types (inventory VMs, extent
 //! maps) into these live on the server side.
 
+pub mod digest;
 pub mod json;
 pub mod range;
 pub mod stream;

@@ -171,10 +171,15 @@ where
         Handler::Checksums => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
+            let alg = disk::checksum_algorithm(query_param(q, "algorithm").as_deref())?;
             let engine = state.engine.clone();
             let (d, file) =
                 blocking(move || snapshot_disk(&*be, &engine, &vm, &snap, &disk, None)).await?;
             let data = disk::data_ranges(&d, file.size());
+            if let Some(alg) = alg {
+                let sums = disk::digests(&state.engine, &file, &data, block, alg).await?;
+                return ok(json_response(StatusCode::OK, &sums));
+            }
             let sums = disk::checksums(&state.engine, &file, &data, block).await?;
             ok(json_response(StatusCode::OK, &sums))
         }

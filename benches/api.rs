@@ -44,9 +44,7 @@ impl Backend for BenchNode {
         &self,
         vm: &str,
         _: &str,
-        _: bool,
-        _: Option<&str>,
-        _: bool,
+        _: &coriolis_ovm_exporter::wire::GetOptions,
     ) -> Result<Snapshot, BackendError> {
         Err(BackendError::NotFound(vm.into()))
     }

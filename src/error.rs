@@ -1,4 +1,28 @@
-//! One line for an error and its causes, for logs and command-line output.
+//! One line for an error and its causes, for logs and command-line output;
+//! and the class of a failure, which each layer's error states beside its
+//! type so that errors stay typed up to the one place (`api`) that turns a
+//! class into an HTTP status.
+
+/// What kind of failure an error is, as whoever answers a request needs to
+/// know it. Not HTTP: `api` maps each class to a status, in one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// An unknown VM, snapshot or disk.
+    NotFound,
+    /// The object exists but belongs elsewhere, is busy, or changed.
+    Conflict,
+    /// The request cannot be honoured as asked.
+    BadRequest,
+    /// Not now, but shortly (a store being reopened).
+    Unavailable,
+    /// Anything else.
+    Internal,
+}
+
+/// A layer's error that says its own [`Class`].
+pub trait Classify: std::error::Error + Send + Sync + 'static {
+    fn class(&self) -> Class;
+}
 
 /// The error's message followed by each cause, `: `-separated. A cause whose
 /// text the line already holds (an error that prints its source itself) is

@@ -3,8 +3,8 @@
 //! This is the glue between layers that do not know each other: the
 //! inventory (`ovm`) answers which VMs and disks exist, the snapshot manager
 //! (`snapshot`) clones, records and compares them, and the API sees both as
-//! one [`Backend`]. It owns the mapping of domain errors to HTTP classes
-//! (the API then maps classes to statuses, once) and nothing else.
+//! one [`Backend`]. Errors pass through typed: each layer's error says its
+//! class, and the API maps classes to statuses, once.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use crate::api::{Backend, BackendError};
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
 use crate::server::Config;
-use crate::snapshot::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
-use crate::wire::{Disk, HealthCheck, Snapshot, Vm};
+use crate::snapshot::{Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use crate::wire::{Disk, GetOptions, HealthCheck, Snapshot, Vm};
 
 /// Why the node could not be opened at start.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +35,8 @@ pub enum NodeError {
 struct Lookup(Arc<dyn Inventory>);
 
 impl VmLookup for Lookup {
-    fn vm(&self, name: &str) -> Result<Option<ovm::Vm>, String> {
-        self.0.vm(name).map_err(|e| error_chain(&e))
+    fn vm(&self, name: &str) -> Result<Option<ovm::Vm>, InventoryError> {
+        self.0.vm(name)
     }
 }
 
@@ -114,7 +114,7 @@ impl Node {
         self.inventory
             .repositories()
             .map(|r| r.into_iter().map(|r| r.mount_point).collect())
-            .map_err(|e| SnapshotError::Inventory(error_chain(&e)))
+            .map_err(SnapshotError::Inventory)
     }
 
     /// Reconciles the database with every usable repository: half-made
@@ -138,8 +138,7 @@ impl Node {
 
     fn model_vm(&self, vm: &str) -> Result<ovm::Vm, BackendError> {
         self.inventory
-            .vm(vm)
-            .map_err(|e| BackendError::Internal(error_chain(&e)))?
+            .vm(vm)?
             .ok_or_else(|| BackendError::NotFound(format!("VM {vm} not found")))
     }
 }
@@ -155,35 +154,9 @@ fn manager_url(ip: &str) -> String {
 
 pub use crate::error::chain as error_chain;
 
-impl From<SnapshotError> for BackendError {
-    fn from(e: SnapshotError) -> Self {
-        let msg = error_chain(&e);
-        match e {
-            SnapshotError::NotFound { .. } => BackendError::NotFound(msg),
-            SnapshotError::Conflict { .. } => BackendError::Conflict(msg),
-            SnapshotError::BadRequest { .. } | SnapshotError::Incompatible { .. } => {
-                BackendError::BadRequest(msg)
-            }
-            // The base of a diff is gone or changed: answering would risk a
-            // missed change, and retrying will not help: 409, with details.
-            SnapshotError::BaseChanged { .. } => BackendError::Conflict(msg),
-            SnapshotError::Busy { .. } => BackendError::Conflict(msg),
-            SnapshotError::Store(crate::store::StoreError::BadIdempotencyKey { .. }) => {
-                BackendError::BadRequest(msg)
-            }
-            // Reopening the database after a disk error: retry shortly.
-            SnapshotError::Store(ref s) if s.is_unavailable() => BackendError::Unavailable(msg),
-            _ => BackendError::Internal(msg),
-        }
-    }
-}
-
 impl Backend for Node {
     fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
-        let vms = self
-            .inventory
-            .vms()
-            .map_err(|e| BackendError::Internal(error_chain(&e)))?;
+        let vms = self.inventory.vms()?;
         vms.iter()
             .map(|vm| Ok(vm_json(vm, self.manager.ids(&vm.name)?)))
             .collect()
@@ -211,16 +184,9 @@ impl Backend for Node {
         &self,
         vm: &str,
         snap: &str,
-        squash: bool,
-        compare_to: Option<&str>,
-        zeroed_separate: bool,
+        options: &GetOptions,
     ) -> Result<Snapshot, BackendError> {
-        let options = GetOptions {
-            squash,
-            compare_to: compare_to.map(str::to_owned),
-            zeroed_separate,
-        };
-        Ok(self.manager.get(vm, snap, &options)?)
+        Ok(self.manager.get(vm, snap, options)?)
     }
 
     fn delete_snapshot(&self, vm: &str, snap: &str) -> Result<(), BackendError> {
@@ -315,6 +281,7 @@ fn vm_json(vm: &ovm::Vm, snapshots: Vec<String>) -> Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ApiError;
 
     #[test]
     fn manager_url_brackets_ipv6() {
@@ -324,23 +291,24 @@ mod tests {
 
     #[test]
     fn snapshot_errors_map_to_http_classes() {
-        let nf: BackendError = SnapshotError::NotFound {
+        // The classes are decided beside the error type, the statuses by
+        // the api's one table: checked here through both, as the node
+        // passes them.
+        let answer = |e: SnapshotError| ApiError::from(BackendError::from(e));
+        let nf = answer(SnapshotError::NotFound {
             what: "snapshot x".into(),
-        }
-        .into();
-        assert!(matches!(nf, BackendError::NotFound(m) if m.contains("snapshot x")));
-        let inc: BackendError = SnapshotError::Incompatible {
+        });
+        assert!(matches!(nf, ApiError::NotFound(m) if m.contains("snapshot x")));
+        let inc = answer(SnapshotError::Incompatible {
             disk: "d".into(),
             reason: "phy".into(),
-        }
-        .into();
-        assert!(matches!(inc, BackendError::BadRequest(_)));
-        let base: BackendError = SnapshotError::BaseChanged {
+        });
+        assert!(matches!(inc, ApiError::BadRequest(_)));
+        let base = answer(SnapshotError::BaseChanged {
             id: "a".into(),
             disk: "d".into(),
             reason: "inode".into(),
-        }
-        .into();
-        assert!(matches!(base, BackendError::Conflict(_)));
+        });
+        assert!(matches!(base, ApiError::Conflict(_)));
     }
 }

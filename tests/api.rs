@@ -831,9 +831,7 @@ impl coriolis_ovm_exporter::api::Backend for FileNode {
         &self,
         vm: &str,
         _: &str,
-        _: bool,
-        _: Option<&str>,
-        _: bool,
+        _: &coriolis_ovm_exporter::wire::GetOptions,
     ) -> Result<Snapshot, BackendError> {
         Err(BackendError::NotFound(format!("VM {vm} not found")))
     }

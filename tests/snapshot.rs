@@ -10,12 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use coriolis_ovm_exporter::ovm::{Disk, Repository, Vm};
-use coriolis_ovm_exporter::snapshot::{
-    Action, GetOptions, Manager, SnapshotError, StoreConfig, VmLookup,
-};
+use coriolis_ovm_exporter::ovm::{Disk, InventoryError, Repository, Vm};
+use coriolis_ovm_exporter::snapshot::{Action, Manager, SnapshotError, StoreConfig, VmLookup};
 use coriolis_ovm_exporter::store::SNAPSHOTS_DIR;
-use coriolis_ovm_exporter::wire::Snapshot;
+use coriolis_ovm_exporter::wire::{GetOptions, Snapshot};
 
 use crate::common::{Fs, Scratch};
 
@@ -35,7 +33,7 @@ impl Inventory {
 }
 
 impl VmLookup for Inventory {
-    fn vm(&self, name: &str) -> Result<Option<Vm>, String> {
+    fn vm(&self, name: &str) -> Result<Option<Vm>, InventoryError> {
         Ok(self.vms.lock().unwrap().get(name).cloned())
     }
 }

@@ -147,9 +147,9 @@ pub enum Verdict {
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
     #[error("OVM Manager unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] ureq::Error),
     #[error("OVM Manager TLS identity rejected: {0}")]
-    TlsRejected(String),
+    TlsRejected(#[source] ureq::Error),
     #[error("OVM Manager answered HTTP {0}")]
     BadStatus(u16),
 }
@@ -219,14 +219,14 @@ impl Manager {
                     other => Err(ManagerError::BadStatus(other)),
                 }
             }
-            Err(e) => Err(classify(&e)),
+            Err(e) => Err(classify(e)),
         }
     }
 }
 
 /// Tell a refused TLS identity from an unreachable Manager.
-fn classify(e: &ureq::Error) -> ManagerError {
-    let is_tls = match e {
+fn classify(e: ureq::Error) -> ManagerError {
+    let is_tls = match &e {
         ureq::Error::Tls(_) | ureq::Error::Rustls(_) => true,
         ureq::Error::Io(io) => io
             .get_ref()
@@ -234,9 +234,9 @@ fn classify(e: &ureq::Error) -> ManagerError {
         _ => false,
     };
     if is_tls {
-        ManagerError::TlsRejected(e.to_string())
+        ManagerError::TlsRejected(e)
     } else {
-        ManagerError::Unreachable(e.to_string())
+        ManagerError::Unreachable(e)
     }
 }
 

@@ -3,37 +3,84 @@
 //!
 //! Every method is synchronous and may block (clones, FIEMAP, LMDB
 //! transactions, opening files): the API calls them through
-//! `tokio::task::spawn_blocking`, never on the event loop. Errors carry their
-//! HTTP class; the api module maps them to a status and an error body in one
-//! place (`api::ApiError`). Ids reaching a backend have passed the router's
+//! `tokio::task::spawn_blocking`, never on the event loop. A lower layer's
+//! error passes through typed ([`BackendError::Layer`]) and says its own
+//! [`Class`]; the api module maps the class to a status and an error body in
+//! one place (`api::ApiError`). Ids reaching a backend have passed the router's
 //! charset and length check, but a backend must still treat them as lookup
 //! keys, never as path components.
 
 use std::fs::File;
 
-use crate::wire::{HealthCheck, Snapshot, Vm};
+use crate::error::{Class, Classify};
+use crate::wire::{GetOptions, HealthCheck, Snapshot, Vm};
 
-/// Why a backend call failed, by HTTP class, with a message for `details`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a backend call failed. A lower layer's error stays typed
+/// ([`BackendError::Layer`]); the message variants are for failures that have
+/// no typed cause (an id the backend does not know, a size that does not
+/// match), each with a message for `details`.
+#[derive(Debug)]
 pub enum BackendError {
+    /// A lower layer's error (the snapshot manager's, the inventory's), with
+    /// its sources; its [`Class`] decides the status.
+    Layer(Box<dyn Classify>),
     /// Unknown VM, snapshot or disk (404).
-    #[error("{0}")]
     NotFound(String),
     /// The object exists but belongs elsewhere or is busy (409).
-    #[error("{0}")]
     Conflict(String),
     /// The request cannot be honoured as asked (400), e.g. `compareTo` not
     /// older than the snapshot.
-    #[error("{0}")]
     BadRequest(String),
     /// The service cannot serve this now but may shortly (503), e.g. the
     /// snapshot database is being reopened after a disk error.
-    #[error("{0}")]
     Unavailable(String),
     /// Anything else (500). The message is logged and sent as `details`:
     /// it must not hold secrets.
-    #[error("{0}")]
     Internal(String),
+}
+
+// By hand: a layer's error is transparent (its own text and sources), which
+// `thiserror` cannot say of a boxed trait object.
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Layer(e) => e.fmt(f),
+            BackendError::NotFound(m)
+            | BackendError::Conflict(m)
+            | BackendError::BadRequest(m)
+            | BackendError::Unavailable(m)
+            | BackendError::Internal(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BackendError::Layer(e) => e.source(),
+            _ => None,
+        }
+    }
+}
+
+impl<E: Classify> From<E> for BackendError {
+    fn from(e: E) -> Self {
+        BackendError::Layer(Box::new(e))
+    }
+}
+
+impl BackendError {
+    /// The class of the failure.
+    pub fn class(&self) -> Class {
+        match self {
+            BackendError::Layer(e) => e.class(),
+            BackendError::NotFound(_) => Class::NotFound,
+            BackendError::Conflict(_) => Class::Conflict,
+            BackendError::BadRequest(_) => Class::BadRequest,
+            BackendError::Unavailable(_) => Class::Unavailable,
+            BackendError::Internal(_) => Class::Internal,
+        }
+    }
 }
 
 /// What the API serves. Implemented by the glue over the inventory and the
@@ -61,16 +108,15 @@ pub trait Backend: Send + Sync + 'static {
         self.create_snapshot(vm).map(|s| (s, false))
     }
 
-    /// One snapshot. With `compare_to`, chunks are the ranges to copy from
-    /// the older snapshot (SEMANTICS.md), `size` and `zeroed` are filled, and
-    /// `zeroed_separate` leaves the zeroed ranges out of `chunks`.
+    /// One snapshot. `squash` merges contiguous chunks; with `compare_to`,
+    /// chunks are the ranges to copy from the older snapshot (SEMANTICS.md),
+    /// `size` and `zeroed` are filled, and `zeroed_separate` leaves the
+    /// zeroed ranges out of `chunks`.
     fn get_snapshot(
         &self,
         vm: &str,
         snap: &str,
-        squash: bool,
-        compare_to: Option<&str>,
-        zeroed_separate: bool,
+        options: &GetOptions,
     ) -> Result<Snapshot, BackendError>;
 
     /// Delete one snapshot: Ok when it is unknown (idempotent), Conflict
@@ -95,55 +141,5 @@ pub trait Backend: Send + Sync + 'static {
     /// writable, each repository readable and cloneable. None by default.
     fn health(&self) -> Vec<HealthCheck> {
         Vec::new()
-    }
-}
-
-/// The backend of a node with no inventory configured: it has no VM, so
-/// every VM route answers 404. This is what the binary serves until the
-/// inventory and snapshot manager are wired in.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoInventory;
-
-const NO_INVENTORY: &str = "no inventory configured";
-
-impl NoInventory {
-    fn missing<T>(vm: &str) -> Result<T, BackendError> {
-        Err(BackendError::NotFound(format!(
-            "VM {vm} not found: {NO_INVENTORY}"
-        )))
-    }
-}
-
-impl Backend for NoInventory {
-    fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
-        Ok(Vec::new())
-    }
-    fn get_vm(&self, vm: &str) -> Result<Vm, BackendError> {
-        Self::missing(vm)
-    }
-    fn list_snapshots(&self, vm: &str, _: bool) -> Result<Vec<Snapshot>, BackendError> {
-        Self::missing(vm)
-    }
-    fn create_snapshot(&self, vm: &str) -> Result<Snapshot, BackendError> {
-        Self::missing(vm)
-    }
-    fn get_snapshot(
-        &self,
-        vm: &str,
-        _: &str,
-        _: bool,
-        _: Option<&str>,
-        _: bool,
-    ) -> Result<Snapshot, BackendError> {
-        Self::missing(vm)
-    }
-    fn delete_snapshot(&self, vm: &str, _: &str) -> Result<(), BackendError> {
-        Self::missing(vm)
-    }
-    fn purge_snapshots(&self, vm: &str) -> Result<(), BackendError> {
-        Self::missing(vm)
-    }
-    fn open_disk(&self, vm: &str, _: &str, _: &str) -> Result<(File, u64), BackendError> {
-        Self::missing(vm)
     }
 }

@@ -19,8 +19,10 @@ pub mod router;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::error::Class;
+
 pub use auth::{check_password_hash, Login, Tokens};
-pub use backend::{Backend, BackendError, NoInventory};
+pub use backend::{Backend, BackendError};
 pub use body::ApiBody;
 pub use config::{AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth};
 pub use router::{handle, State};
@@ -55,14 +57,26 @@ pub enum ApiError {
     Unavailable(String),
 }
 
+/// The one table from a failure's class to its answer: every layer's error
+/// reaches here typed (through [`BackendError`]) and says its [`Class`];
+/// `details` is the whole error chain.
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::NotFound(m) => ApiError::NotFound(m),
-            BackendError::Conflict(m) => ApiError::Conflict(m),
-            BackendError::BadRequest(m) => ApiError::BadRequest(m),
-            BackendError::Unavailable(m) => ApiError::Unavailable(m),
-            BackendError::Internal(m) => ApiError::Internal(m),
+        let class = e.class();
+        let details = match e {
+            BackendError::Layer(e) => crate::error::chain(&*e),
+            BackendError::NotFound(m)
+            | BackendError::Conflict(m)
+            | BackendError::BadRequest(m)
+            | BackendError::Unavailable(m)
+            | BackendError::Internal(m) => m,
+        };
+        match class {
+            Class::NotFound => ApiError::NotFound(details),
+            Class::Conflict => ApiError::Conflict(details),
+            Class::BadRequest => ApiError::BadRequest(details),
+            Class::Unavailable => ApiError::Unavailable(details),
+            Class::Internal => ApiError::Internal(details),
         }
     }
 }

@@ -24,6 +24,8 @@ pub mod vmcfg;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::error::{Class, Classify};
+
 pub use config::{InventoryConfig, InventorySource, StaticDisk, StaticRepository, StaticVm};
 pub use inventory::NodeInventory;
 pub use model::{Disk, Repository, RepositoryStatus, Vm};
@@ -64,6 +66,12 @@ pub enum InventoryError {
         #[source]
         source: agent_records::RecordError,
     },
+}
+
+impl Classify for InventoryError {
+    fn class(&self) -> Class {
+        Class::Internal
+    }
 }
 
 /// What the snapshot manager and the API know of the node.

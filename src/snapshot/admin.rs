@@ -21,8 +21,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{GetOptions, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
-use crate::ovm::{Disk, Repository, Vm};
+use super::{Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use crate::ovm::{Disk, InventoryError, Repository, Vm};
+use crate::wire::GetOptions;
 
 /// Exit status of a failed command.
 const EXIT_FAILED: i32 = 1;
@@ -77,7 +78,7 @@ struct FlagVm {
 }
 
 impl VmLookup for FlagVm {
-    fn vm(&self, name: &str) -> Result<Option<Vm>, String> {
+    fn vm(&self, name: &str) -> Result<Option<Vm>, InventoryError> {
         Ok(self.vm.clone().filter(|v| v.name == name))
     }
 }

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::error::{Class, Classify};
+use crate::ovm::InventoryError;
 use crate::store::StoreError;
 use crate::sys::{CloneError, FiemapError};
 
@@ -60,8 +62,8 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// The inventory could not answer.
-    #[error("inventory lookup failed: {0}")]
-    Inventory(String),
+    #[error("inventory lookup failed")]
+    Inventory(#[source] InventoryError),
     /// Another process holds the database (a running service).
     #[error(
         "the snapshot database {path:?} is in use by another process (stop the service \
@@ -82,5 +84,27 @@ impl SnapshotError {
     /// True when the store ran out of map space (nothing was recorded).
     pub fn is_map_full(&self) -> bool {
         matches!(self, SnapshotError::Store(e) if e.is_map_full())
+    }
+}
+
+impl Classify for SnapshotError {
+    fn class(&self) -> Class {
+        match self {
+            SnapshotError::NotFound { .. } => Class::NotFound,
+            SnapshotError::Conflict { .. } => Class::Conflict,
+            SnapshotError::BadRequest { .. } | SnapshotError::Incompatible { .. } => {
+                Class::BadRequest
+            }
+            // The base of a diff is gone or changed: answering would risk a
+            // missed change, and retrying will not help.
+            SnapshotError::BaseChanged { .. } => Class::Conflict,
+            SnapshotError::Busy { .. } => Class::Conflict,
+            SnapshotError::Store(s) => s.class(),
+            SnapshotError::Inventory(e) => e.class(),
+            SnapshotError::Damaged { .. }
+            | SnapshotError::Clone { .. }
+            | SnapshotError::Fiemap { .. }
+            | SnapshotError::Io { .. } => Class::Internal,
+        }
     }
 }

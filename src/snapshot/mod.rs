@@ -49,10 +49,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::extent::{self, Extent, ExtentMap};
-use crate::ovm::Vm;
+use crate::ovm::{InventoryError, Vm};
 use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions};
 use crate::sys::path::{self, SNAPSHOTS_DIR};
-use crate::wire::{Chunk, Snapshot, SnapshotDisk};
+use crate::wire::{Chunk, GetOptions, Snapshot, SnapshotDisk};
 
 pub use error::SnapshotError;
 pub use reconcile::{Action, ReconcileReport};
@@ -82,7 +82,7 @@ const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 pub trait VmLookup: Send + Sync {
     /// The VM named `name` (the `{vm}` of the API), or None if unknown. An
     /// Err is a failure of the inventory itself.
-    fn vm(&self, name: &str) -> Result<Option<Vm>, String>;
+    fn vm(&self, name: &str) -> Result<Option<Vm>, InventoryError>;
 }
 
 /// The `[store]` section of the config file.
@@ -155,28 +155,6 @@ impl From<&Extent> for Chunk {
             start: e.logical,
             length: e.length,
             physical_start: e.physical,
-        }
-    }
-}
-
-/// Options of [`Manager::get`] (the query of `GET .../snapshots/{snap}`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GetOptions {
-    /// Merge logically contiguous chunks (`squashChunks`, default true).
-    pub squash: bool,
-    /// Answer only what changed since this older snapshot (`compareTo`).
-    pub compare_to: Option<String>,
-    /// Leave zeroed ranges out of `chunks` (`zeroed=separate`); by default
-    /// they are in `chunks` too, so old clients copy the zeros.
-    pub zeroed_separate: bool,
-}
-
-impl Default for GetOptions {
-    fn default() -> Self {
-        Self {
-            squash: true,
-            compare_to: None,
-            zeroed_separate: false,
         }
     }
 }

@@ -63,6 +63,7 @@ use heed::types::{Bytes, Str};
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError, WithoutTls};
 use uuid::Uuid;
 
+use crate::error::{Class, Classify};
 use crate::extent::ExtentMap;
 use crate::sys::FsType;
 
@@ -197,6 +198,17 @@ pub enum StoreError {
     /// The environment failed and could not be reopened yet (HTTP 503).
     #[error("the snapshot database is unavailable (retried in {retry_in:?}): {reason}")]
     Unavailable { reason: String, retry_in: Duration },
+}
+
+impl Classify for StoreError {
+    fn class(&self) -> Class {
+        match self {
+            StoreError::BadIdempotencyKey { .. } => Class::BadRequest,
+            // Reopening the database after a disk error: retry shortly.
+            StoreError::Unavailable { .. } => Class::Unavailable,
+            _ => Class::Internal,
+        }
+    }
 }
 
 impl StoreError {

@@ -13,6 +13,7 @@
 
 pub mod digest;
 pub mod json;
+pub mod query;
 pub mod range;
 pub mod stream;
 
@@ -22,3 +23,4 @@ pub use json::{
     Chunk, Disk, ErrorBody, Health, HealthCheck, LoginRequest, LoginResponse, Snapshot,
     SnapshotDisk, Vm,
 };
+pub use query::GetOptions;

@@ -15,6 +15,7 @@ use super::table::{Handler, Route};
 use crate::api::body::ApiBody;
 use crate::api::{blocking, disk, json_response, ApiError, Backend};
 use crate::io::IoEngine;
+use crate::wire::GetOptions;
 
 /// Time a snapshot operation into the metrics.
 async fn timed<T, F>(state: &State, op: &'static str, f: F) -> Result<T, ApiError>
@@ -129,7 +130,12 @@ where
             };
             let op = if compare_to.is_some() { "diff" } else { "get" };
             let s = timed(state, op, move || {
-                be.get_snapshot(&vm, &snap, squash, compare_to.as_deref(), zeroed_separate)
+                let options = GetOptions {
+                    squash,
+                    compare_to,
+                    zeroed_separate,
+                };
+                be.get_snapshot(&vm, &snap, &options)
             })
             .await?;
             ok(json_response(StatusCode::OK, &s))
@@ -196,7 +202,12 @@ fn snapshot_disk(
     disk: &str,
     compare_to: Option<String>,
 ) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), crate::api::BackendError> {
-    let s = be.get_snapshot(vm, snap, true, compare_to.as_deref(), true)?;
+    let options = GetOptions {
+        squash: true,
+        compare_to,
+        zeroed_separate: true,
+    };
+    let s = be.get_snapshot(vm, snap, &options)?;
     let d = s
         .disks
         .into_iter()

@@ -20,7 +20,7 @@ use super::*;
 use crate::api::auth::{Login, LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
 use crate::api::config::{LocalUser, MetricsAuth};
 use crate::api::{Backend, BackendError};
-use crate::wire::{ByteRange, Chunk, Disk, Snapshot, SnapshotDisk, Vm};
+use crate::wire::{ByteRange, Chunk, Disk, GetOptions, Snapshot, SnapshotDisk, Vm};
 
 const VM1: &str = "0004fb0000060000ccaf98a0baa2c186";
 const VM2: &str = "0004fb00000600001111111111111111";
@@ -195,10 +195,13 @@ impl Backend for TestNode {
         &self,
         vm: &str,
         snap: &str,
-        squash: bool,
-        compare_to: Option<&str>,
-        zeroed_separate: bool,
+        options: &GetOptions,
     ) -> Result<Snapshot, BackendError> {
+        let (squash, compare_to, zeroed_separate) = (
+            options.squash,
+            options.compare_to.as_deref(),
+            options.zeroed_separate,
+        );
         self.record(Call::Get(
             vm.into(),
             snap.into(),

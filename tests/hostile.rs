@@ -626,3 +626,94 @@ fn stalled_downloads_do_not_stop_other_downloads() {
     assert!(metric(&s.ex, "coe_io_overflow_buffers_in_use ") <= 8);
     drop(stalled);
 }
+
+/// Paths from node files are resolved beneath the repository's mount with
+/// no symlink in any component: a disk reached through a symlinked folder,
+/// or lying outside its repository, is listed as not snapshot-compatible,
+/// and a snapshot of its VM is refused with the reason, cloning nothing.
+#[test]
+fn disks_behind_symlinks_or_outside_the_repository_are_never_cloned() {
+    let scratch = Fs::Xfs.scratch("hostile-paths");
+    let repo = scratch.path("repo");
+    let elsewhere = scratch.path("elsewhere");
+    std::fs::create_dir_all(repo.join("VirtualDisks")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for p in [
+        repo.join("VirtualDisks/good.img"),
+        elsewhere.join("secret.img"),
+    ] {
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+    }
+    // A folder of the repository that is a symlink to a folder outside it.
+    std::os::unix::fs::symlink(&elsewhere, repo.join("Linked")).unwrap();
+    let cases = [
+        ("vm-linked", repo.join("Linked/secret.img"), "symlink"),
+        ("vm-outside", elsewhere.join("secret.img"), "repository"),
+    ];
+    let pki = Pki::new();
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        let mut c = Exporter::config(&pki, dir, port, &o);
+        c += &format!(
+            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+             mount_point = {repo:?}\n"
+        );
+        for (vm, disk, _) in &cases {
+            c += &format!(
+                "\n[[inventory.vms]]\nname = {vm:?}\n\
+                 disks = [ {{ path = {:?}, device_name = \"xvda\" }}, \
+                 {{ path = {:?}, device_name = \"xvdb\" }} ]\n",
+                repo.join("VirtualDisks/good.img"),
+                disk
+            );
+        }
+        c
+    });
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    for (vm, _, why) in &cases {
+        let v = ex.request("GET", &format!("/api/v1/vms/{vm}"), Some(&token), "");
+        assert_eq!(v.status, 200, "{}", v.text());
+        let v = v.json();
+        assert_eq!(v["snapshot_compatible"], false, "{v}");
+        assert_eq!(v["disks"][0]["snapshot_compatible"], true, "{v}");
+        assert_eq!(v["disks"][1]["snapshot_compatible"], false, "{v}");
+        let a = ex.request(
+            "POST",
+            &format!("/api/v1/vms/{vm}/snapshots"),
+            Some(&token),
+            "",
+        );
+        assert!(
+            (400..500).contains(&a.status) && a.text().contains(why),
+            "{vm}: {} {}",
+            a.status,
+            a.text()
+        );
+    }
+    // Nothing was cloned: no snapshot folder holds a file.
+    let snaps = repo.join("CoriolisSnapshots");
+    let cloned: Vec<_> = walk(&snaps);
+    assert!(cloned.is_empty(), "{cloned:?}");
+}
+
+/// Every regular file under `dir` (none when it does not exist).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}

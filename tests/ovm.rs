@@ -499,7 +499,17 @@ fn fake_ovm_node_on_xfs() {
         node.repo_b,
         ".ovsmeta names it"
     );
-    assert!(named.snapshot_compatible, "{named:?}");
+    // #11: named by .ovsmeta but outside the repository's mount: listed,
+    // with the reason, never cloned or read.
+    assert!(!named.snapshot_compatible, "{named:?}");
+    assert!(
+        named
+            .incompatible_reason
+            .as_deref()
+            .unwrap()
+            .contains("outside the mount point"),
+        "{named:?}"
+    );
     assert!(
         metaiso
             .incompatible_reason

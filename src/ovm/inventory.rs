@@ -33,7 +33,10 @@ use super::model::{Disk, Repository, RepositoryStatus, Vm};
 use super::pickle::bytes_to_text;
 use super::probe::{probe_clone, CloneProbe};
 use super::vmcfg::{self, DiskSpec, DiskTarget, OvsMetaEntry, VmConfig, OVSMETA_VIRTUAL_DISK};
-use super::{read_bounded, Inventory, InventoryError, MAX_DB_FILE, REPOSITORY_DB};
+use super::{
+    open_beneath, read_bounded, read_bounded_beneath, Inventory, InventoryError, MAX_DB_FILE,
+    REPOSITORY_DB,
+};
 
 /// Folder of a repository holding one folder per VM.
 pub const VM_DIR: &str = "VirtualMachines";
@@ -264,14 +267,26 @@ impl NodeInventory {
                 repo.filesystem = probe.fs_type.map(|f| f.name()).unwrap_or_default();
             }
             let meta_path = repo.mount_point.join(OVSMETA);
-            let ovsmeta = cached_ovsmeta(&mut old_meta, &mut st.ovsmeta, &meta_path, w);
+            let ovsmeta = cached_ovsmeta(
+                &mut old_meta,
+                &mut st.ovsmeta,
+                &repo.mount_point,
+                &meta_path,
+                w,
+            );
             let mut unreadable = None;
             if discover {
                 let vm_dir = repo.mount_point.join(VM_DIR);
                 let entries = cached_dir(&mut old_dirs, &mut st.dirs, &vm_dir, w, &mut unreadable);
                 for entry in entries.iter() {
                     let cfg_path = vm_dir.join(entry).join(VM_CFG);
-                    if let Some(c) = cached_vmcfg(&mut old_cfgs, &mut st.vmcfgs, &cfg_path, w) {
+                    if let Some(c) = cached_vmcfg(
+                        &mut old_cfgs,
+                        &mut st.vmcfgs,
+                        &repo.mount_point,
+                        &cfg_path,
+                        w,
+                    ) {
                         configs.push(c);
                     }
                 }
@@ -485,6 +500,7 @@ fn cached_probe(probes: &mut HashMap<PathBuf, ProbeEntry>, mount: &Path, dev: u6
 fn cached_ovsmeta(
     old: &mut HashMap<PathBuf, (Stamp, Option<OvsMeta>)>,
     new: &mut HashMap<PathBuf, (Stamp, Option<OvsMeta>)>,
+    mount: &Path,
     path: &Path,
     w: &mut Warnings,
 ) -> Option<OvsMeta> {
@@ -493,7 +509,7 @@ fn cached_ovsmeta(
     let entry = match old.remove(path) {
         Some((olds, v)) if olds == s => v,
         _ => {
-            let parsed = read_bounded(path, MAX_OVSMETA)
+            let parsed = read_bounded_beneath(mount, path, MAX_OVSMETA)
                 .map_err(|e| error_chain(&e))
                 .and_then(|b| vmcfg::parse_ovsmeta(&b).map_err(|e| error_chain(&e)));
             match parsed {
@@ -569,6 +585,7 @@ fn cached_dir(
 fn cached_vmcfg(
     old: &mut HashMap<PathBuf, (Stamp, Option<Arc<VmConfig>>)>,
     new: &mut HashMap<PathBuf, (Stamp, Option<Arc<VmConfig>>)>,
+    mount: &Path,
     path: &Path,
     w: &mut Warnings,
 ) -> Option<Arc<VmConfig>> {
@@ -593,7 +610,7 @@ fn cached_vmcfg(
     let entry = match old.remove(path) {
         Some((olds, v)) if olds == s => v,
         _ => {
-            let parsed = read_bounded(path, MAX_VM_CFG)
+            let parsed = read_bounded_beneath(mount, path, MAX_VM_CFG)
                 .map_err(|e| error_chain(&e))
                 .and_then(|b| vmcfg::vm_config(&b).map_err(|e| error_chain(&e)));
             match parsed {
@@ -798,7 +815,16 @@ fn file_disk_reason(
             repo.probe.describe()
         ));
     }
-    match std::fs::symlink_metadata(path) {
+    // Beneath the repository's mount, with no symlink in any component
+    // (a disk outside it is never cloned or read).
+    if !path.starts_with(&repo.repo.mount_point) {
+        return Some(format!(
+            "outside the mount point {} of repository {}",
+            repo.repo.mount_point.display(),
+            repo.repo.id
+        ));
+    }
+    match open_beneath(&repo.repo.mount_point, path).and_then(|f| f.metadata()) {
         Ok(m) if m.is_file() => None,
         Ok(_) => Some("not a regular file".to_owned()),
         Err(e) => Some(format!("disk file unusable: {e}")),

@@ -428,7 +428,10 @@ impl Manager {
                 .iter()
                 .find(|f| f.repo_mount == d.repo_mount)
                 .expect("a folder per repository");
-            let src_dir = path::open_dir(&d.src_dir)
+            // The disk's folder beneath its repository's mount, with no
+            // symlink in any component (the inventory checked the same; a
+            // path swapped since is refused here, not followed).
+            let src_dir = open_src_dir(&d.repo_mount, &d.src_dir)
                 .map_err(|e| SnapshotError::io("open the disk's folder", &d.name, e))?;
             crate::sys::reflink(
                 src_dir.as_fd(),
@@ -841,6 +844,32 @@ fn info(rec: &SnapshotRecord, maps: &[ExtentMap], squash: bool) -> Snapshot {
     }
 }
 
+/// `src_dir` (beneath `mount`, plan_disks checked) opened with no symlink
+/// in any component below the mount.
+fn open_src_dir(mount: &Path, src_dir: &Path) -> std::io::Result<OwnedFd> {
+    let repo = path::open_dir(mount)?;
+    match src_dir.strip_prefix(mount) {
+        Ok(rel) if rel.as_os_str().is_empty() => Ok(repo),
+        Ok(rel) => {
+            let dir = path::resolve_beneath(repo.as_fd(), rel)?;
+            if !rustix::fs::fstat(&dir)
+                .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
+                .unwrap_or(false)
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the disk's folder is not a folder",
+                ));
+            }
+            Ok(dir)
+        }
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the disk is not beneath its repository's mount point",
+        )),
+    }
+}
+
 /// Checks that every disk can be cloned and names it; nothing is touched.
 fn plan_disks(vm: &Vm) -> Result<Vec<PlannedDisk>, SnapshotError> {
     if vm.disks.is_empty() {
@@ -886,6 +915,11 @@ fn plan_disks(vm: &Vm) -> Result<Vec<PlannedDisk>, SnapshotError> {
         };
         if !repo.mount_point.is_absolute() {
             return Err(refuse("the repository's mount point is not absolute"));
+        }
+        if !d.path.starts_with(&repo.mount_point) {
+            return Err(refuse(
+                "the disk is outside its repository's mount point: never cloned",
+            ));
         }
         plan.push(PlannedDisk {
             name: d.name.clone(),

@@ -1,6 +1,7 @@
 //! Disk bytes: `GET`/`HEAD .../disks/{disk}` (API.md "Disk bytes") and the
 //! two extensions over the same file, `.../incremental` and
-//! `.../checksums` (ENDPOINTS.md).
+//! `.../checksums` (`docs/incremental-stream.md`, `docs/checksums.md`,
+//! `docs/openapi.yaml`).
 //!
 //! Every byte goes through the io core ([`IoEngine`]): the snapshot file the
 //! backend opened (from its records, never from a request path) is taken
@@ -33,11 +34,11 @@ use crate::wire::SnapshotDisk;
 
 /// Content type of disk bytes and of each multipart part.
 const OCTETS: &str = "application/octet-stream";
-/// Default checksum block (ENDPOINTS.md): 4 MiB.
+/// Default checksum block (`docs/checksums.md`): 4 MiB.
 pub const DEFAULT_CHECKSUM_BLOCK: u64 = 4 << 20;
-/// Smallest checksum block (ENDPOINTS.md): 64 KiB.
+/// Smallest checksum block (`docs/checksums.md`): 64 KiB.
 pub const MIN_CHECKSUM_BLOCK: u64 = 64 << 10;
-/// Largest checksum block (ENDPOINTS.md): 64 MiB.
+/// Largest checksum block (`docs/checksums.md`): 64 MiB.
 pub const MAX_CHECKSUM_BLOCK: u64 = 64 << 20;
 /// Most blocks in one checksum answer: bounds the answer for any disk size
 /// to under 3 MiB of JSON (at most 11 bytes per block) and its working
@@ -267,7 +268,7 @@ pub fn stream_params(get: impl Fn(&str) -> Option<String>) -> Result<Option<V2Op
     }
 }
 
-/// The checksums answer (ENDPOINTS.md).
+/// The checksums answer (`docs/checksums.md`).
 #[derive(Debug, Serialize)]
 pub struct Checksums {
     pub size: u64,

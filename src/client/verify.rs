@@ -1,5 +1,5 @@
 //! `--verify`: compares a replica with the snapshot block by block, by the
-//! CRC-32s of the server's checksums endpoint (ENDPOINTS.md:
+//! CRC-32s of the server's checksums endpoint (`docs/checksums.md`:
 //! `GET .../disks/{disk}/checksums?blockSize=N`).
 //!
 //! The server computes hole blocks without reading them; so does this side:
@@ -34,7 +34,7 @@ pub enum VerifyWith {
 /// Block size asked for: the endpoint's default (4 MiB), a good balance of
 /// answer size (4 bytes per 4 MiB) and precision of the mismatch report.
 pub const DEFAULT_BLOCK: u64 = 4 << 20;
-/// Smallest and largest block sizes the endpoint accepts (ENDPOINTS.md).
+/// Smallest and largest block sizes the endpoint accepts (`docs/checksums.md`).
 const MIN_BLOCK: u64 = 64 << 10;
 const MAX_BLOCK: u64 = 64 << 20;
 /// Mismatched blocks listed in a report before it just counts them.

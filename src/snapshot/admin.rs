@@ -2,8 +2,9 @@
 //! and `snapshot create|delete|list`.
 //!
 //! These run with the service stopped (the manager's process lock refuses
-//! them otherwise). Until the config file is wired in, the database and the
-//! VM are described by flags:
+//! them otherwise). With `-config PATH`, `reconcile` and `rebuild-db` work on
+//! the node the config file describes (its database and inventory; see
+//! `main.rs`); without it, the database and the VM are described by flags:
 //!
 //! ```text
 //! reconcile  --db PATH [--repo MOUNT]... [--owner ID] [--map-size BYTES]

@@ -28,9 +28,10 @@ pub enum Handler {
     GetSnapshot,
     DeleteSnapshot,
     Disk,
-    /// Extension (ENDPOINTS.md): a disk's changes as one incremental stream.
+    /// Extension (`docs/incremental-stream.md`): a disk's changes as one
+    /// incremental stream.
     Incremental,
-    /// Extension (ENDPOINTS.md): CRC-32 per block of a disk.
+    /// Extension (`docs/checksums.md`): CRC-32 per block of a disk.
     Checksums,
 }
 

@@ -3,7 +3,8 @@
 #
 # On a fresh machine as root it installs what the suite needs, makes one
 # loop-mounted XFS (reflink=1) and one btrfs image for this run, hands their
-# folders to the tests (COE_TEST_XFS, COE_TEST_BTRFS), runs the gates and the
+# folders to the tests (COE_TEST_XFS, COE_TEST_BTRFS), runs the gates (fmt, the
+# layer rule of docs/architecture.md, clippy) and the
 # whole suite (clippy --all-targets also type-checks the benches), builds the
 # fuzz targets and runs each fuzz target
 # briefly, and unmounts and removes everything even when a step fails.
@@ -46,6 +47,7 @@ export COE_TEST_XFS="$work/xfs" COE_TEST_BTRFS="$work/btrfs"
 echo "test filesystems: XFS at $COE_TEST_XFS, btrfs at $COE_TEST_BTRFS"
 
 cargo fmt --all -- --check
+./scripts/check-layers.sh
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked -- --test-threads="${COE_TEST_THREADS:-2}" \
   --skip ocfs2_guest:: --skip ocfs2_cluster::

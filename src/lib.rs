@@ -1,9 +1,13 @@
 //! coriolis-ovm-exporter: per-node incremental disk exporter.
 //!
-//! Layers, from the bottom (see `docs/` and the README):
+//! Layers, from the bottom (`docs/architecture.md`; a module imports only
+//! from layers below it, checked by `scripts/check-layers.sh`):
+//! - [`error`], [`extent`], [`tls`]: the leaves (the error chain and
+//!   classes; pure extent-map algebra; the crypto provider and certificate
+//!   loading).
 //! - [`sys`]: the only place that issues syscalls needing `unsafe`
-//!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs).
-//! - [`extent`]: pure extent-map algebra: squash and diff.
+//!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs), and the safe-path
+//!   layer every path open goes through.
 //! - [`wire`]: what client and server agree on: the JSON shapes, the
 //!   `Range` grammar and multipart framing, the incremental-stream codec.
 //! - [`io`]: the io core: range reads into pooled aligned buffers on
@@ -17,9 +21,10 @@
 //!   core's reads), metrics.
 //! - [`server`]: TLS listener, connections, signals, logging; the config
 //!   file, which puts each layer's own section together.
-//! - [`tls`]: the crypto provider and certificate loading (a leaf, shared by
-//!   the server, the login check and the client).
-//! - [`client`]: the command-line client (`coriolis-ovm-exporter client`).
+//! - [`node`]: the glue: the inventory and the snapshot manager as the
+//!   API's backend.
+//! - [`client`]: the command-line client (`coriolis-ovm-exporter client`),
+//!   beside the server side: it uses `wire` and the leaves only.
 //! - [`demo`]: the self-contained demo (`coriolis-ovm-exporter demo`).
 #![deny(unsafe_code)]
 

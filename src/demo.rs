@@ -14,7 +14,10 @@
 //! (unmount, loop detach, files) unless `--keep`.
 //!
 //! It owns only what it creates under its own work folder; it never touches
-//! anything else in `--dir`.
+//! anything else in `--dir`. The database, config and certificates always
+//! live in a local folder under the temporary folder, whatever `--dir` is:
+//! LMDB belongs on local storage, and the store refuses OCFS2 and NFS (an
+//! Oracle VM repository is OCFS2).
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -142,9 +145,13 @@ fn tool(program: &str, args: &[&str]) -> Result<String> {
 
 /// Everything the demo made, undone on drop (unless kept).
 struct Setup {
-    /// The demo's own folder: config, certificates, database (and the
-    /// image and mount point, or the repository with `--dir`).
+    /// The demo's own folder: the image and mount point, or the repository
+    /// with `--dir`.
     work: PathBuf,
+    /// The local folder of config, certificates and database: `work`
+    /// itself without `--dir`, else its own folder under the temporary
+    /// folder.
+    local: PathBuf,
     mount: Option<PathBuf>,
     loop_dev: Option<String>,
     keep: bool,
@@ -154,6 +161,9 @@ impl Drop for Setup {
     fn drop(&mut self) {
         if self.keep {
             eprintln!("demo: --keep: leaving {} in place", self.work.display());
+            if self.local != self.work {
+                eprintln!("demo: and {} (rm -r it too)", self.local.display());
+            }
             if let (Some(m), Some(l)) = (&self.mount, &self.loop_dev) {
                 eprintln!(
                     "demo: to remove it: umount {} && losetup -d {l} && rm -r {}",
@@ -187,9 +197,15 @@ impl Drop for Setup {
                 eprintln!("demo: {e}");
             }
         }
-        match fs::remove_dir_all(&self.work) {
-            Ok(()) => eprintln!("demo: removed {}", self.work.display()),
-            Err(e) => eprintln!("demo: cannot remove {}: {e}", self.work.display()),
+        let mut dirs = vec![&self.work];
+        if self.local != self.work {
+            dirs.push(&self.local);
+        }
+        for d in dirs {
+            match fs::remove_dir_all(d) {
+                Ok(()) => eprintln!("demo: removed {}", d.display()),
+                Err(e) => eprintln!("demo: cannot remove {}: {e}", d.display()),
+            }
         }
     }
 }
@@ -413,8 +429,14 @@ fn prepare(args: &DemoArgs) -> Result<(Setup, PathBuf, String)> {
             }
             let work = dir.join(&tag);
             fs::create_dir(&work).map_err(io("cannot create", &work))?;
+            let local = std::env::temp_dir().join(format!("{tag}-local"));
+            if let Err(e) = fs::create_dir(&local) {
+                let _ = fs::remove_dir(&work);
+                return Err(io("cannot create", &local)(e));
+            }
             let setup = Setup {
                 work: work.clone(),
+                local,
                 mount: None,
                 loop_dev: None,
                 keep: args.keep,
@@ -459,6 +481,7 @@ fn prepare(args: &DemoArgs) -> Result<(Setup, PathBuf, String)> {
             fs::create_dir(&work).map_err(io("cannot create", &work))?;
             let mut setup = Setup {
                 work: work.clone(),
+                local: work.clone(),
                 mount: None,
                 loop_dev: None,
                 keep: args.keep,
@@ -525,12 +548,12 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
     let interrupted = catch_early_signals();
     let (setup, repo, fs_desc) = prepare(args)?;
     let vms = make_repository(&repo)?;
-    let (cert, key) = make_certificate(&setup.work, args.bind)?;
+    let (cert, key) = make_certificate(&setup.local, args.bind)?;
     let password = b64(&random(PASSWORD_BYTES)?);
     let secret = b64(&random(SECRET_BYTES)?);
     let hash = hash_password(&password)?;
-    let config_path = setup.work.join("config.toml");
-    let db = setup.work.join("exporter.db");
+    let config_path = setup.local.join("config.toml");
+    let db = setup.local.join("exporter.db");
     let config_text = format!(
         "# Made by `coriolis-ovm-exporter demo`; see config/config.example.toml.\n\
          db_file = {db}\n\n\

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{free_port, Fs};
+use crate::common::{free_port, Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const USER: &str = "tester";
@@ -39,10 +39,10 @@ fn toml_path(p: &Path) -> String {
 }
 
 /// A server with its own config, certificate, user and repository.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     config: PathBuf,
-    url: String,
+    pub(crate) url: String,
     ca: PathBuf,
     password: String,
     log: PathBuf,
@@ -50,6 +50,16 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, repo: &Path, rng: &mut fastrand::Rng) -> Server {
+        Server::start_with(dir, repo, rng, "")
+    }
+
+    /// A server whose config ends with `extra` (TOML).
+    pub(crate) fn start_with(
+        dir: &Path,
+        repo: &Path,
+        rng: &mut fastrand::Rng,
+        extra: &str,
+    ) -> Server {
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
             rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -71,7 +81,7 @@ impl Server {
                  [api.tls]\ncertificate = {ca}\nkey = {key}\n\
                  [[auth.users]]\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
                  [inventory]\nsource = \"static\"\n\
-                 [[inventory.repositories]]\nid = \"e2e\"\nmount_point = {repo}\n",
+                 [[inventory.repositories]]\nid = \"e2e\"\nmount_point = {repo}\n{extra}",
                 db = toml_path(&dir.join("exporter.db")),
                 secret = random_text(rng, 48),
                 ca = toml_path(&ca),
@@ -283,14 +293,14 @@ impl NoChecksums {
 }
 
 /// The client binary with a given environment.
-struct Client {
+pub(crate) struct Client {
     env: HashMap<&'static str, String>,
     /// Strings no output may contain (the password, the token).
     secrets: Vec<String>,
 }
 
 impl Client {
-    fn new(server: &Server, cache: &Path) -> Client {
+    pub(crate) fn new(server: &Server, cache: &Path) -> Client {
         let mut env = HashMap::new();
         env.insert("COE_URL", server.url.clone());
         env.insert("COE_USER", USER.to_owned());
@@ -319,7 +329,7 @@ impl Client {
         c
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         let out = self.command(args).output().unwrap();
         let text = format!(
             "{}{}",
@@ -336,7 +346,7 @@ impl Client {
     }
 
     /// Runs and expects success; the JSON on stdout.
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.run(&a);
@@ -378,24 +388,30 @@ fn punch(f: &fs::File, off: u64, len: u64) {
 
 /// A sample repository: one VM with two sparse disks holding some data.
 fn make_repo(repo: &Path, rng: &mut fastrand::Rng) {
+    make_repo_sized(repo, rng, DISK_SIZE, true);
+}
+
+fn make_repo_sized(repo: &Path, rng: &mut fastrand::Rng, size: u64, long_extent: bool) {
     let disks = repo.join("VirtualDisks");
     fs::create_dir_all(&disks).unwrap();
     for name in [DISK_A, DISK_B] {
         let f = fs::File::create(disks.join(name)).unwrap();
-        f.set_len(DISK_SIZE).unwrap();
+        f.set_len(size).unwrap();
         // A few extents of data, the rest holes; one all-zero written
         // extent (it must read back as zeros, allocated or not).
         for _ in 0..5 {
-            let off = rng.u64(0..DISK_SIZE - (2 << 20)) & !4095;
-            let len = rng.usize(64 << 10..2 << 20);
+            let off = rng.u64(0..size - (2 << 20)) & !4095;
+            let len = rng.usize(64 << 10..if long_extent { 2 << 20 } else { 512 << 10 });
             write_random(&f, rng, off, len);
         }
-        f.write_all_at(&vec![0u8; 256 << 10], 40 << 20).unwrap();
+        f.write_all_at(&vec![0u8; 256 << 10], size / 6 * 5).unwrap();
         // Data at the start, which the changes punch on disk B, and one
         // long extent: at the interrupted download's rate limit it takes
         // seconds, so the interruption always lands in the middle.
         write_random(&f, rng, 0, 1 << 20);
-        write_random(&f, rng, 8 << 20, 8 << 20);
+        if long_extent {
+            write_random(&f, rng, 8 << 20, 8 << 20);
+        }
         f.sync_all().unwrap();
     }
     let vmdir = repo.join("VirtualMachines").join(VM);
@@ -411,6 +427,45 @@ fn make_repo(repo: &Path, rng: &mut fastrand::Rng) {
         ),
     )
     .unwrap();
+}
+
+/// The repository of [`make_repo`] at a sixth of the size (8 MiB disks,
+/// about 1.5 MiB of data each), for the slow TCG guests.
+fn make_small_repo(repo: &Path, rng: &mut fastrand::Rng) {
+    make_repo_sized(repo, rng, SMALL_DISK_SIZE, false);
+}
+
+const SMALL_DISK_SIZE: u64 = 8 << 20;
+
+/// Changes like [`change_disks`] on the small disks: writes, punches, disk
+/// A grows, disk B shrinks.
+fn change_small_disks(repo: &Path, rng: &mut fastrand::Rng) {
+    let a = fs::OpenOptions::new()
+        .write(true)
+        .open(repo.join("VirtualDisks").join(DISK_A))
+        .unwrap();
+    for _ in 0..10 {
+        let off = rng.u64(0..SMALL_DISK_SIZE - (64 << 10));
+        let len = rng.usize(1..64 << 10);
+        write_random(&a, rng, off, len);
+    }
+    for _ in 0..3 {
+        punch(
+            &a,
+            rng.u64(0..SMALL_DISK_SIZE - (256 << 10)),
+            rng.u64(1..256 << 10),
+        );
+    }
+    write_random(&a, rng, SMALL_DISK_SIZE + (512 << 10), 100_000);
+    a.sync_all().unwrap();
+    let b = fs::OpenOptions::new()
+        .write(true)
+        .open(repo.join("VirtualDisks").join(DISK_B))
+        .unwrap();
+    punch(&b, 0, 1 << 20);
+    write_random(&b, rng, 3 << 20, 5000);
+    b.set_len(SMALL_DISK_SIZE - (1 << 20) - 123).unwrap();
+    b.sync_all().unwrap();
 }
 
 /// Changes both disks: writes in data and holes, punched holes, disk A
@@ -518,7 +573,89 @@ fn state_file(out: &Path, disk: &str) -> PathBuf {
     out.join(format!(".{disk}.coe-download.json"))
 }
 
-fn e2e_on(fs_kind: Fs) {
+/// The core of the client story, sized for a TCG guest: a server with its
+/// repository on `fs_kind` and its database, config and certificates on
+/// local storage (the store refuses LMDB on OCFS2; an Oracle VM node keeps
+/// it on its local disk), cloning with `extra_config` (e.g. OCFS2's own
+/// ioctl); a full copy, the disks changed, an incremental by the stream
+/// and one by ranges, each replica byte-identical to its snapshot.
+pub(crate) fn full_and_incremental_on(fs_kind: Fs, extra_config: &str) {
+    let started = Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
+    let scratch = fs_kind.scratch("e2e-core");
+    let local = Scratch::temp("e2e-core-local");
+    let mut rng = fastrand::Rng::with_seed(0xe2e1 + fs_kind as u64);
+    let repo = scratch.path("repo");
+    make_small_repo(&repo, &mut rng);
+    step("repository made");
+    let server = Server::start_with(&local.dir, &repo, &mut rng, extra_config);
+    step("server up");
+    let client = Client::new(&server, &local.path("cache"));
+    let s1 = client.json(&["snapshots", "create", VM]);
+    let s1_id = s1["id"].as_str().unwrap().to_owned();
+    step("snapshot 1");
+    let out = local.path("replica");
+    let out2 = local.path("replica-ranges");
+    let (out_s, out2_s) = (out.display().to_string(), out2.display().to_string());
+    for o in [&out_s, &out2_s] {
+        let r = client.json(&["download", VM, &s1_id, "--out", o]);
+        assert_eq!(r["disks"][0]["mode"], "full", "{r}");
+    }
+    assert_replicas(&out, &s1);
+    assert_replicas(&out2, &s1);
+    step("full copies");
+    change_small_disks(&repo, &mut rng);
+    let s2 = client.json(&["snapshots", "create", VM]);
+    let s2_id = s2["id"].as_str().unwrap().to_owned();
+    step("snapshot 2");
+    let inc = client.json(&[
+        "download",
+        VM,
+        &s2_id,
+        "--out",
+        &out_s,
+        "--diff-from",
+        &s1_id,
+    ]);
+    for d in inc["disks"].as_array().unwrap() {
+        assert_eq!(d["mode"], "incremental", "{inc}");
+        assert_eq!(d["transport"], "stream", "{inc}");
+    }
+    assert_replicas(&out, &s2);
+    let by_ranges = client.json(&[
+        "download",
+        VM,
+        &s2_id,
+        "--out",
+        &out2_s,
+        "--diff-from",
+        &s1_id,
+        "--transport",
+        "ranges",
+    ]);
+    assert_eq!(by_ranges["disks"][0]["mode"], "incremental", "{by_ranges}");
+    assert_replicas(&out2, &s2);
+    step("incrementals");
+    for id in [&s1_id, &s2_id] {
+        let out = client.run(&["snapshots", "delete", VM, id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        fs::read_dir(repo.join("CoriolisSnapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "snapshot folders left after deleting every snapshot"
+    );
+    step("snapshots deleted");
+}
+
+/// The whole client story on `fs_kind`.
+pub(crate) fn e2e_on(fs_kind: Fs) {
     let scratch = fs_kind.scratch("e2e");
     let mut rng = fastrand::Rng::with_seed(0xe2e0 + fs_kind as u64);
     let repo = scratch.path("repo");
@@ -1042,7 +1179,13 @@ fn help_never_shows_the_password_from_the_environment() {
 
 #[test]
 fn demo_serves_with_printed_credentials_and_cleans_up_on_sigterm() {
-    let scratch = Fs::Xfs.scratch("demo");
+    demo_on(Fs::Xfs);
+}
+
+/// `demo --dir` on a folder of `fs`: it serves, keeps its database on local
+/// storage, and removes everything it made on SIGTERM.
+pub(crate) fn demo_on(fs: Fs) {
+    let scratch = fs.scratch("demo");
     let port = free_port();
     let mut child = Command::new(BIN)
         .args(["demo", "--dir"])
@@ -1108,6 +1251,11 @@ fn demo_serves_with_printed_credentials_and_cleans_up_on_sigterm() {
         .filter(|n| n.to_string_lossy().starts_with("coe-demo-"))
         .collect();
     assert_eq!(made.len(), 1, "{made:?}");
+    // Config and database are local, not in --dir.
+    let config = PathBuf::from(&fields["config"]);
+    let local = config.parent().unwrap().to_owned();
+    assert!(!config.starts_with(&scratch.dir), "{}", config.display());
+    assert!(local.join("exporter.db").exists(), "{}", local.display());
 
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
@@ -1136,6 +1284,7 @@ fn demo_serves_with_printed_credentials_and_cleans_up_on_sigterm() {
         .filter(|n| n.to_string_lossy().starts_with("coe-demo-"))
         .collect();
     assert!(left.is_empty(), "the demo left {left:?}");
+    assert!(!local.exists(), "the demo left {}", local.display());
     let _ = fs::remove_file(scratch.dir.with_extension("demo.log"));
 }
 

@@ -144,3 +144,23 @@ fn ocfs2_reflink_refuses_a_source_swapped_for_a_symlink_or_another_file() {
         vec![0x22u8; 1 << 20]
     );
 }
+
+/// The service end to end with its repository on OCFS2, cloning with the
+/// OCFS2 ioctl as on UEK4: the client's full and incremental copies are
+/// byte-identical to the snapshots.
+#[test]
+fn client_full_and_incremental_copies_with_the_ocfs2_reflink_ioctl() {
+    crate::e2e::full_and_incremental_on(Fs::Ocfs2, "[store]\nclone = \"ocfs2-reflink\"\n");
+}
+
+/// `kill -9` at every fault point of create and delete, then reconcile.
+#[test]
+fn a_kill_at_any_point_of_create_or_delete_leaves_a_consistent_state() {
+    crate::snapshot_crash::kill_at_every_point(Fs::Ocfs2);
+}
+
+/// `demo --dir` on OCFS2 comes up and serves (its database stays local).
+#[test]
+fn demo_dir_serves() {
+    crate::e2e::demo_on(Fs::Ocfs2);
+}

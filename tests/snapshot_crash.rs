@@ -19,11 +19,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 
 struct Node {
     scratch: Scratch,
+    /// Where the database lives: local storage (OCFS2 refuses LMDB).
+    local: Scratch,
 }
 
 impl Node {
-    fn new(tag: &str) -> Node {
-        let scratch = Fs::Xfs.scratch(tag);
+    fn new(fs: Fs, tag: &str) -> Node {
+        let scratch = fs.scratch(tag);
         let disks = scratch.path("repo/VirtualDisks");
         std::fs::create_dir_all(&disks).unwrap();
         let mut rng = fastrand::Rng::with_seed(42);
@@ -31,7 +33,10 @@ impl Node {
             let bytes: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
             std::fs::write(disks.join(name), bytes).unwrap();
         }
-        Node { scratch }
+        Node {
+            scratch,
+            local: Scratch::temp(tag),
+        }
     }
 
     fn repo(&self) -> PathBuf {
@@ -39,7 +44,7 @@ impl Node {
     }
 
     fn db(&self) -> PathBuf {
-        self.scratch.path("db/exporter.db")
+        self.local.path("db/exporter.db")
     }
 
     fn run(&self, args: &[&str], fault_point: Option<&str>) -> Output {
@@ -169,6 +174,12 @@ fn assert_killed(out: &Output, point: &str) {
 
 #[test]
 fn a_kill_at_any_point_of_create_or_delete_leaves_a_consistent_state() {
+    kill_at_every_point(Fs::Xfs);
+}
+
+/// `kill -9` at every fault point of create and delete on `fs`, then
+/// reconcile: the invariants of the module doc hold.
+pub(crate) fn kill_at_every_point(fs: Fs) {
     // An empty list (or one side missing) would pass without a crash.
     let creates = fault::POINTS.iter().filter(|p| p.starts_with("create"));
     let deletes = fault::POINTS.iter().filter(|p| p.starts_with("delete"));
@@ -178,7 +189,7 @@ fn a_kill_at_any_point_of_create_or_delete_leaves_a_consistent_state() {
         fault::POINTS
     );
     for &point in fault::POINTS {
-        let node = Node::new(&format!("crash-{point}"));
+        let node = Node::new(fs, &format!("crash-{point}"));
         let base = node.create();
         let out = if point.starts_with("create") {
             let args = node.create_args();
@@ -223,10 +234,10 @@ fn a_kill_at_any_point_of_create_or_delete_leaves_a_consistent_state() {
 
 #[test]
 fn a_lost_database_is_rebuilt_from_the_manifests_by_the_subcommand() {
-    let node = Node::new("crash-rebuild");
+    let node = Node::new(Fs::Xfs, "crash-rebuild");
     let ids = [node.create(), node.create(), node.create()];
     node.ok(&["snapshot", "delete", "--id", &ids[1]]);
-    std::fs::remove_dir_all(node.scratch.path("db")).unwrap();
+    std::fs::remove_dir_all(node.local.path("db")).unwrap();
     let listed: serde_json::Value = serde_json::from_str(&node.ok(&["snapshot", "list"])).unwrap();
     assert_eq!(
         listed,
@@ -240,7 +251,7 @@ fn a_lost_database_is_rebuilt_from_the_manifests_by_the_subcommand() {
 
 #[test]
 fn admin_commands_refuse_while_another_process_holds_the_database() {
-    let node = Node::new("crash-busy");
+    let node = Node::new(Fs::Xfs, "crash-busy");
     // Hold the database from this process, as a running service would.
     let inv = std::sync::Arc::new(crate::snapshot::Inventory::default());
     let _mgr =
@@ -260,7 +271,7 @@ fn admin_commands_refuse_while_another_process_holds_the_database() {
 
 #[test]
 fn a_reader_killed_inside_a_transaction_leaves_no_lasting_damage() {
-    let node = Node::new("crash-reader");
+    let node = Node::new(Fs::Xfs, "crash-reader");
     let id = node.create();
     // Another process keeps the environment open (LMDB resets the reader
     // table when the last user goes, so a stale slot needs a survivor).

@@ -15,6 +15,7 @@ mod fs_core;
 mod heal;
 mod hostile;
 mod io;
+mod ocfs2_cluster;
 mod ocfs2_guest;
 mod ovm;
 mod snapshot;

@@ -25,7 +25,10 @@
 # mounts the host's / read-only over 9p and chroots into it, so commands
 # run the host's binaries with the host's libraries; a second, writable 9p
 # share carries the job script in and the exit status out. The guest has
-# its own tmpfs /tmp and /run. The host keeps no mount and no loop device;
+# its own tmpfs /tmp and /run: CMD and its files must live elsewhere (the
+# test binary is under target/). `no_timer_check` on the kernel command
+# line: under TCG on a loaded host the boot-time timer check can fail and
+# panic the guest. The host keeps no mount and no loop device;
 # QEMU processes and the work folder are removed on every exit path.
 #
 # Environment: COE_GUEST_CACHE (default /var/cache/coriolis-ovm-exporter/guest),
@@ -267,7 +270,7 @@ run() {
       -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
       -nographic -no-reboot -nodefaults -serial stdio -pidfile "$work/qemu.$n.pid" \
       -kernel "$root/boot/vmlinuz-$kver" -initrd "$work/initramfs.gz" \
-      -append "console=ttyS0 panic=-1 quiet loglevel=4 coe.node=$n" \
+      -append "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check coe.node=$n" \
       -drive "$drive" -device "virtio-blk-pci,drive=d0,share-rw=on" \
       -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
       -virtfs "local,path=$work/share,mount_tag=coeshare,security_model=none" \
@@ -277,9 +280,24 @@ run() {
     [ "$nodes" = 2 ] && [ "$n" = 1 ] && sleep 2
   done
   local rc=0 r
-  for n in $(seq 1 "$nodes"); do
-    wait "${pids[$((n - 1))]}" || true
+  # When a guest ends without a status (it did not boot, or crashed), the
+  # other one would wait for its peer until the timeout: stop it now.
+  local alive stopped=
+  while :; do
+    alive=0
+    for n in $(seq 1 "$nodes"); do
+      if kill -0 "${pids[$((n - 1))]}" 2>/dev/null; then
+        alive=$((alive + 1))
+      elif [ ! -f "$work/share/status.$n" ] && [ -z "$stopped" ]; then
+        echo "guest.sh: node $n ended without a status; stopping the others" >&2
+        kill_qemus
+        stopped=1
+      fi
+    done
+    [ "$alive" = 0 ] && break
+    sleep 1
   done
+  wait
   for n in $(seq 1 "$nodes"); do
     if [ -f "$work/share/status.$n" ]; then
       r=$(cat "$work/share/status.$n")
@@ -295,13 +313,18 @@ run() {
   return "$rc"
 }
 
-cleanup() {
-  set +e
+# The QEMUs started here, by the pids they wrote; their pipelines then end.
+kill_qemus() {
   local f
-  # The QEMUs started here, by the pids they wrote; the pipelines then end.
   for f in "$work"/qemu.*.pid; do
     [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
   done
+  return 0
+}
+
+cleanup() {
+  set +e
+  kill_qemus
   wait 2>/dev/null
   rm -rf "$work"
 }

@@ -2,7 +2,8 @@
 # The OCFS2 part of the test command (scripts/test.sh runs it; it can run
 # alone, as root, after scripts/deps.sh): builds the integration test binary
 # on the host and runs its `ocfs2_guest::` tests inside one QEMU guest on a
-# fresh single-node OCFS2 (scripts/ocfs2/guest.sh). The guest chroots into
+# fresh single-node OCFS2, then its `ocfs2_cluster::` tests in two guests at
+# once, sharing one two-node o2cb OCFS2 (scripts/ocfs2/guest.sh). The guest chroots into
 # this machine's /, so the binary runs there as built, with the same
 # libraries. Each step prints its wall time.
 #
@@ -36,6 +37,10 @@ step() {
   return "$rc"
 }
 
-step "one node: filesystem core, OCFS2 reflink ioctl" \
+step "one node: filesystem core, OCFS2 reflink ioctl, service end to end, demo" \
   scripts/ocfs2/guest.sh run --timeout "$timeout" -- \
   "$bin" ocfs2_guest:: --test-threads=1 --nocapture
+
+step "two-node cluster: an exporter on each node, one shared repository" \
+  scripts/ocfs2/guest.sh run --nodes 2 --timeout "$timeout" -- \
+  "$bin" ocfs2_cluster:: --test-threads=1 --nocapture

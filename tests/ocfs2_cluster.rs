@@ -1,0 +1,220 @@
+//! Two nodes, one OCFS2: the pool's shared repository as Oracle VM has it.
+//!
+//! `scripts/test.sh` boots two QEMU guests (`scripts/ocfs2/guest.sh run
+//! --nodes 2`) sharing one raw image formatted as a two-node o2cb cluster,
+//! and runs this module's tests in both at once, `COE_OCFS2_NODE` telling
+//! each which node it is. The nodes meet through marker files on the shared
+//! filesystem (OCFS2 is coherent across the cluster). Outside such a pair of
+//! guests these tests fail, saying so.
+//!
+//! An exporter runs on each node over the shared repository, with its own
+//! database on local storage and its own owner id (as `/etc/machine-id`
+//! differs between real nodes). Each snapshots its own VM; neither lists,
+//! adopts, removes nor changes the other's snapshot folder, not even when it
+//! restarts and reconciles with that folder in the repository.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::{Fs, Scratch};
+use crate::e2e::{Client, Server};
+
+/// How long a node waits for the other one (the other guest may boot and
+/// run much slower under TCG on a busy machine).
+const PEER_WAIT: Duration = Duration::from_secs(900);
+const DISK_SIZE: u64 = 8 << 20;
+
+fn vm_id(node: u32) -> String {
+    format!("0004fb000006000000000000000c1a5{node}")
+}
+
+fn disk_name(node: u32) -> String {
+    format!("0004fb000012000000000000000c1a5{node}.img")
+}
+
+/// This node's number (1 or 2), from the guest harness.
+fn this_node() -> u32 {
+    let node = std::env::var("COE_OCFS2_NODE").ok();
+    let nodes = std::env::var("COE_OCFS2_NODES").ok();
+    match (node.as_deref(), nodes.as_deref()) {
+        (Some(n @ ("1" | "2")), Some("2")) => n.parse().unwrap(),
+        _ => panic!(
+            "COE_OCFS2_NODE={node:?}, COE_OCFS2_NODES={nodes:?}: the ocfs2_cluster tests run in \
+             two QEMU guests sharing one OCFS2 (`scripts/ocfs2/guest.sh run --nodes 2`); run \
+             them with `./scripts/test.sh` as root"
+        ),
+    }
+}
+
+/// Says `what` to the other node: a marker file, written then renamed.
+fn signal(root: &Path, node: u32, what: &str, body: &str) {
+    let tmp = root.join(format!(".{what}-{node}.tmp"));
+    fs::write(&tmp, body).unwrap();
+    fs::File::open(&tmp).unwrap().sync_all().unwrap();
+    fs::rename(&tmp, root.join(format!("{what}-{node}"))).unwrap();
+}
+
+/// Waits until `node` said `what`; its body.
+fn wait_for(root: &Path, node: u32, what: &str) -> String {
+    let p = root.join(format!("{what}-{node}"));
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = fs::read_to_string(&p) {
+            return s;
+        }
+        assert!(
+            t.elapsed() < PEER_WAIT,
+            "node {node} never said {what:?} within {PEER_WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The shared repository: one VM per node, one sparse disk each with some
+/// data. Made by node 1.
+fn make_repo(repo: &Path) {
+    let disks = repo.join("VirtualDisks");
+    fs::create_dir_all(&disks).unwrap();
+    let mut rng = fastrand::Rng::with_seed(0xc1a5);
+    for node in [1, 2] {
+        let path = disks.join(disk_name(node));
+        let f = fs::File::create(&path).unwrap();
+        f.set_len(DISK_SIZE).unwrap();
+        for i in 0..4u64 {
+            let mut b = vec![0u8; 256 << 10];
+            rng.fill(&mut b);
+            std::os::unix::fs::FileExt::write_all_at(&f, &b, i * (2 << 20)).unwrap();
+        }
+        f.sync_all().unwrap();
+        let vmdir = repo.join("VirtualMachines").join(vm_id(node));
+        fs::create_dir_all(&vmdir).unwrap();
+        fs::write(
+            vmdir.join("vm.cfg"),
+            format!(
+                "name = '{}'\nuuid = '0004fb00-0006-0000-0000-000000c1a5{node:02}'\n\
+                 OVM_simple_name = 'node{node}-vm'\ndisk = ['file:{},xvda,w']\n",
+                vm_id(node),
+                path.display()
+            ),
+        )
+        .unwrap();
+    }
+}
+
+/// The snapshot folder of a snapshot as the API shows it.
+fn folder_of(snap: &serde_json::Value) -> PathBuf {
+    let disk = PathBuf::from(snap["disks"][0]["path"].as_str().unwrap());
+    disk.parent().unwrap().to_owned()
+}
+
+/// Every file of a folder with its bytes.
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn snapshot_ids(client: &Client, vm: &str) -> Vec<String> {
+    let list = client.json(&["snapshots", "list", vm]);
+    list.as_array()
+        .unwrap_or_else(|| panic!("snapshots list: {list}"))
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders() {
+    let node = this_node();
+    let other = 3 - node;
+    let root = Fs::Ocfs2.root().join("cluster");
+    let repo = root.join("repo");
+    if node == 1 {
+        fs::create_dir_all(&root).unwrap();
+        make_repo(&repo);
+        signal(&root, 1, "repo-ready", "");
+    } else {
+        let t = Instant::now();
+        while !root.is_dir() {
+            assert!(t.elapsed() < PEER_WAIT, "node 1 never made the repository");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        wait_for(&root, 1, "repo-ready");
+    }
+    let (mine, theirs) = (vm_id(node), vm_id(other));
+
+    // An exporter on this node: local database, its own owner id.
+    let local = Scratch::temp("cluster");
+    let config = format!("[store]\nowner = \"cluster-node-{node}\"\n");
+    let mut rng = fastrand::Rng::with_seed(u64::from(node));
+    let server = Server::start_with(&local.dir, &repo, &mut rng, &config);
+    let client = Client::new(&server, &local.path("cache"));
+    let vms = client.json(&["vms", "list"]);
+    assert_eq!(vms.as_array().unwrap().len(), 2, "{vms}");
+
+    // Each node snapshots its own VM and copies it.
+    let snap = client.json(&["snapshots", "create", &mine]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    let folder = folder_of(&snap);
+    assert!(folder.starts_with(&repo), "{}", folder.display());
+    let out = local.path("replica");
+    client.json(&["download", &mine, &id, "--out", out.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(out.join(disk_name(node))).unwrap(),
+        fs::read(repo.join("VirtualDisks").join(disk_name(node))).unwrap(),
+        "the copy differs from the disk"
+    );
+    signal(&root, node, "snapshot", &folder.display().to_string());
+    let their_folder = PathBuf::from(wait_for(&root, other, "snapshot"));
+    assert_ne!(their_folder, folder);
+    let theirs_before = contents(&their_folder);
+    assert!(
+        theirs_before.iter().any(|(n, _)| n == ".coriolis-owner"),
+        "{theirs_before:?}"
+    );
+
+    // This exporter knows only its own snapshot, also after a restart, whose
+    // reconcile sees the other node's folder in the repository.
+    assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
+    assert!(snapshot_ids(&client, &theirs).is_empty());
+    drop(client);
+    drop(server);
+    let server = Server::start_with(&local.dir, &repo, &mut rng, &config);
+    let client = Client::new(&server, &local.path("cache"));
+    assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
+    assert!(snapshot_ids(&client, &theirs).is_empty());
+    assert_eq!(
+        contents(&their_folder),
+        theirs_before,
+        "node {node} changed node {other}'s snapshot folder"
+    );
+    signal(&root, node, "checked", "");
+    wait_for(&root, other, "checked");
+
+    // Deleting this node's snapshot removes its folder, and only it.
+    let del = client.run(&["snapshots", "delete", &mine, &id]);
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    assert!(!folder.exists(), "{} left after delete", folder.display());
+    signal(&root, node, "deleted", "");
+    wait_for(&root, other, "deleted");
+    assert!(
+        !their_folder.exists(),
+        "node {other} did not delete its own"
+    );
+    drop(client);
+    drop(server);
+}

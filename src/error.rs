@@ -15,6 +15,8 @@ pub enum Class {
     BadRequest,
     /// Not now, but shortly (a store being reopened).
     Unavailable,
+    /// The filesystem is full (ENOSPC, EDQUOT): the operator must make room.
+    InsufficientStorage,
     /// Anything else.
     Internal,
 }

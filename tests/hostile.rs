@@ -717,3 +717,176 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// [`Exporter::start_with`] with `COE_FAULT=point` in its environment.
+fn start_faulty(
+    pki: &Pki,
+    point: &str,
+    make: impl FnOnce(&crate::common::Scratch, u16) -> String,
+) -> Exporter {
+    use std::os::unix::net::UnixDatagram;
+    let dir = crate::common::Scratch::temp("faulty");
+    let port = crate::common::free_port();
+    std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
+    std::fs::set_permissions(
+        dir.path("config.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let notify_path = dir.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let stderr = std::fs::File::create(dir.path("stderr.log")).unwrap();
+    let child = std::process::Command::new(crate::common::exporter::BIN)
+        .arg("--config")
+        .arg(dir.path("config.toml"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("COE_FAULT", point)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut e = Exporter {
+        child,
+        notify,
+        dir,
+        client: Client {
+            port,
+            ca: pki.certs("ca.pem"),
+        },
+    };
+    assert_eq!(e.notification(), "READY=1", "log:\n{}", e.log());
+    e
+}
+
+/// The exporter's open descriptors now.
+fn fds(ex: &Exporter) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", ex.child.id()))
+        .unwrap()
+        .count()
+}
+
+/// A disk read that fails in the middle of a body (EIO, by fault point)
+/// aborts that connection, never ends it cleanly; the next request is
+/// served, and the buffers and descriptors of the failed one go back.
+#[test]
+fn a_read_error_mid_body_aborts_the_connection_and_nothing_leaks() {
+    let scratch = Fs::Xfs.scratch("hostile-eio");
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let size: u64 = 32 << 20;
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
+    }
+    let pki = Pki::new();
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    let ex = start_faulty(&pki, "io-read-eio", |dir, port| {
+        Exporter::config(&pki, dir, port, &o)
+            + &format!(
+                "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+                 check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+                 mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
+                 disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+            )
+    });
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
+    assert_eq!(snap.status, 200, "{}", snap.text());
+    let v = snap.json();
+    let url = format!(
+        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
+        v["id"].as_str().unwrap(),
+        v["disks"][0]["name"].as_str().unwrap()
+    );
+    // Small answers first, so the baseline has the connections' worth of
+    // descriptors settled.
+    let first = ex.raw(&http_request(
+        "GET",
+        &url,
+        Some(&token),
+        &[("Range", "bytes=0-4095")],
+        "",
+    ));
+    assert_eq!(first.status, 206);
+    let base = fds(&ex);
+    // The whole disk: the read at 8 MiB fails.
+    let mut tls = ex.connect();
+    tls.write_all(&http_request("GET", &url, Some(&token), &[], ""))
+        .unwrap();
+    let mut got = Vec::new();
+    let ended = tls.read_to_end(&mut got);
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(String::from_utf8_lossy(&got[..head_end]).contains(&format!("content-length: {size}")));
+    assert!(
+        ((got.len() - head_end) as u64) < size,
+        "the body is cut short, not ended cleanly ({} bytes, {ended:?})",
+        got.len() - head_end
+    );
+    // The next request is served in full.
+    let again = ex.raw(&http_request("GET", &url, Some(&token), &[], ""));
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body.len() as u64, size);
+    assert!(again.body[..1 << 20].iter().all(|b| *b == 7));
+    // Buffers and descriptors go back.
+    wait_for("the buffers and descriptors to go back", &ex, || {
+        metric(&ex, "coe_io_buffers_in_use ") == 0 && fds(&ex) <= base
+    });
+    assert!(ex.log().contains("disk read failed"), "{}", ex.log());
+}
+
+/// A clone that fails (ENOSPC, EIO; by fault point, on the second disk of
+/// the VM) leaves nothing behind, and answers 507 for a full filesystem and
+/// 500 for an I/O error, each with a JSON body that says what failed.
+#[test]
+fn a_failed_clone_leaves_nothing_and_says_why() {
+    for (point, status, short) in [
+        ("create-clone-enospc", 507, "Insufficient Storage"),
+        ("create-clone-eio", 500, "Server error"),
+    ] {
+        let scratch = Fs::Xfs.scratch("hostile-clone");
+        let repo = scratch.path("repo");
+        std::fs::create_dir_all(repo.join("VirtualDisks")).unwrap();
+        let disks: Vec<_> = ["a.img", "b.img"]
+            .iter()
+            .map(|n| {
+                let p = repo.join("VirtualDisks").join(n);
+                std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+                p
+            })
+            .collect();
+        let pki = Pki::new();
+        let o = Options {
+            local_users: true,
+            ..Options::default()
+        };
+        let ex = start_faulty(&pki, point, |dir, port| {
+            Exporter::config(&pki, dir, port, &o)
+                + &format!(
+                    "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+                     check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+                     mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
+                     disks = [ {{ path = {:?}, device_name = \"xvda\" }}, \
+                     {{ path = {:?}, device_name = \"xvdb\" }} ]\n",
+                    disks[0], disks[1]
+                )
+        });
+        let token = ex.token(LOCAL_USER, LOCAL_PASS);
+        let a = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
+        a.assert_error(status, short);
+        assert!(a.text().contains("b.img"), "{}", a.text());
+        let left = walk(&repo.join("CoriolisSnapshots"));
+        assert!(left.is_empty(), "{point}: left behind {left:?}");
+        let v = ex.request("GET", "/api/v1/vms/vm-hostile", Some(&token), "");
+        assert_eq!(v.json()["snapshots"], serde_json::json!([]), "{point}");
+        // The next create works (the fault fires once).
+        let ok = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
+        assert_eq!(ok.status, 200, "{point}: {}", ok.text());
+    }
+}

@@ -45,6 +45,8 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     RequestTimeout(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("range not satisfiable: {reason}")]
     RangeNotSatisfiable { size: u64, reason: String },
     #[error("too many failed logins from this address")]
@@ -77,6 +79,7 @@ impl From<BackendError> for ApiError {
             Class::BadRequest => ApiError::BadRequest(details),
             Class::Unavailable => ApiError::Unavailable(details),
             Class::Internal => ApiError::Internal(details),
+            Class::InsufficientStorage => ApiError::InsufficientStorage(details),
         }
     }
 }
@@ -94,6 +97,9 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "Request Timeout"),
+            ApiError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "Insufficient Storage")
+            }
             ApiError::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "Range Not Satisfiable")
             }

@@ -19,6 +19,12 @@ use super::planner::{Plan, Planner};
 use super::shared::EngineInner;
 use crate::error::chain as error_chain;
 
+/// Fault point (`COE_FAULT`, see `sys::fault`): the first disk read at or
+/// past [`FAULT_READ_EIO_FROM`] fails with EIO.
+pub const FAULT_READ_EIO: &str = "io-read-eio";
+/// Where [`FAULT_READ_EIO`] strikes: past the first frames of a body.
+pub const FAULT_READ_EIO_FROM: u64 = 8 << 20;
+
 /// Frames at most this long are copied into a shared frame with their
 /// neighbours instead of being sent alone: record headers and small ranges
 /// would otherwise become one TLS record and one write each.
@@ -300,6 +306,17 @@ impl Producer {
             let BatchDone { buf, results } = done;
             let mut got = Vec::with_capacity(results.len());
             for (seg, res) in job.plan.segments.iter().zip(results) {
+                // Fault point (tests): the first read at or past 8 MiB
+                // fails with EIO, as a bad sector under the disk would.
+                let res = if seg.file_offset >= FAULT_READ_EIO_FROM
+                    && crate::sys::fault::once(FAULT_READ_EIO)
+                {
+                    Err(std::io::Error::from_raw_os_error(
+                        rustix::io::Errno::IO.raw_os_error(),
+                    ))
+                } else {
+                    res
+                };
                 match res {
                     Ok(n) => got.push(n),
                     Err(source) => {

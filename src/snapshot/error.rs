@@ -101,10 +101,32 @@ impl Classify for SnapshotError {
             SnapshotError::Busy { .. } => Class::Conflict,
             SnapshotError::Store(s) => s.class(),
             SnapshotError::Inventory(e) => e.class(),
+            // A full filesystem (or quota) is the operator's to fix, and
+            // says so: 507, not a bare 500.
+            e @ (SnapshotError::Clone { .. } | SnapshotError::Io { .. }) if out_of_space(e) => {
+                Class::InsufficientStorage
+            }
             SnapshotError::Damaged { .. }
             | SnapshotError::Clone { .. }
             | SnapshotError::Fiemap { .. }
             | SnapshotError::Io { .. } => Class::Internal,
         }
     }
+}
+
+/// Whether an error's chain holds ENOSPC or EDQUOT.
+fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.raw_os_error().map(rustix::io::Errno::from_raw_os_error),
+                Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }

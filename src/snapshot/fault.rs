@@ -44,3 +44,10 @@ pub const DELETE_AFTER_MANIFEST: &str = "delete-after-manifest";
 pub const DELETE_AFTER_RECORD: &str = "delete-after-record";
 /// One disk file is removed, the rest not yet.
 pub const DELETE_AFTER_FIRST_FILE: &str = "delete-after-first-file";
+
+/// Not a kill point: the clone of the second disk fails with ENOSPC (a full
+/// filesystem), once; create must leave nothing behind and answer 507.
+pub const CREATE_CLONE_ENOSPC: &str = "create-clone-enospc";
+/// Not a kill point: the clone of the second disk fails with EIO, once;
+/// create must leave nothing behind and answer 500.
+pub const CREATE_CLONE_EIO: &str = "create-clone-eio";

@@ -433,6 +433,22 @@ impl Manager {
             // path swapped since is refused here, not followed).
             let src_dir = open_src_dir(&d.repo_mount, &d.src_dir)
                 .map_err(|e| SnapshotError::io("open the disk's folder", &d.name, e))?;
+            if i == 1 {
+                for (point, errno) in [
+                    (fault::CREATE_CLONE_ENOSPC, rustix::io::Errno::NOSPC),
+                    (fault::CREATE_CLONE_EIO, rustix::io::Errno::IO),
+                ] {
+                    if crate::sys::fault::once(point) {
+                        return Err(SnapshotError::Clone {
+                            disk: d.name.clone(),
+                            source: crate::sys::CloneError::Reflink {
+                                name: d.name.clone(),
+                                source: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+                            },
+                        });
+                    }
+                }
+            }
             crate::sys::reflink(
                 src_dir.as_fd(),
                 Path::new(&d.src_name),

@@ -83,7 +83,10 @@ pub(super) fn find(method: &Method, path: &str) -> Result<(&'static Route, Param
 /// looked up, never joined to a path; the check keeps junk out of logs and
 /// backends all the same.
 pub fn decode_id(seg: &str) -> Result<String, String> {
-    let bytes = percent_decode(seg.as_bytes()).ok_or("bad percent-encoding")?;
+    if !escapes_well_formed(seg.as_bytes()) {
+        return Err("bad percent-encoding".into());
+    }
+    let bytes: Vec<u8> = percent_encoding::percent_decode(seg.as_bytes()).collect();
     if bytes.is_empty() {
         return Err("empty".into());
     }
@@ -103,39 +106,34 @@ pub fn decode_id(seg: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// RFC 3986 percent-decoding; `None` on a malformed escape. Bounded by the
-/// input length.
-fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    Some(out)
+/// Whether every `%` starts a two-hex-digit escape (RFC 3986). The
+/// decoders pass a malformed escape through as it is; ids and query values
+/// with one are refused or ignored instead, as the old service did.
+fn escapes_well_formed(s: &[u8]) -> bool {
+    s.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || s.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    })
 }
 
-/// The first value of query parameter `name` (form-decoded, `+` is a
-/// space, like Go's `URL.Query().Get`); `None` when absent.
+/// The first value of query parameter `name` (form-decoded by
+/// `form_urlencoded`, `+` is a space, like Go's `URL.Query().Get`); `None`
+/// when absent. A key with a malformed escape matches nothing; a value with
+/// one reads as empty.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    for pair in query?.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| {
-            percent_decode(s.replace('+', " ").as_bytes())
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-        };
-        if decode(k).as_deref() == Some(name) {
-            return Some(decode(v).unwrap_or_default());
+    query?.split('&').find_map(|pair| {
+        let (key, value) = form_urlencoded::parse(pair.as_bytes()).next()?;
+        let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !escapes_well_formed(raw_key.as_bytes()) || key != name {
+            return None;
         }
-    }
-    None
+        Some(if escapes_well_formed(raw_value.as_bytes()) {
+            value.into_owned()
+        } else {
+            String::new()
+        })
+    })
 }
 
 /// Go's `strconv.ParseBool`: `Some` for `1 t T TRUE true True` and
@@ -167,5 +165,30 @@ pub(super) fn compare_to_param(q: Option<&str>) -> Result<Option<String>, ApiErr
             })?))
         }
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_decode_as_forms_and_malformed_escapes_are_ignored() {
+        let q = Some("a=1&compareTo=x%2Fy+z&bad%zz=3&v=%zz&squashChunks");
+        assert_eq!(query_param(q, "a").as_deref(), Some("1"));
+        assert_eq!(query_param(q, "compareTo").as_deref(), Some("x/y z"));
+        assert_eq!(query_param(q, "bad%zz"), None);
+        assert_eq!(query_param(q, "v").as_deref(), Some(""));
+        assert_eq!(query_param(q, "squashChunks").as_deref(), Some(""));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param(None, "a"), None);
+    }
+
+    #[test]
+    fn ids_decode_once_and_refuse_malformed_escapes() {
+        assert_eq!(decode_id("abc%2Dd").as_deref(), Ok("abc-d"));
+        assert_eq!(decode_id("a%zz"), Err("bad percent-encoding".to_owned()));
+        assert_eq!(decode_id("a%4"), Err("bad percent-encoding".to_owned()));
+        assert!(decode_id("a%2525").is_err(), "decoded once: '%25' stays");
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, Request, Response};
+use subtle::ConstantTimeEq;
 
 use super::handlers::dispatch;
 use super::matcher::{find, NoMatch};
@@ -65,7 +66,7 @@ where
                         .get(header::AUTHORIZATION)
                         .map(|v| v.as_bytes())
                         .unwrap_or_default();
-                    if !constant_time_eq(got, want.as_bytes()) {
+                    if !bool::from(got.ct_eq(want.as_bytes())) {
                         return Err(ApiError::Unauthorized(
                             "bad or missing metrics token".into(),
                         ));
@@ -104,8 +105,4 @@ fn bearer<B>(state: &State, req: &Request<B>) -> Result<crate::api::auth::Claims
                 .map(|v| v.as_bytes()),
         )
         .map_err(|e| ApiError::Unauthorized(e.to_string()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -9,6 +9,7 @@
 use std::os::fd::AsFd;
 
 use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
+use zerocopy::IntoBytes;
 
 use crate::extent::{flags, Extent, ExtentMap, MapError};
 
@@ -187,7 +188,7 @@ pub fn extent_map_batched(
     let mut scratch = Vec::with_capacity(batch);
     loop {
         {
-            let bytes = as_bytes_mut(&mut buf);
+            let bytes = buf.as_mut_bytes();
             encode_request(bytes, start, fm_flags, batch as u32);
         }
         // SAFETY: see `impl Ioctl for FiemapCall`: the buffer holds the
@@ -197,7 +198,7 @@ pub fn extent_map_batched(
             .map_err(|e| FiemapError::Ioctl(e.into()))?;
         fm_flags &= !FLAG_SYNC;
         scratch.clear();
-        let got = parse(as_bytes(&buf), &mut scratch)?;
+        let got = parse(buf.as_bytes(), &mut scratch)?;
         if got.mapped == 0 {
             break;
         }
@@ -225,21 +226,6 @@ pub fn extent_map_batched(
         start = next;
     }
     ExtentMap::new(extents).map_err(FiemapError::InvalidMap)
-}
-
-fn as_bytes(words: &[u64]) -> &[u8] {
-    // SAFETY: u8 has no alignment or validity requirements and every u64 is
-    // eight initialised bytes, so the whole slice is the middle part.
-    #[allow(unsafe_code)]
-    let (_, bytes, _) = unsafe { words.align_to::<u8>() };
-    bytes
-}
-
-fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
-    // SAFETY: as in `bytemuck_cast`; any byte pattern is a valid u64.
-    #[allow(unsafe_code)]
-    let (_, bytes, _) = unsafe { words.align_to_mut::<u8>() };
-    bytes
 }
 
 #[cfg(test)]

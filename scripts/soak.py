@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""The soak driver of scripts/soak.sh (#11): mixed hostile load on a running
+exporter, and the figures that say whether honest clients were still served.
+
+Phases: first a quiet phase (only the probe), then the storm (every case at
+once, the probe still running). The probe is one honest client on its own
+address that asks for a 1 MiB range on a fresh TLS connection every
+PROBE_EVERY seconds; its times in each phase give p50/p99 and their ratio.
+
+Cases are plain functions in CASES, each run in its own thread(s) until the
+storm ends; each counts what happened in `stats` under "<case>:<class>".
+Honest cases (the probe, honest downloads, churn) must have no error class;
+the others' classes describe how the server pushed back (refused, cut, 408,
+429). To add a case: write `def case_x(ctx, stop)` and add it to CASES.
+
+Standard library only (ssl, socket, threading): runs on any host with
+Python 3.8+.
+"""
+
+import argparse
+import json
+import os
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+
+PROBE_EVERY = 0.2
+TCP_ESTABLISHED = 1
+HONEST_PREFIX = ("probe", "honest", "churn")
+
+
+class Ctx:
+    def __init__(self, a):
+        self.port = a.port
+        self.ca = a.ca
+        self.user = a.user
+        self.password = a.password
+        self.vm = a.vm
+        self.disk_size = a.disk_size
+        self.stats = Counter()
+        self.lock = threading.Lock()
+        self.token = None
+        self.url = None
+        self.probe_times = {"quiet": [], "storm": []}
+        self.phase = "quiet"
+        self.knobs = a
+
+    def count(self, key, n=1):
+        with self.lock:
+            self.stats[key] += n
+
+    def tls(self, alpn=("http/1.1",)):
+        c = ssl.create_default_context(cafile=self.ca)
+        c.set_alpn_protocols(list(alpn))
+        return c
+
+
+def connect(ctx, src, rcvbuf=None, alpn=("http/1.1",), timeout=30):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((src, 0))
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", ctx.port))
+    return ctx.tls(alpn).wrap_socket(s, server_hostname="localhost")
+
+
+def request(method, path, token=None, headers=(), body=b"", close=True):
+    h = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+    if close:
+        h.append("Connection: close")
+    if token:
+        h.append(f"Authorization: Bearer {token}")
+    h += [f"{k}: {v}" for k, v in headers]
+    if body or method == "POST":
+        h += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
+
+
+def read_answer(s):
+    """(status, headers dict, body) of one Connection: close answer."""
+    raw = b""
+    while True:
+        try:
+            b = s.recv(1 << 20)
+        except ssl.SSLEOFError:
+            break
+        if not b:
+            break
+        raw += b
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for l in lines[1:]:
+        k, _, v = l.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, body
+
+
+def call(ctx, src, method, path, token=None, headers=(), body=b""):
+    s = connect(ctx, src)
+    try:
+        s.sendall(request(method, path, token, headers, body))
+        return read_answer(s)
+    finally:
+        s.close()
+
+
+def classify(e):
+    if isinstance(e, socket.timeout):
+        return "timeout"
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (ConnectionResetError, BrokenPipeError, ssl.SSLError, ssl.SSLEOFError)):
+        return "reset"
+    return type(e).__name__
+
+
+# ---- honest cases ------------------------------------------------------------
+
+
+def one_mib(ctx, src, start):
+    t = time.monotonic()
+    st, h, body = call(
+        ctx, src, "GET", ctx.url, ctx.token,
+        [("Range", f"bytes={start}-{start + (1 << 20) - 1}")],
+    )
+    took = time.monotonic() - t
+    if st != 206 or len(body) != 1 << 20:
+        raise RuntimeError(f"http_{st}_len_{len(body)}")
+    return took
+
+
+def case_probe(ctx, stop):
+    """The measured honest client: a 1 MiB range on a fresh connection."""
+    i = 0
+    while not stop.is_set():
+        start = (i * (1 << 20)) % max(ctx.disk_size - (1 << 20), 1 << 20)
+        try:
+            took = one_mib(ctx, "127.0.0.2", start)
+            with ctx.lock:
+                ctx.probe_times[ctx.phase].append(took)
+            ctx.count("probe:ok")
+        except Exception as e:  # noqa: BLE001 - every failure is a figure
+            ctx.count(f"probe:{classify(e) if not isinstance(e, RuntimeError) else e}")
+        i += 1
+        stop.wait(PROBE_EVERY)
+
+
+def case_honest(ctx, stop, n):
+    """Honest download `n`: the disk in 4 MiB ranges over one kept-alive
+    connection, again and again (the Coriolis pattern)."""
+    src = f"127.0.1.{n + 1}"
+    chunk = 4 << 20
+    while not stop.is_set():
+        try:
+            s = connect(ctx, src)
+            f = s.makefile("rb")
+            at = 0
+            while at < ctx.disk_size and not stop.is_set():
+                end = min(at + chunk, ctx.disk_size) - 1
+                s.sendall(request("GET", ctx.url, ctx.token, [("Range", f"bytes={at}-{end}")], close=False))
+                status = int(f.readline().split()[1])
+                length = None
+                while True:
+                    line = f.readline().strip()
+                    if not line:
+                        break
+                    k, _, v = line.decode("latin-1").partition(":")
+                    if k.lower() == "content-length":
+                        length = int(v)
+                got = len(f.read(length)) if length else 0
+                if status != 206 or got != end - at + 1:
+                    raise RuntimeError(f"http_{status}_len_{got}")
+                ctx.count("honest:bytes", got)
+                at = end + 1
+            ctx.count("honest:pass")
+            s.close()
+        except Exception as e:  # noqa: BLE001
+            ctx.count(f"honest:{classify(e) if not isinstance(e, RuntimeError) else e}")
+            stop.wait(1)
+
+
+def case_churn(ctx, stop):
+    """Snapshot create, diff against the previous one, delete the oldest."""
+    kept = []
+    base = f"/api/v1/vms/{ctx.vm}/snapshots"
+    while not stop.is_set():
+        try:
+            st, _, body = call(ctx, "127.0.0.4", "POST", base, ctx.token)
+            if st != 200:
+                raise RuntimeError(f"create_http_{st}")
+            sid = json.loads(body)["id"]
+            if kept:
+                st, _, _ = call(ctx, "127.0.0.4", "GET", f"{base}/{sid}?compareTo={kept[-1]}", ctx.token)
+                if st != 200:
+                    raise RuntimeError(f"diff_http_{st}")
+            kept.append(sid)
+            if len(kept) > 3:
+                old = kept.pop(0)
+                st, _, _ = call(ctx, "127.0.0.4", "DELETE", f"{base}/{old}", ctx.token)
+                if st != 200:
+                    raise RuntimeError(f"delete_http_{st}")
+            ctx.count("churn:ok")
+        except Exception as e:  # noqa: BLE001
+            ctx.count(f"churn:{classify(e) if not isinstance(e, RuntimeError) else e}")
+        stop.wait(1)
+    for sid in kept:
+        try:
+            call(ctx, "127.0.0.4", "DELETE", f"{base}/{sid}", ctx.token)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---- hostile cases -------------------------------------------------------------
+
+
+def case_stalled(ctx, stop):
+    """Stalled readers from one address: full-disk GETs that read nothing
+    after the head (tiny receive window); reopened when the server cuts
+    them."""
+    held = []
+    while not stop.is_set():
+        while len(held) < ctx.knobs.stalled and not stop.is_set():
+            try:
+                s = connect(ctx, "127.0.0.10", rcvbuf=4096)
+                s.sendall(request("GET", ctx.url, ctx.token))
+                s.recv(256)
+                held.append(s)
+                ctx.count("stalled:opened")
+            except Exception as e:  # noqa: BLE001
+                ctx.count(f"stalled:{classify(e)}")
+                break
+        stop.wait(5)
+        # Drop the ones the server cut (send_timeout), to reopen them. The
+        # TCP state says so without reading (a read would un-stall them).
+        alive = []
+        for s in held:
+            try:
+                state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+            except OSError:
+                state = 0
+            if state == TCP_ESTABLISHED:
+                alive.append(s)
+            else:
+                ctx.count("stalled:cut")
+                s.close()
+        held = alive
+    for s in held:
+        s.close()
+
+
+def case_half_sent(ctx, stop):
+    """Half-sent logins from one address: headers announcing 1000 bytes of
+    body, one byte sent; reopened as the server answers 408 or refuses."""
+    held = []
+    head = request("POST", "/api/v1/auth/login", close=False)
+    head = head.replace(b"Content-Length: 0", b"Content-Length: 1000") + b"{"
+    while not stop.is_set():
+        opened = 0
+        while len(held) < ctx.knobs.half_sent and not stop.is_set() and opened < 256:
+            opened += 1
+            try:
+                s = connect(ctx, "127.0.0.1", timeout=5)
+                s.sendall(head)
+                held.append(s)
+                ctx.count("half_sent:held")
+            except Exception as e:  # noqa: BLE001
+                ctx.count(f"half_sent:{classify(e)}")
+        stop.wait(2)
+        alive = []
+        for s in held:
+            try:
+                s.setblocking(False)
+                b = s.recv(64)
+                ctx.count("half_sent:answered_408" if b.startswith(b"HTTP/1.1 408") else "half_sent:closed")
+                s.close()
+            except (BlockingIOError, ssl.SSLWantReadError):
+                alive.append(s)
+            except Exception:  # noqa: BLE001
+                ctx.count("half_sent:closed")
+                s.close()
+        held = alive
+    for s in held:
+        s.close()
+
+
+def case_login_burst(ctx, stop):
+    """Bursts of 30 wrong-password logins at once from one address."""
+    body = json.dumps({"username": ctx.user, "password": "wrong"}).encode()
+
+    def one():
+        try:
+            st, _, _ = call(ctx, "127.0.0.3", "POST", "/api/v1/auth/login", body=body)
+            ctx.count(f"login_burst:http_{st}")
+        except Exception as e:  # noqa: BLE001
+            ctx.count(f"login_burst:{classify(e)}")
+
+    while not stop.is_set():
+        ts = [threading.Thread(target=one) for _ in range(30)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        stop.wait(5)
+
+
+def h2_frame(kind, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def hpack_literal(index, value):
+    """Literal header field without indexing, name by static index."""
+    v = value.encode()
+    return bytes([index]) + bytes([len(v)]) + v
+
+
+def case_h2_reset(ctx, stop):
+    """HTTP/2 rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, many
+    streams per connection; counts how connections end (GOAWAY)."""
+    block = (
+        bytes([0x82, 0x87])  # :method GET, :scheme https
+        + hpack_literal(0x04, "/api/v1/health")  # :path
+        + hpack_literal(0x01, "localhost")  # :authority
+    )
+    while not stop.is_set():
+        try:
+            s = connect(ctx, "127.0.0.5", alpn=("h2",), timeout=5)
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(0x4, 0, 0))
+            sid = 1
+            for _ in range(500):
+                s.sendall(h2_frame(0x1, 0x5, sid, block) + h2_frame(0x3, 0, sid, struct.pack(">I", 8)))
+                sid += 2
+            ctx.count("h2_reset:streams", 500)
+            s.settimeout(5)
+            data = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                data += b
+                if len(data) > 1 << 20:
+                    break
+            ctx.count("h2_reset:goaway" if b"\x07" in data else "h2_reset:closed")
+            s.close()
+        except Exception as e:  # noqa: BLE001
+            ctx.count(f"h2_reset:{classify(e)}")
+        stop.wait(1)
+
+
+def honest_cases(ctx):
+    return [(f"honest-{n}", lambda stop, n=n: case_honest(ctx, stop, n)) for n in range(ctx.knobs.honest)] + [
+        ("churn", lambda stop: case_churn(ctx, stop)),
+    ]
+
+
+# The storm: name -> function(ctx, stop). Other issues add theirs here.
+CASES = {
+    "stalled": case_stalled,
+    "half_sent": case_half_sent,
+    "login_burst": case_login_burst,
+    "h2_reset": case_h2_reset,
+}
+
+
+# ---- figures -------------------------------------------------------------------
+
+
+def proc(pid):
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for l in f:
+            if l.startswith("VmRSS:"):
+                rss = int(l.split()[1]) * 1024
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return rss, fds
+
+
+def pct(v, p):
+    if not v:
+        return float("nan")
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--ca", required=True)
+    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--user", required=True)
+    ap.add_argument("--password", required=True)
+    ap.add_argument("--vm", required=True)
+    ap.add_argument("--disk-size", type=int, required=True)
+    ap.add_argument("--seconds", type=float, required=True)
+    ap.add_argument("--quiet-seconds", type=float, required=True)
+    ap.add_argument("--honest", type=int, default=16)
+    ap.add_argument("--stalled", type=int, default=64)
+    ap.add_argument("--half-sent", type=int, default=1024)
+    ap.add_argument("--settle", type=float, default=10)
+    ap.add_argument("--warmup", type=float, default=10)
+    a = ap.parse_args()
+    ctx = Ctx(a)
+
+    body = json.dumps({"username": a.user, "password": a.password}).encode()
+    st, _, b = call(ctx, "127.0.0.2", "POST", "/api/v1/auth/login", body=body)
+    assert st == 200, (st, b)
+    ctx.token = json.loads(b)["token"]
+    st, _, b = call(ctx, "127.0.0.2", "POST", f"/api/v1/vms/{a.vm}/snapshots", ctx.token)
+    assert st == 200, (st, b)
+    snap = json.loads(b)
+    ctx.url = f"/api/v1/vms/{a.vm}/snapshots/{snap['id']}/disks/{snap['disks'][0]['name']}"
+
+    # Warm-up: the honest downloads alone for a while, so the buffer pool
+    # and the allocator reach their steady state before the start figures
+    # (the end must be within 10% of them: growth there is a leak).
+    warm = threading.Event()
+    ws = [threading.Thread(target=fn, args=(warm,)) for _, fn in honest_cases(ctx)]
+    for t in ws:
+        t.start()
+    time.sleep(a.warmup)
+    warm.set()
+    for t in ws:
+        t.join(timeout=60)
+    ctx.stats.clear()
+    time.sleep(2)
+    rss0, fds0 = proc(a.pid)
+    stop_probe = threading.Event()
+    probe = threading.Thread(target=case_probe, args=(ctx, stop_probe))
+    probe.start()
+    time.sleep(a.quiet_seconds)
+
+    ctx.phase = "storm"
+    stop = threading.Event()
+    threads = []
+    for name, fn in CASES.items():
+        threads.append(threading.Thread(target=fn, args=(ctx, stop), name=name))
+    for name, fn in honest_cases(ctx):
+        threads.append(threading.Thread(target=fn, args=(stop,), name=name))
+    for t in threads:
+        t.start()
+    storm = a.seconds - a.quiet_seconds
+    t0 = time.monotonic()
+    mid = None
+    while time.monotonic() - t0 < storm:
+        time.sleep(1)
+        if mid is None and time.monotonic() - t0 > storm / 2:
+            mid = proc(a.pid)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    # Let the server let go of the storm's connections before the end figures.
+    time.sleep(a.settle)
+    stop_probe.set()
+    probe.join()
+    rss1, fds1 = proc(a.pid)
+
+    q, s = ctx.probe_times["quiet"], ctx.probe_times["storm"]
+    print("== soak figures ==")
+    print(f"duration: {a.seconds:.0f} s ({a.quiet_seconds:.0f} s quiet, {storm:.0f} s storm)")
+    print(f"honest 1 MiB range, quiet: n={len(q)} p50={pct(q, 50) * 1000:.1f} ms p99={pct(q, 99) * 1000:.1f} ms max={max(q or [0]) * 1000:.1f} ms")
+    print(f"honest 1 MiB range, storm: n={len(s)} p50={pct(s, 50) * 1000:.1f} ms p99={pct(s, 99) * 1000:.1f} ms max={max(s or [0]) * 1000:.1f} ms")
+    if q and s:
+        print(f"storm/quiet ratio: p50 x{pct(s, 50) / pct(q, 50):.2f}, p99 x{pct(s, 99) / pct(q, 99):.2f}")
+    print(f"storm ranges over 1 s: {sum(1 for t in s if t >= 1.0)}")
+    print(f"(start figures after a {a.warmup:.0f} s warm-up of the honest downloads alone)")
+    print(f"server RSS: start {rss0 / 2**20:.1f} MiB, mid-storm {mid[0] / 2**20 if mid else float('nan'):.1f} MiB, end {rss1 / 2**20:.1f} MiB")
+    print(f"server fds: start {fds0}, mid-storm {mid[1] if mid else 'n/a'}, end {fds1}")
+    print("events by case and class:")
+    for k in sorted(ctx.stats):
+        print(f"  {k}: {ctx.stats[k]}")
+    honest_errors = {
+        k: v for k, v in ctx.stats.items()
+        if k.startswith(HONEST_PREFIX) and not k.endswith((":ok", ":pass", ":bytes"))
+    }
+    print(f"honest errors: {sum(honest_errors.values())} {dict(honest_errors) if honest_errors else ''}")
+    bad = bool(honest_errors) or any(t >= 1.0 for t in s)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -165,30 +165,30 @@ fn node_admin(cmd: &str, args: &[String]) -> ExitCode {
     }
 }
 
+/// The server's and the node commands' command line: the config file.
+#[derive(clap::Parser)]
+#[command(no_binary_name = true, disable_help_flag = true)]
+struct ConfigLine {
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 /// `-config PATH`, `--config PATH`, `-config=PATH` or `--config=PATH`;
-/// the default path otherwise.
+/// the default path otherwise. The one-dash spelling is Go's `flag`
+/// package's, the old service's contract; clap reads the two-dash one.
 fn config_path(args: &[String]) -> Result<PathBuf, String> {
-    let mut path = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-config" | "--config" => {
-                let v = it.next().ok_or_else(|| format!("{a} needs a path"))?;
-                path = Some(PathBuf::from(v));
-            }
-            other => {
-                if let Some(v) = other
-                    .strip_prefix("--config=")
-                    .or_else(|| other.strip_prefix("-config="))
-                {
-                    path = Some(PathBuf::from(v));
-                } else {
-                    return Err(format!(
-                        "unknown argument {other:?}; usage: coriolis-ovm-exporter [-config PATH]"
-                    ));
-                }
-            }
-        }
-    }
-    Ok(path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)))
+    use clap::Parser;
+    let args = args.iter().map(|a| match a.strip_prefix("-config") {
+        Some(rest) if rest.is_empty() || rest.starts_with('=') => format!("-{a}"),
+        _ => a.clone(),
+    });
+    let line = ConfigLine::try_parse_from(args).map_err(|e| {
+        format!(
+            "{}; usage: coriolis-ovm-exporter [-config PATH]",
+            e.to_string().lines().next().unwrap_or_default()
+        )
+    })?;
+    Ok(line
+        .config
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)))
 }

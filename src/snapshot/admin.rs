@@ -31,45 +31,43 @@ const EXIT_FAILED: i32 = 1;
 /// Exit status of a command line that makes no sense.
 const EXIT_USAGE: i32 = 2;
 
-/// The flags of every subcommand.
-#[derive(Debug, Default)]
+/// The flags of every subcommand (each is optional for clap; which ones a
+/// subcommand needs is checked by the subcommand).
+#[derive(Debug, Default, clap::Args)]
 struct Flags {
+    /// The snapshot database (LMDB file).
+    #[arg(long)]
     db: Option<PathBuf>,
+    /// A repository's mount point (repeatable).
+    #[arg(long = "repo")]
     repos: Vec<PathBuf>,
+    /// A disk of the VM, below one of the `--repo`s (repeatable).
+    #[arg(long = "disk")]
     disks: Vec<PathBuf>,
+    #[arg(long)]
     vm: Option<String>,
+    #[arg(long)]
     id: Option<String>,
+    #[arg(long)]
     owner: Option<String>,
+    /// LMDB map size in bytes.
+    #[arg(long = "map-size")]
     map_size: Option<u64>,
 }
 
+/// The command line after the subcommand's name.
+#[derive(Debug, clap::Parser)]
+#[command(no_binary_name = true, disable_help_flag = true)]
+struct FlagLine {
+    #[command(flatten)]
+    flags: Flags,
+}
+
 fn parse_flags(args: &[String]) -> Result<Flags, String> {
-    let mut f = Flags::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--db" => f.db = Some(value()?.into()),
-            "--repo" => f.repos.push(value()?.into()),
-            "--disk" => f.disks.push(value()?.into()),
-            "--vm" => f.vm = Some(value()?),
-            "--id" => f.id = Some(value()?),
-            "--owner" => f.owner = Some(value()?),
-            "--map-size" => {
-                let v = value()?;
-                f.map_size = Some(
-                    v.parse()
-                        .map_err(|_| format!("--map-size {v:?} is not a byte count"))?,
-                );
-            }
-            other => return Err(format!("unknown flag {other:?}")),
-        }
-    }
-    Ok(f)
+    use clap::Parser;
+    FlagLine::try_parse_from(args)
+        .map(|line| line.flags)
+        .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_owned())
 }
 
 /// The VM described by the flags: its name and its disks, each on the

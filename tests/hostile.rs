@@ -890,3 +890,66 @@ fn a_failed_clone_leaves_nothing_and_says_why() {
         assert_eq!(ok.status, 200, "{point}: {}", ok.text());
     }
 }
+
+/// One HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The HTTP/2 "rapid reset" (CVE-2023-44487): a client opening streams and
+/// resetting them at once gets a GOAWAY and its connection closed, and
+/// others are served meanwhile.
+#[test]
+fn http2_rapid_resets_end_in_goaway() {
+    let pki = Pki::new();
+    let ex = start(&pki, "", None);
+    let mut tls = tls_over(&ex, tcp_from("127.0.0.8", ex.port, None).unwrap(), b"h2").unwrap();
+    // HPACK: :method GET, :scheme https (static), :path and :authority as
+    // literals without indexing.
+    let mut block = vec![0x82, 0x87, 0x04, 14];
+    block.extend_from_slice(b"/api/v1/health");
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"localhost");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for i in 0..1000u32 {
+        let sid = 2 * i + 1;
+        out.extend(h2_frame(0x1, 0x5, sid, &block)); // HEADERS, END_STREAM|END_HEADERS
+        out.extend(h2_frame(0x3, 0, sid, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    // The server may close before reading it all: a failed write is fine.
+    let _ = tls.write_all(&out).and_then(|()| tls.flush());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let start_at = Instant::now();
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        start_at.elapsed() < WAIT,
+        "closed by the server, not the read timeout"
+    );
+    // Walk the frames the server sent: one is a GOAWAY (type 7).
+    let mut at = 0;
+    let mut goaway = false;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        goaway |= got[at + 3] == 0x7;
+        at += 9 + len;
+    }
+    assert!(goaway, "no GOAWAY in {} bytes", got.len());
+    let a = request_from(
+        &ex,
+        "127.0.0.2",
+        &http_request("GET", "/api/v1/health", None, &[], ""),
+    )
+    .unwrap();
+    assert_eq!(a.status, 200);
+}

@@ -132,6 +132,11 @@ mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t configfs configfs /host/sys/kernel/config
 mount -t tmpfs etc-ocfs2 /host/etc/ocfs2
+# The kernel runs ocfs2_hb_ctl (heartbeat stop at umount) from this root,
+# where the host's tools and libraries are under /host.
+printf '#!/bin/busybox sh\nexec chroot /host /sbin/ocfs2_hb_ctl "$@"\n' >/bin/coe-hb-ctl
+chmod +x /bin/coe-hb-ctl
+echo /bin/coe-hb-ctl >/proc/sys/fs/ocfs2/nm/hb_ctl_path
 mkdir -p /host/run/coe
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 coeshare /host/run/coe ||
   fail "cannot mount the job share"
@@ -143,7 +148,7 @@ if ip link show eth0 >/dev/null 2>&1; then
 fi
 echo "coe-guest: node $node up"
 chroot /host /bin/bash /run/coe/job.sh "$node"
-echo "coe-guest: job on node $node exited with $?"
+echo "coe-guest: node $node done (job script status $?)"
 sync
 poweroff -f
 EOF
@@ -206,8 +211,17 @@ done
 echo "coe-guest: OCFS2 mounted on node $node ($(uname -r))"
 "${cmd[@]}"
 rc=$?
+echo "coe-guest: the command exited with $rc on node $node"
 cd /
 sync
+# Node 2 leaves the cluster first: two nodes leaving the lock domain at
+# once log DLM lock-migration errors.
+if [ "$COE_OCFS2_NODES" = 2 ] && [ "$node" = 1 ]; then
+  for _ in $(seq 240); do
+    [ -f /run/coe/status.2 ] && break
+    sleep 0.5
+  done
+fi
 umount /run/coe-ocfs2 || echo "umount failed on node $node"
 echo "$rc" >"$st"
 sync

@@ -5,7 +5,8 @@
 # fresh single-node OCFS2, then its `ocfs2_cluster::` tests in two guests at
 # once, sharing one two-node o2cb OCFS2 (scripts/ocfs2/guest.sh). The guest chroots into
 # this machine's /, so the binary runs there as built, with the same
-# libraries. Each step prints its wall time.
+# libraries. Each step (and each group of tests in the single-node guest,
+# scripts/ocfs2/steps.sh) prints its wall time.
 #
 # Environment: COE_OCFS2_PROPTEST_SEEDS (default 8) trials of the diff
 # property test per clone ioctl; COE_OCFS2_TIMEOUT (default 1500) seconds
@@ -38,8 +39,7 @@ step() {
 }
 
 step "one node: filesystem core, OCFS2 reflink ioctl, service end to end, demo" \
-  scripts/ocfs2/guest.sh run --timeout "$timeout" -- \
-  "$bin" ocfs2_guest:: --test-threads=1 --nocapture
+  scripts/ocfs2/guest.sh run --timeout "$timeout" -- scripts/ocfs2/steps.sh "$bin"
 
 step "two-node cluster: an exporter on each node, one shared repository" \
   scripts/ocfs2/guest.sh run --nodes 2 --timeout "$timeout" -- \

@@ -8,8 +8,10 @@ set -euo pipefail
 # qemu-system-x86, ocfs2-tools, busybox-static, kmod, cpio, gzip: the OCFS2
 # guests (scripts/ocfs2/guest.sh): QEMU, the OCFS2 tools (also run in the
 # guests, which chroot into this machine's /), the initramfs.
+# iproute2, ethtool, iputils-ping, curl: the WAN benchmark's shaped link
+# (scripts/bench/wan.sh: namespaces, tbf, offloads off, the RTT check).
 pkgs=(xfsprogs btrfs-progs db5.3-util openssl util-linux python3 python3-fusepy fuse3 e2fsprogs
-  qemu-system-x86 ocfs2-tools busybox-static kmod cpio gzip)
+  qemu-system-x86 ocfs2-tools busybox-static kmod cpio gzip iproute2 ethtool iputils-ping curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -92,7 +92,11 @@ make_link() {
 # shape RATE RTT_MS: tbf on both veth ends, the forwarder at RTT/2 each way.
 shape() {
 	local rate=$1 rtt=$2 smac bdp
-	[ -n "$FWD_PID" ] && kill "$FWD_PID" 2>/dev/null && wait "$FWD_PID" 2>/dev/null
+	if [ -n "$FWD_PID" ]; then
+		kill "$FWD_PID" 2>/dev/null || true
+		wait "$FWD_PID" 2>/dev/null || true
+		FWD_PID=
+	fi
 	ip -n $NS_C link del coe-tun 2>/dev/null || true
 	# Queue: one bandwidth-delay product (bytes), at least 256 KiB.
 	bdp=$(( ${rate%mbit} * 1000000 / 8 * rtt / 1000 ))
@@ -164,8 +168,11 @@ CONF
 }
 
 stop_server() {
-	[ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null && wait "$SRV_PID" 2>/dev/null
-	SRV_PID=
+	if [ -n "$SRV_PID" ]; then
+		kill "$SRV_PID" 2>/dev/null || true
+		wait "$SRV_PID" 2>/dev/null || true
+		SRV_PID=
+	fi
 }
 
 # The client binary in the client namespace.
@@ -184,7 +191,9 @@ make_guest() {
 	GUEST=$BENCH_DIR/fs/repo/VirtualDisks/guest.img
 	rm -f "$GUEST"
 	truncate -s "$WAN_IMG_SIZE" "$GUEST"
-	mkfs.ext4 -q -F -E nodiscard "$GUEST"
+	# Inode tables and journal written now, not by a background thread
+	# between the snapshots (it would count as a change).
+	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$GUEST"
 	mkdir -p "$WAN_DIR/mnt"
 	mount -o loop "$GUEST" "$WAN_DIR/mnt"
 	for d in $WAN_USR; do
@@ -201,11 +210,12 @@ make_guest() {
 change_guest() {
 	mount -o loop "$GUEST" "$WAN_DIR/mnt"
 	head -c $((WAN_CHANGE_MB << 19)) /dev/urandom >"$WAN_DIR/mnt/random/new-blob"
+	# Copies of copied files, up to the other half of WAN_CHANGE_MB.
 	mkdir -p "$WAN_DIR/mnt/new"
-	local first
-	first=$(find "$WAN_DIR/mnt/copy" -mindepth 2 -maxdepth 3 -type d | head -1)
-	cp -a "$first" "$WAN_DIR/mnt/new/" 2>/dev/null || true
-	head -c $((WAN_CHANGE_MB << 19)) "$WAN_DIR/mnt/random/blob" >"$WAN_DIR/mnt/new/half-copy"
+	find "$WAN_DIR/mnt/copy" -type f -printf '%s %p\n' |
+		awk -v max=$((WAN_CHANGE_MB << 19)) '{ t += $1; if (t > max) exit; print $2 }' |
+		while read -r f; do cp "$f" "$WAN_DIR/mnt/new/$(basename "$f").$RANDOM"; done ||
+		true # find ends on SIGPIPE when awk has enough
 	# Delete about a third of the copied tree.
 	find "$WAN_DIR/mnt/copy" -type f | awk 'NR % 3 == 0' | xargs -r rm -f
 	sync

@@ -12,27 +12,71 @@ use std::path::Path;
 use bytes::Bytes;
 use coriolis_ovm_exporter::wire::stream::{self, Decoder, Event, StreamHeader};
 
-use crate::common::{http_request, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS, LOCAL_USER};
+use crate::common::{
+    exporter, free_port, http_request, Answer, Client, Exporter, Fs, Options, Pki, Scratch,
+    LOCAL_PASS, LOCAL_USER, WAIT,
+};
 
 /// 12 MiB and a bit: several 1 MiB record pieces, an unaligned tail.
 const SIZE: u64 = (12 << 20) + 5_000;
 const VM: &str = "vm-wan-01";
 
-fn start(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
+fn config(pki: &Pki, dir: &Scratch, port: u16, repo: &Path, disk: &Path) -> String {
     let o = Options {
         local_users: true,
         ..Options::default()
     };
-    Exporter::start_with(pki, 0o600, |dir, port| {
-        let mut c = Exporter::config(pki, dir, port, &o);
-        c += &format!(
-            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-             mount_point = {repo:?}\n\n[[inventory.vms]]\nname = {VM:?}\n\
-             disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-        );
-        c
-    })
+    let mut c = Exporter::config(pki, dir, port, &o);
+    c += &format!(
+        "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+         check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+         mount_point = {repo:?}\n\n[[inventory.vms]]\nname = {VM:?}\n\
+         disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+    );
+    c
+}
+
+fn start(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
+    Exporter::start_with(pki, 0o600, |dir, port| config(pki, dir, port, repo, disk))
+}
+
+/// The exporter with `COE_FAULT=io-read-eio`: the first disk read at or
+/// past 8 MiB fails (EIO), once, and aborts the body it was for.
+fn start_faulty(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
+    use std::os::unix::net::UnixDatagram;
+    let dir = Scratch::temp("wan-faulty");
+    let port = free_port();
+    std::fs::write(dir.path("config.toml"), config(pki, &dir, port, repo, disk)).unwrap();
+    std::fs::set_permissions(
+        dir.path("config.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let notify_path = dir.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let stderr = File::create(dir.path("stderr.log")).unwrap();
+    let child = std::process::Command::new(exporter::BIN)
+        .arg("--config")
+        .arg(dir.path("config.toml"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("COE_FAULT", "io-read-eio")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut e = Exporter {
+        child,
+        notify,
+        dir,
+        client: Client {
+            port,
+            ca: pki.certs("ca.pem"),
+        },
+    };
+    assert_eq!(e.notification(), "READY=1", "log:\n{}", e.log());
+    e
 }
 
 fn get(ex: &Exporter, path: &str, token: &str, headers: &[(&str, &str)]) -> Answer {
@@ -349,6 +393,79 @@ fn run(fs: Fs) {
     )
     .assert_error(400, "Bad Request");
     drop(ex);
+}
+
+/// The client's stream transfer broken by a failed disk read on the server
+/// (the body aborted past 8 MiB): it resumes with `from` and the replica is
+/// the snapshot, byte for byte.
+fn client_resumes(fs: Fs) {
+    let scratch = fs.scratch("stream-wan-client");
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let mut rng = fastrand::Rng::with_seed(41);
+    {
+        let f = File::create(&disk).unwrap();
+        f.set_len(SIZE).unwrap();
+        f.write_all_at(&random(&mut rng, 11 << 20), 0).unwrap();
+        f.write_all_at(&texty(&mut rng, 5_000), SIZE - 5_000)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let pki = Pki::new();
+    let ex = start_faulty(&pki, &repo, &disk);
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let a = ex.request(
+        "POST",
+        &format!("/api/v1/vms/{VM}/snapshots"),
+        Some(&token),
+        "",
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v = a.json();
+    let snap = v["id"].as_str().unwrap().to_owned();
+    let name = v["disks"][0]["name"].as_str().unwrap().to_owned();
+    let path = std::path::PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    let out = scratch.path("out");
+    let run = std::process::Command::new(exporter::BIN)
+        .args(["client", "download", VM, &snap, "--out"])
+        .arg(&out)
+        .args([
+            "--transport",
+            "stream",
+            "--jobs",
+            "1",
+            "--compress",
+            "zstd",
+            "--json",
+        ])
+        .env("COE_URL", format!("https://127.0.0.1:{}", ex.port))
+        .env("COE_USER", LOCAL_USER)
+        .env("COE_PASSWORD", LOCAL_PASS)
+        .env("COE_CA_FILE", pki.path("ca.pem"))
+        .env("XDG_CACHE_HOME", scratch.path("cache"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}\n{}", ex.log());
+    assert!(
+        stderr.contains("resuming the stream at"),
+        "the stream did not break and resume: {stderr}\n{}",
+        ex.log()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["disks"][0]["transport"], "stream", "{report}");
+    same_file(&out.join(&name), &path);
+}
+
+#[test]
+fn stream_v2_client_resumes_a_broken_stream_xfs() {
+    client_resumes(Fs::Xfs);
+}
+
+#[test]
+fn stream_v2_client_resumes_a_broken_stream_btrfs() {
+    client_resumes(Fs::Btrfs);
 }
 
 #[test]

@@ -402,6 +402,115 @@ fn push_changed(out: &mut Vec<Extent>, e: &Extent, start: u64, end: u64) {
     });
 }
 
+/// The granularity of refinement by content: one 4 KiB block.
+pub const REFINE_BLOCK: u64 = 4096;
+
+/// The parts of `b`'s data in `changed` where `a` holds data too (not a
+/// hole, not unwritten): the candidates of refinement by content. A write
+/// into a hole or past `a`'s end is new data and stays reported as it is.
+/// Each candidate keeps `b`'s physical address and flags for its range.
+pub fn overwrites(a: &ExtentMap, changed: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let data: Vec<&Extent> = a.extents.iter().filter(|e| !e.reads_zero()).collect();
+    let mut j = 0;
+    for c in changed {
+        while data.get(j).is_some_and(|e| e.end() <= c.logical) {
+            j += 1;
+        }
+        let mut k = j;
+        while let Some(e) = data.get(k).filter(|e| e.logical < c.end()) {
+            let (start, end) = (e.logical.max(c.logical), e.end().min(c.end()));
+            if start < end {
+                push_changed(&mut out, c, start, end);
+            }
+            k += 1;
+        }
+    }
+    out
+}
+
+/// Refinement by content of one candidate range (SEMANTICS.md §2, #19).
+///
+/// `old` and `new` hold the bytes of `[base, base + len)` of the older and
+/// the newer snapshot (same length, `base` a multiple of
+/// [`REFINE_BLOCK`]) and `candidate` lies inside that window. For each
+/// 4 KiB block of the window that `candidate` touches, the bytes of
+/// `candidate`'s part of it are compared: byte-identical parts are dropped,
+/// parts that differ and read all zeros in `new` are appended to `out.zeroed`,
+/// the others to `out.changed` (with the candidate's physical address and
+/// flags). A byte is dropped only when it is equal in both snapshots, so the
+/// refined diff still covers every changed byte. Output stays in logical
+/// order when candidates are refined in logical order.
+pub fn refine(candidate: &Extent, base: u64, old: &[u8], new: &[u8], out: &mut Diff) {
+    assert_eq!(old.len(), new.len(), "refine: windows of different lengths");
+    assert!(
+        candidate.logical >= base && candidate.end() <= base + new.len() as u64,
+        "refine: candidate {candidate:?} outside the window at {base} of {} bytes",
+        new.len()
+    );
+    let mut pos = candidate.logical;
+    while pos < candidate.end() {
+        let block_end = (pos / REFINE_BLOCK + 1) * REFINE_BLOCK;
+        let end = block_end.min(candidate.end());
+        let (i, j) = ((pos - base) as usize, (end - base) as usize);
+        let (o, n) = (&old[i..j], &new[i..j]);
+        if o != n {
+            if n.iter().all(|&x| x == 0) {
+                push_range(&mut out.zeroed, pos, end);
+            } else {
+                push_changed(&mut out.changed, candidate, pos, end);
+            }
+        }
+        pos = end;
+    }
+}
+
+/// `a` and `b` merged in logical order, touching ranges joined (both are
+/// sorted and disjoint from each other).
+pub fn merge_ranges(a: &[ByteRange], b: &[ByteRange]) -> Vec<ByteRange> {
+    let mut all: Vec<ByteRange> = a.iter().chain(b).copied().collect();
+    all.sort_unstable_by_key(|r| r.start);
+    let mut out = Vec::with_capacity(all.len());
+    for r in all {
+        push_range(&mut out, r.start, r.end());
+    }
+    out
+}
+
+/// `a` and `b` (sorted, disjoint) merged in logical order, contiguous
+/// pieces of one extent joined again.
+pub fn merge_extents(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    let mut all: Vec<Extent> = a.iter().chain(b).copied().collect();
+    all.sort_unstable_by_key(|e| e.logical);
+    let mut out = Vec::with_capacity(all.len());
+    for e in all {
+        push_changed(&mut out, &e, e.logical, e.end());
+    }
+    out
+}
+
+/// `changed` without the parts in `remove` (both sorted; every extent of
+/// `remove` lies inside one of `changed`).
+pub fn subtract(changed: &[Extent], remove: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(changed.len());
+    let mut j = 0;
+    for c in changed {
+        let mut pos = c.logical;
+        while j < remove.len() && remove[j].logical < c.end() {
+            let r = remove[j];
+            if r.logical > pos {
+                push_changed(&mut out, c, pos, r.logical);
+            }
+            pos = pos.max(r.end());
+            j += 1;
+        }
+        if pos < c.end() {
+            push_changed(&mut out, c, pos, c.end());
+        }
+    }
+    out
+}
+
 fn push_range(out: &mut Vec<ByteRange>, start: u64, end: u64) {
     if let Some(last) = out.last_mut() {
         if last.end() == start {
@@ -637,5 +746,104 @@ mod tests {
                 assert_eq!(zeroed[p], want_zeroed, "byte {p}: a={a:?} b={b:?}");
             }
         }
+    }
+
+    /// A per-byte model of refinement: for random windows, every 4 KiB part
+    /// of the candidate whose bytes differ is reported (changed, or zeroed
+    /// when the new bytes are all zero), nothing identical is, and the pieces
+    /// keep the candidate's address.
+    #[test]
+    fn refine_keeps_exactly_the_differing_blocks() {
+        let mut rng = fastrand::Rng::with_seed(19);
+        for _ in 0..500 {
+            let blocks = rng.usize(1..12);
+            let len = blocks * REFINE_BLOCK as usize;
+            let base = REFINE_BLOCK * rng.u64(0..100);
+            let old: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            let mut new = old.clone();
+            for _ in 0..rng.usize(0..6) {
+                let at = rng.usize(0..len);
+                let n = rng.usize(1..=(len - at).min(9000));
+                let zero = rng.bool();
+                for b in &mut new[at..at + n] {
+                    *b = if zero { 0 } else { rng.u8(..) };
+                }
+            }
+            let start = base + rng.u64(0..len as u64);
+            let cand = Extent {
+                logical: start,
+                physical: 1 << 30,
+                length: rng.u64(1..=base + len as u64 - start),
+                flags: flags::SHARED,
+            };
+            let mut out = Diff::default();
+            refine(&cand, base, &old, &new, &mut out);
+            let mut covered = vec![0u8; len]; // 1 changed, 2 zeroed
+            for c in &out.changed {
+                assert_eq!(c.physical, cand.physical + (c.logical - cand.logical));
+                assert_eq!(c.flags, flags::SHARED);
+                for p in c.logical..c.end() {
+                    covered[(p - base) as usize] = 1;
+                }
+            }
+            for z in &out.zeroed {
+                for p in z.start..z.end() {
+                    covered[(p - base) as usize] = 2;
+                }
+            }
+            for p in cand.logical..cand.end() {
+                let i = (p - base) as usize;
+                let blk = (p - base) / REFINE_BLOCK;
+                let (lo, hi) = (
+                    (base + blk * REFINE_BLOCK).max(cand.logical),
+                    (base + (blk + 1) * REFINE_BLOCK).min(cand.end()),
+                );
+                let r = (lo - base) as usize..(hi - base) as usize;
+                let want = if old[r.clone()] == new[r.clone()] {
+                    0
+                } else if new[r].iter().all(|&b| b == 0) {
+                    2
+                } else {
+                    1
+                };
+                assert_eq!(covered[i], want, "byte {p} of {cand:?}");
+            }
+            for (i, &c) in covered.iter().enumerate() {
+                let p = base + i as u64;
+                if p < cand.logical || p >= cand.end() {
+                    assert_eq!(c, 0, "byte {p} outside the candidate reported");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overwrites_and_subtract_split_changed_by_a_data() {
+        let z = |logical, length| Extent {
+            logical,
+            physical: 0,
+            length,
+            flags: flags::UNWRITTEN,
+        };
+        // a: data [0,8K), unwritten [8K,16K), data [20K,28K).
+        let a = map(vec![
+            ext(0, 100, 8192),
+            z(8192, 8192),
+            ext(20480, 500, 8192),
+        ]);
+        let changed = vec![ext(4096, 9000, 24576)]; // [4K, 28K)
+        let ow = overwrites(&a, &changed);
+        assert_eq!(
+            ow,
+            vec![ext(4096, 9000, 4096), ext(20480, 9000 + 16384, 8192)]
+        );
+        let rest = subtract(&changed, &ow);
+        assert_eq!(rest, vec![ext(8192, 9000 + 4096, 12288)]);
+        assert_eq!(merge_extents(&rest, &ow), changed);
+        let r = |start, length| ByteRange { start, length };
+        assert_eq!(
+            merge_ranges(&[r(0, 10), r(30, 5)], &[r(10, 5), r(20, 5)]),
+            vec![r(0, 15), r(20, 5), r(30, 5)]
+        );
     }
 }

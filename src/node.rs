@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::api::{Backend, BackendError};
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
 use crate::server::Config;
-use crate::snapshot::{Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use crate::snapshot::{DiffConfig, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
 use crate::wire::{Disk, GetOptions, HealthCheck, Snapshot, Vm};
 
 /// Why the node could not be opened at start.
@@ -87,6 +87,7 @@ impl Node {
             message,
         })?;
         let store_cfg: StoreConfig = section(config, "store", &config.store)?;
+        let diff_cfg: DiffConfig = section(config, "diff", &config.diff)?;
         crate::sys::clone::set_policy(store_cfg.clone);
         let inventory = ovm::open_inventory(&inv_cfg).map_err(NodeError::Inventory)?;
         let manager = Manager::open(
@@ -94,7 +95,8 @@ impl Node {
             &store_cfg,
             Arc::new(Lookup(inventory.clone())),
         )
-        .map_err(NodeError::Snapshot)?;
+        .map_err(NodeError::Snapshot)?
+        .with_exact(diff_cfg.exact);
         let manager_endpoint = match ovm::manager_ip(&inv_cfg.ovs_agent_db_dir) {
             Ok(Some(ip)) => Some(manager_url(&ip)),
             Ok(None) => None,

@@ -66,6 +66,11 @@ fn diff_never_misses_a_changed_byte_ocfs2_reflink_ioctl() {
     fs_core::property(Target::Ocfs2(ClonePolicy::Ocfs2Reflink));
 }
 
+#[test]
+fn diff_exact_never_misses_a_changed_byte() {
+    fs_core::property_exact(Target::Ocfs2(ClonePolicy::Auto));
+}
+
 /// The OCFS2 ioctl with `swap` run just before it looks the names up.
 fn ocfs2_reflink_racing(dir: &Path, swap: &mut dyn FnMut()) -> Result<CloneMethod, CloneError> {
     let d = File::open(dir).unwrap();

@@ -250,6 +250,7 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
     let mut rng = fastrand::Rng::with_seed(0xC0FFEE ^ fs as u64);
     let mut reported_total = 0u64;
     let mut changed_total = 0u64;
+    let (mut exact_reported, mut exact_changed) = (0u64, 0u64);
     for trial in 0..4 {
         let vm_name = format!("vm{trial}");
         let a_name = format!("a{trial}.img");
@@ -281,10 +282,12 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
         s.inv.set(vm2.clone());
         let s2 = s.mgr.create(&vm_name).unwrap();
 
-        for zero_separately in [false, true] {
+        // Refined by content (#19) too: a replica applied from the refined
+        // diff must be byte-identical as well.
+        for (zero_separately, exact) in [(false, None), (true, None), (true, Some(true))] {
             let replicas = s
                 .scratch
-                .path(&format!("replica-{trial}-{zero_separately}"));
+                .path(&format!("replica-{trial}-{zero_separately}-{exact:?}"));
             std::fs::create_dir_all(&replicas).unwrap();
             for d in &s1.disks {
                 let (f, size) = s.mgr.open_disk(&vm_name, &s1.id, &d.name).unwrap();
@@ -300,10 +303,26 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
                     &GetOptions {
                         compare_to: Some(s1.id.clone()),
                         zeroed_separate: zero_separately,
+                        exact,
                         ..GetOptions::default()
                     },
                 )
                 .unwrap();
+            if exact.is_some() {
+                for (d, dd) in vm2.disks.iter().zip(&diff.disks) {
+                    let before = std::fs::read(
+                        s1.disks
+                            .iter()
+                            .find(|x| x.name == d.name)
+                            .map_or(PathBuf::from("/dev/null"), |x| PathBuf::from(&x.path)),
+                    )
+                    .unwrap();
+                    let after = std::fs::read(&d.path).unwrap();
+                    exact_changed += changed_block_bytes(&before, &after);
+                    exact_reported += dd.chunks.iter().map(|c| c.length).sum::<u64>()
+                        + dd.zeroed.iter().flatten().map(|z| z.length).sum::<u64>();
+                }
+            }
             apply(&s.mgr, &vm_name, &diff, &replicas, zero_separately);
             for d in &vm2.disks {
                 let want = std::fs::read(&d.path).unwrap();
@@ -326,7 +345,7 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
                     d.name
                 );
             }
-            if !zero_separately {
+            if !zero_separately && exact.is_none() {
                 for (d, dd) in vm2.disks.iter().zip(&diff.disks) {
                     let before = std::fs::read(
                         s1.disks
@@ -350,6 +369,12 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
     // The diff must be incremental: over-reporting stays close to 1
     // (filesystem block and extent rounding only).
     assert!(ratio < 1.6, "{fs:?} over-reports {ratio:.2}x");
+    let exact_ratio = exact_reported as f64 / exact_changed.max(1) as f64;
+    eprintln!("{fs:?}: refined by content: {exact_ratio:.3}x");
+    assert!(
+        exact_ratio < 1.3,
+        "{fs:?} over-reports {exact_ratio:.2}x refined by content"
+    );
 }
 
 #[test]

@@ -158,6 +158,8 @@ pub struct Config {
     pub inventory: toml::Table,
     /// Raw `[store]` table, parsed by the snapshot store.
     pub store: toml::Table,
+    /// Raw `[diff]` table, parsed by the snapshot layer (`exact`).
+    pub diff: toml::Table,
     /// The `[io]` section: the read engine's backend and buffers.
     pub io: IoConfig,
 }
@@ -179,6 +181,8 @@ struct RawConfig {
     inventory: toml::Table,
     #[serde(default)]
     store: toml::Table,
+    #[serde(default)]
+    diff: toml::Table,
     #[serde(default)]
     io: IoConfig,
 }
@@ -550,6 +554,7 @@ impl Config {
             readable_by_others: false,
             inventory: raw.inventory,
             store: raw.store,
+            diff: raw.diff,
             io: raw.io,
         })
     }

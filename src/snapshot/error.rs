@@ -70,6 +70,13 @@ pub enum SnapshotError {
          before running this command, or use the API)"
     )]
     Busy { path: PathBuf },
+    /// Refining a diff by content failed (or its client went away).
+    #[error("refining the diff of disk {disk} by content failed")]
+    Refine {
+        disk: String,
+        #[source]
+        source: super::exact::RefineError,
+    },
 }
 
 impl SnapshotError {
@@ -109,7 +116,8 @@ impl Classify for SnapshotError {
             SnapshotError::Damaged { .. }
             | SnapshotError::Clone { .. }
             | SnapshotError::Fiemap { .. }
-            | SnapshotError::Io { .. } => Class::Internal,
+            | SnapshotError::Io { .. }
+            | SnapshotError::Refine { .. } => Class::Internal,
         }
     }
 }

@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod exact;
 pub mod fault;
 mod reconcile;
 
@@ -55,6 +56,7 @@ use crate::sys::path::{self, SNAPSHOTS_DIR};
 use crate::wire::{Chunk, GetOptions, Snapshot, SnapshotDisk};
 
 pub use error::SnapshotError;
+pub use exact::{DiffConfig, ExactMode};
 pub use reconcile::{Action, ReconcileReport};
 
 /// File name of the manifest in each snapshot folder.
@@ -215,6 +217,8 @@ pub struct Manager {
     /// Reconcile takes this exclusively; every mutation shares it, so that
     /// reconcile never mistakes a create in progress for debris.
     reconciling: RwLock<()>,
+    /// When diffs are refined by content without `exact=` (`[diff] exact`).
+    exact: ExactMode,
     /// Held for the manager's life: a second process (e.g. an admin command
     /// while the service runs) is refused instead of reconciling away the
     /// service's creates in progress.
@@ -302,6 +306,7 @@ impl Manager {
             vm_locks: Mutex::new(HashMap::new()),
             reconciling: RwLock::new(()),
             _process_lock: lock,
+            exact: ExactMode::default(),
         })
     }
 
@@ -516,6 +521,12 @@ impl Manager {
         Ok((record, maps))
     }
 
+    /// The manager with `[diff] exact` = `mode`.
+    pub fn with_exact(mut self, mode: ExactMode) -> Manager {
+        self.exact = mode;
+        self
+    }
+
     /// The record of `snap`, which must belong to `vm`.
     fn record_of(&self, vm: &str, snap: &str) -> Result<SnapshotRecord, SnapshotError> {
         let rec = self
@@ -576,6 +587,9 @@ impl Manager {
         let base_maps = self.maps_of(&base)?;
         let mut out = info(&rec, &[], false);
         for (i, (d, map)) in rec.disks.iter().zip(&maps).enumerate() {
+            if options.only_disk.as_ref().is_some_and(|o| *o != d.name) {
+                continue;
+            }
             let now = map.clip(d.size);
             let before = base
                 .disks
@@ -586,7 +600,10 @@ impl Manager {
                 .map(|j| base_maps[j].clip(base.disks[j].size.min(d.size)))
                 // A disk new since the base: everything it holds is new.
                 .unwrap_or_default();
-            let diff = extent::diff(&before, &now);
+            let mut diff = extent::diff(&before, &now);
+            if let Some(j) = base.disks.iter().position(|b| b.name == d.name) {
+                diff = self.refine(&base, j, &rec, i, &before, diff, options)?;
+            }
             let chunks = if options.zeroed_separate {
                 diff.changed.clone()
             } else {
@@ -602,7 +619,71 @@ impl Manager {
             disk.size = Some(d.size);
             disk.zeroed = Some(diff.zeroed);
         }
+        if let Some(only) = &options.only_disk {
+            out.disks.retain(|d| d.name == *only);
+        }
         Ok(out)
+    }
+
+    /// `diff` of disk `i` of `rec` against disk `j` of `base` (whose
+    /// clipped map is `before`), refined by content where `options` and
+    /// `[diff] exact` ask for it (exact.rs).
+    #[allow(clippy::too_many_arguments)]
+    fn refine(
+        &self,
+        base: &SnapshotRecord,
+        j: usize,
+        rec: &SnapshotRecord,
+        i: usize,
+        before: &ExtentMap,
+        diff: extent::Diff,
+        options: &GetOptions,
+    ) -> Result<extent::Diff, SnapshotError> {
+        if options.exact == Some(false) || diff.changed.is_empty() {
+            return Ok(diff);
+        }
+        let d = &rec.disks[i];
+        let damaged = |id: &str, disk: &str, reason: String, base_side: bool| {
+            let (id, disk) = (id.to_owned(), disk.to_owned());
+            let e = if base_side {
+                SnapshotError::BaseChanged {
+                    id: id.clone(),
+                    disk,
+                    reason,
+                }
+            } else {
+                SnapshotError::Damaged {
+                    id: id.clone(),
+                    disk,
+                    reason,
+                }
+            };
+            self.unless_deleted(&id, e)
+        };
+        let new = open_verified(rec, d).map_err(|r| damaged(&rec.id, &d.name, r, false))?;
+        if !self.exact.applies(options.exact, &new) {
+            return Ok(diff);
+        }
+        let b = &base.disks[j];
+        let old = open_verified(base, b).map_err(|r| damaged(&base.id, &b.name, r, true))?;
+        let started = std::time::Instant::now();
+        let before_bytes = diff.changed_bytes();
+        let (refined, read) = exact::refine_diff(&old, &new, before, diff, &options.cancel)
+            .map_err(|source| SnapshotError::Refine {
+                disk: d.name.clone(),
+                source,
+            })?;
+        tracing::debug!(
+            snapshot = %rec.id,
+            base = %base.id,
+            disk = %d.name,
+            candidates = read,
+            changed_before = before_bytes,
+            changed_after = refined.changed_bytes(),
+            seconds = started.elapsed().as_secs_f64(),
+            "diff refined by content"
+        );
+        Ok(refined)
     }
 
     fn maps_of(&self, rec: &SnapshotRecord) -> Result<Vec<ExtentMap>, SnapshotError> {

@@ -12,7 +12,38 @@ pub struct GetOptions {
     /// Leave zeroed ranges out of `chunks` (`zeroed=separate`); by default
     /// they are in `chunks` too, so old clients copy the zeros.
     pub zeroed_separate: bool,
+    /// Refine the diff by content (`exact`): None is the server's default
+    /// (`[diff] exact`).
+    pub exact: Option<bool>,
+    /// With `compare_to`, answer this disk only (the incremental stream of
+    /// one disk): the others are neither diffed nor refined.
+    pub only_disk: Option<String>,
+    /// Set when the asker went away: a long diff stops.
+    pub cancel: Cancel,
 }
+
+/// A flag a long request checks to stop early once its client is gone. Not
+/// part of what is asked: any two compare equal.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for Cancel {
+    fn eq(&self, _: &Cancel) -> bool {
+        true
+    }
+}
+
+impl Eq for Cancel {}
 
 impl Default for GetOptions {
     fn default() -> Self {
@@ -20,6 +51,9 @@ impl Default for GetOptions {
             squash: true,
             compare_to: None,
             zeroed_separate: false,
+            exact: None,
+            only_disk: None,
+            cancel: Cancel::default(),
         }
     }
 }

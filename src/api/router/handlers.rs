@@ -9,13 +9,13 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 
 use super::login::login;
-use super::matcher::{compare_to_param, query_param, squash_param, Params};
+use super::matcher::{compare_to_param, exact_param, query_param, squash_param, Params};
 use super::state::State;
 use super::table::{Handler, Route};
 use crate::api::body::ApiBody;
 use crate::api::{blocking, disk, json_response, ApiError, Backend};
 use crate::io::IoEngine;
-use crate::wire::GetOptions;
+use crate::wire::{Cancel, GetOptions};
 
 /// Time a snapshot operation into the metrics.
 async fn timed<T, F>(state: &State, op: &'static str, f: F) -> Result<T, ApiError>
@@ -128,16 +128,23 @@ where
                     )))
                 }
             };
+            let exact = exact_param(q)?;
             let op = if compare_to.is_some() { "diff" } else { "get" };
+            let cancel = CancelOnDrop(Cancel::default());
+            let flag = cancel.0.clone();
             let s = timed(state, op, move || {
                 let options = GetOptions {
                     squash,
                     compare_to,
                     zeroed_separate,
+                    exact,
+                    only_disk: None,
+                    cancel: flag,
                 };
                 be.get_snapshot(&vm, &snap, &options)
             })
             .await?;
+            drop(cancel);
             ok(json_response(StatusCode::OK, &s))
         }
         Handler::DeleteSnapshot => {
@@ -166,12 +173,21 @@ where
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let compare_to = compare_to_param(q)?;
             let v2 = disk::stream_params(|name| query_param(q, name))?;
+            let exact = exact_param(q)?;
             let engine = state.engine.clone();
             let op = if compare_to.is_some() { "diff" } else { "get" };
+            let cancel = CancelOnDrop(Cancel::default());
+            let flag = cancel.0.clone();
             let (d, file) = timed(state, op, move || {
-                snapshot_disk(&*be, &engine, &vm, &snap, &disk, compare_to)
+                let diff = DiffAsked {
+                    compare_to,
+                    exact,
+                    cancel: flag,
+                };
+                snapshot_disk(&*be, &engine, &vm, &snap, &disk, diff)
             })
             .await?;
+            drop(cancel);
             disk::incremental(&state.engine, &file, &d, v2)
         }
         Handler::Checksums => {
@@ -179,8 +195,10 @@ where
             let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
             let alg = disk::checksum_algorithm(query_param(q, "algorithm").as_deref())?;
             let engine = state.engine.clone();
-            let (d, file) =
-                blocking(move || snapshot_disk(&*be, &engine, &vm, &snap, &disk, None)).await?;
+            let (d, file) = blocking(move || {
+                snapshot_disk(&*be, &engine, &vm, &snap, &disk, DiffAsked::default())
+            })
+            .await?;
             let data = disk::data_ranges(&d, file.size());
             if let Some(alg) = alg {
                 let sums = disk::digests(&state.engine, &file, &data, block, alg).await?;
@@ -192,6 +210,24 @@ where
     }
 }
 
+/// Sets its flag when dropped: a handler's future dropped because its
+/// client went away stops the blocking work it started (a refining diff).
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// What a disk's diff is asked with: the base, `exact`, the cancel flag.
+#[derive(Default)]
+struct DiffAsked {
+    compare_to: Option<String>,
+    exact: Option<bool>,
+    cancel: Cancel,
+}
+
 /// One disk of a snapshot (its extent map, or with `compare_to` the diff
 /// with zeroed ranges apart) and its file, open in the engine.
 fn snapshot_disk(
@@ -200,12 +236,15 @@ fn snapshot_disk(
     vm: &str,
     snap: &str,
     disk: &str,
-    compare_to: Option<String>,
+    diff: DiffAsked,
 ) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), crate::api::BackendError> {
     let options = GetOptions {
         squash: true,
-        compare_to,
+        compare_to: diff.compare_to,
         zeroed_separate: true,
+        exact: diff.exact,
+        only_disk: Some(disk.to_owned()),
+        cancel: diff.cancel,
     };
     let s = be.get_snapshot(vm, snap, &options)?;
     let d = s

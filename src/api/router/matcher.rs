@@ -156,6 +156,18 @@ pub(super) fn squash_param(query: Option<&str>) -> bool {
     }
 }
 
+/// `exact` (refine a diff by content, #19): absent or empty is the
+/// server's default (None); else a Go bool, anything else 400.
+pub(super) fn exact_param(q: Option<&str>) -> Result<Option<bool>, ApiError> {
+    match query_param(q, "exact") {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => parse_go_bool(&v)
+            .map(Some)
+            .ok_or_else(|| ApiError::BadRequest(format!("exact={v:?}: expected true or false"))),
+    }
+}
+
 /// `compareTo`: absent or empty is none; else a checked id.
 pub(super) fn compare_to_param(q: Option<&str>) -> Result<Option<String>, ApiError> {
     match query_param(q, "compareTo") {

@@ -772,8 +772,20 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
             "Bad Request",
         ),
         (
-            get,
+            get.clone(),
             format!("{base}?zeroed=maybe"),
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+        ),
+        (
+            get.clone(),
+            format!("{base}?compareTo={SNAP_OLD}&exact=maybe"),
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+        ),
+        (
+            get,
+            format!("{base}/disks/{DISK}/incremental?compareTo={SNAP_OLD}&exact=2"),
             StatusCode::BAD_REQUEST,
             "Bad Request",
         ),

@@ -22,6 +22,9 @@ const EXIT_BAD_START: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
+    // Before any thread: the read buffers' memory goes back to the OS when
+    // the pool lets them go (sys::memory).
+    coriolis_ovm_exporter::sys::memory::tune_allocator();
     // The client and the demo take their arguments as OS strings (paths
     // need not be UTF-8): dispatch them before anything reads `args()`.
     let first = std::env::args_os().nth(1);

@@ -17,6 +17,11 @@
 //! asked for it, which caps the memory a single stream (connection) holds,
 //! frames waiting in hyper included.
 //!
+//! When the last buffer in use comes back the pool is idle, and it frees
+//! all but [`IDLE_KEEP`] of its buffers: memory taken for a burst of
+//! downloads is given back after it (`sys::memory` makes sure the
+//! allocator returns it to the OS).
+//!
 //! This module must not do I/O; it only owns memory.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +33,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 /// block size Linux accepts for `O_DIRECT` on the disks this serves (512 and
 /// 4096; `statx` `STATX_DIOALIGN` reports the same on such devices).
 pub const ALIGN: usize = 4096;
+
+/// Buffers the pool keeps when it goes idle (no buffer in use): one
+/// stream's read-ahead at the default config, ready for the next request;
+/// the others are freed.
+pub const IDLE_KEEP: usize = 4;
 
 /// A heap buffer of `len` bytes whose start is aligned to [`ALIGN`].
 pub struct AlignedBuf {
@@ -296,11 +306,19 @@ impl PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take().filter(|_| !self.overflow) {
-            self.pool
+            let mut free = self
+                .pool
                 .free
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(buf);
+                .unwrap_or_else(PoisonError::into_inner);
+            free.push(buf);
+            // The last buffer in use (this one: its permit is released
+            // after this body): the pool goes idle, and all but a few of
+            // its buffers go back to the allocator, which returns them to
+            // the OS (`sys::memory`). Busy, it keeps them for reuse.
+            if self.pool.capacity - self.pool.permits.available_permits() == 1 {
+                free.truncate(IDLE_KEEP);
+            }
         }
         // Released after the buffer is back on the free list, so a waiter
         // woken by it finds it there; then those waiting for a buffer above
@@ -384,6 +402,24 @@ mod tests {
         assert_eq!(c.buf().as_slice().as_ptr(), a_ptr, "the buffer is reused");
         drop((b, c));
         assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn an_idle_pool_keeps_only_a_few_buffers() {
+        let pool = BufferPool::new(ALIGN, 16);
+        let mut held: Vec<PooledBuf> = (0..16).map(|_| pool.try_get().unwrap()).collect();
+        let free = |p: &BufferPool| p.inner.free.lock().unwrap().len();
+        // Busy: every returned buffer is kept for reuse.
+        held.truncate(1);
+        assert_eq!(free(&pool), 15);
+        // The last one back: idle, all but IDLE_KEEP are freed.
+        held.clear();
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(free(&pool), IDLE_KEEP);
+        // And the pool still serves its whole bound.
+        let again: Vec<PooledBuf> = (0..16).map(|_| pool.try_get().unwrap()).collect();
+        assert!(pool.try_get().is_none());
+        drop(again);
     }
 
     #[test]

@@ -38,10 +38,12 @@ impl std::fmt::Display for BackendKind {
 /// through hyper and TLS than small ones (ARCHITECTURE.md).
 pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Default buffers per stream: 4 MiB in flight keeps a disk and a 10 Gbit/s
-/// link busy while 16 streams stay under 64 MiB.
+/// link busy.
 pub const DEFAULT_READ_AHEAD: usize = 4;
-/// Default buffers in the whole process (64 MiB at the default size).
-pub const DEFAULT_POOL_BUFFERS: usize = 64;
+/// Default buffers in the whole process (32 MiB at the default size): the
+/// bound of the service's read memory, which keeps its peak RSS under
+/// 64 MiB with 16 streams (README, "Memory"); streams beyond 8 share it.
+pub const DEFAULT_POOL_BUFFERS: usize = 32;
 /// Default buffers made beyond the pool for streams that hold none while
 /// the pool is used up (see `buffer::BufferPool::get_first`).
 pub const DEFAULT_OVERFLOW_BUFFERS: usize = 64;

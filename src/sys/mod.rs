@@ -11,6 +11,7 @@
 pub mod clone;
 pub mod fault;
 pub mod fiemap;
+pub mod memory;
 pub mod path;
 pub mod statfs;
 

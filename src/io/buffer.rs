@@ -53,8 +53,17 @@ impl AlignedBuf {
     /// to a multiple of [`ALIGN`].
     pub fn new(len: usize) -> AlignedBuf {
         let len = len.div_ceil(ALIGN).max(1) * ALIGN;
-        // `vec![0; n]` is a calloc: untouched pages cost no resident memory.
-        let storage = vec![0u8; len + ALIGN - 1];
+        // Buffers are made lazily, when reads need them (the pool is bounded).
+        let mut storage = vec![0u8; len + ALIGN - 1];
+        // Fault every page in now. A large calloc is a fresh mapping whose
+        // pages are untouched, and btrfs reads O_DIRECT with page faults
+        // disabled: a read into untouched pages comes back short and
+        // btrfs finishes it through the page cache (an export would then
+        // fill the host's cache). `black_box` keeps the stores of zeros
+        // into zeroed memory from being optimised away.
+        for i in (0..storage.len()).step_by(ALIGN) {
+            storage[i] = std::hint::black_box(0);
+        }
         // For a `*const u8` the offset is computed exactly at run time; the
         // `min` only keeps the slicing below in bounds if it ever were not.
         let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN - 1);

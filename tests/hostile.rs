@@ -953,3 +953,65 @@ fn http2_rapid_resets_end_in_goaway() {
     .unwrap();
     assert_eq!(a.status, 200);
 }
+
+/// An HPACK literal header field without indexing, its name given by the
+/// static-table index bytes `name` (4-bit prefix: `[i]` below 15, else
+/// `[0x0f, i - 15]`).
+fn hpack_literal(name: &[u8], value: &str) -> Vec<u8> {
+    let mut out = name.to_vec();
+    // A string length with a 7-bit prefix (RFC 7541 5.1), no Huffman.
+    let n = value.len();
+    if n < 127 {
+        out.push(n as u8);
+    } else {
+        out.push(127);
+        let mut rest = n - 127;
+        while rest >= 128 {
+            out.push((rest % 128) as u8 | 0x80);
+            rest /= 128;
+        }
+        out.push(rest as u8);
+    }
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// An HTTP/2 client that asks for a whole disk and keeps its flow-control
+/// window shut (the socket stays writable: only the stream stalls) is cut
+/// after `api.send_timeout`, and the download's buffers go back.
+#[test]
+fn a_stalled_http2_stream_is_cut_after_send_timeout() {
+    let s = disk_setup(
+        "hostile-h2stall",
+        64 << 20,
+        LIMITS,
+        "\n[io]\npool_buffers = 16\nread_ahead = 4\n",
+    );
+    let mut tls = tls_over(
+        &s.ex,
+        tcp_from("127.0.0.8", s.ex.port, None).unwrap(),
+        b"h2",
+    )
+    .unwrap();
+    let mut block = vec![0x82, 0x87];
+    block.extend(hpack_literal(&[0x04], &s.url)); // :path
+    block.extend(hpack_literal(&[0x01], "localhost")); // :authority
+    block.extend(hpack_literal(
+        &[0x0f, 23 - 15],
+        &format!("Bearer {}", s.token),
+    )); // authorization
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 0: no DATA until a WINDOW_UPDATE.
+    out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    out.extend(h2_frame(0x1, 0x5, 1, &block));
+    tls.write_all(&out).unwrap();
+    tls.flush().unwrap();
+    wait_for("the stalled HTTP/2 stream to be cut", &s.ex, || {
+        metric(&s.ex, "coe_connections_cut_total{reason=\"send_timeout\"}") >= 1
+    });
+    let mut sink = Vec::new();
+    let _ = tls.read_to_end(&mut sink);
+    wait_for("the stream's buffers to go back", &s.ex, || {
+        metric(&s.ex, "coe_io_buffers_in_use ") == 0
+    });
+}

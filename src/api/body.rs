@@ -68,9 +68,18 @@ pub struct ApiBody {
     sent: u64,
     failed: bool,
     record: Option<AccessRecord>,
-    /// Something the server ties to this body's life (its connection's
-    /// count of requests in flight), dropped with it.
-    guard: Option<Box<dyn std::any::Any + Send>>,
+    /// What the server ties to this body's life (its connection's count
+    /// of requests in flight), told of every poll, dropped with the body.
+    guard: Option<Box<dyn PollObserver>>,
+}
+
+/// Told how the HTTP layer polls a body: `Some(true)` a frame was taken,
+/// `Some(false)` the body had nothing yet (it will wake the HTTP layer),
+/// `None` the body ended. A body that is not polled for long while it has
+/// not ended is one its client does not take (an HTTP/2 stream whose flow
+/// control window stays shut): the server's watchdog cuts it.
+pub trait PollObserver: Send {
+    fn polled(&self, outcome: Option<bool>);
 }
 
 impl ApiBody {
@@ -107,8 +116,8 @@ impl ApiBody {
     }
 
     /// Keep `guard` until this body is dropped (sent, or abandoned with its
-    /// connection).
-    pub fn attach(&mut self, guard: impl std::any::Any + Send) {
+    /// connection), telling it of every poll.
+    pub fn attach(&mut self, guard: impl PollObserver + 'static) {
         self.guard = Some(Box::new(guard));
     }
 
@@ -178,6 +187,13 @@ impl Body for ApiBody {
                 )))),
             },
         };
+        if let Some(g) = &this.guard {
+            g.polled(match &polled {
+                Poll::Ready(Some(Ok(_))) => Some(true),
+                Poll::Pending => Some(false),
+                Poll::Ready(_) => None,
+            });
+        }
         match polled {
             Poll::Ready(Some(Ok(b))) => {
                 this.sent += b.len() as u64;

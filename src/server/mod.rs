@@ -191,6 +191,7 @@ pub async fn serve(
                 let state = svc_state.clone();
                 async move {
                     let mut resp = api::handle(state, peer, req).await?;
+                    guard.body_starts();
                     resp.body_mut().attach(guard);
                     Ok::<_, std::convert::Infallible>(resp)
                 }

@@ -17,7 +17,11 @@
 //! until its response body is dropped (sent or abandoned): the service
 //! attaches an [`ActiveGuard`] to every response body. A long request that
 //! writes nothing (a snapshot being created) is not cut: only a write that
-//! waits on the peer is.
+//! waits on the peer is, or a response body that hyper stops asking frames
+//! of although it has not ended and is not waiting on a disk read: an
+//! HTTP/2 stream whose client keeps its flow-control window shut (the
+//! socket is then not blocked at all). That cuts the whole connection, the
+//! only way to take back the frames hyper holds for the stream.
 
 use std::io;
 use std::pin::Pin;
@@ -42,6 +46,9 @@ pub enum Cut {
 pub struct Activity {
     base: Instant,
     active: AtomicUsize,
+    /// The response bodies being sent, to find one its client does not
+    /// take (see [`BodyState`]).
+    bodies: std::sync::Mutex<Vec<std::sync::Weak<BodyState>>>,
     /// Last time a request started or ended.
     last_change: AtomicU64,
     /// When the current wait of a write on the peer began (0: none).
@@ -53,6 +60,7 @@ impl Activity {
         Arc::new(Activity {
             base: Instant::now(),
             active: AtomicUsize::new(0),
+            bodies: std::sync::Mutex::new(Vec::new()),
             last_change: AtomicU64::new(1),
             write_blocked_since: AtomicU64::new(0),
         })
@@ -67,7 +75,26 @@ impl Activity {
     pub fn request(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.last_change.store(self.now(), Ordering::Relaxed);
-        ActiveGuard(Arc::clone(self))
+        ActiveGuard {
+            activity: Arc::clone(self),
+            body: Arc::new(BodyState {
+                since: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Whether a response body has waited on its client (not polled while
+    /// it had not ended and was not waiting on us) for `limit`.
+    fn body_stalled(&self, now: u64, limit: u64) -> bool {
+        let mut bodies = self
+            .bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bodies.retain(|w| w.strong_count() > 0);
+        bodies.iter().filter_map(std::sync::Weak::upgrade).any(|b| {
+            let since = b.since.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since) >= limit
+        })
     }
 
     fn write_waits(&self) {
@@ -88,7 +115,11 @@ impl Activity {
     pub fn verdict(&self, send_timeout: Duration, idle: Option<Duration>) -> Option<Cut> {
         let now = self.now();
         let blocked = self.write_blocked_since.load(Ordering::Relaxed);
-        if blocked != 0 && now.saturating_sub(blocked) >= send_timeout.as_millis() as u64 {
+        let limit = send_timeout.as_millis() as u64;
+        if blocked != 0 && now.saturating_sub(blocked) >= limit {
+            return Some(Cut::SendTimeout);
+        }
+        if self.body_stalled(now, limit) {
             return Some(Cut::SendTimeout);
         }
         if let Some(idle) = idle {
@@ -104,13 +135,52 @@ impl Activity {
     }
 }
 
-/// A request in flight on a connection (see the module doc).
-pub struct ActiveGuard(Arc<Activity>);
+/// A request in flight on a connection (see the module doc). Attached to
+/// its response body, it also watches how hyper polls that body.
+pub struct ActiveGuard {
+    activity: Arc<Activity>,
+    body: Arc<BodyState>,
+}
+
+/// How a response body is being taken: `since` is when it last handed a
+/// frame out (or was attached) and has not been polled since; 0 while it
+/// waits on us (a disk read) or before it exists.
+pub struct BodyState {
+    since: AtomicU64,
+}
+
+impl ActiveGuard {
+    /// The handler is done and its body starts: watch how it is taken.
+    pub fn body_starts(&self) {
+        self.body
+            .since
+            .store(self.activity.now(), Ordering::Relaxed);
+        self.activity
+            .bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::downgrade(&self.body));
+    }
+}
+
+impl crate::api::body::PollObserver for ActiveGuard {
+    fn polled(&self, outcome: Option<bool>) {
+        let v = match outcome {
+            // A frame went out: from now on it waits for the next poll.
+            Some(true) => self.activity.now(),
+            // Waiting on us, or done: not the client's doing.
+            Some(false) | None => 0,
+        };
+        self.body.since.store(v, Ordering::Relaxed);
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.0.last_change.store(self.0.now(), Ordering::Relaxed);
+        self.activity.active.fetch_sub(1, Ordering::Relaxed);
+        self.activity
+            .last_change
+            .store(self.activity.now(), Ordering::Relaxed);
     }
 }
 
@@ -205,5 +275,33 @@ mod tests {
         assert_eq!(a.verdict(Duration::ZERO, None), None);
         drop(g);
         assert_eq!(a.verdict(long, Some(Duration::ZERO)), Some(Cut::Idle));
+    }
+
+    #[test]
+    fn a_body_not_taken_is_cut() {
+        use crate::api::body::PollObserver;
+        let a = Activity::new();
+        let long = Duration::from_secs(3600);
+        let g = a.request();
+        // In the handler: not watched yet.
+        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        g.body_starts();
+        assert_eq!(a.verdict(Duration::ZERO, None), Some(Cut::SendTimeout));
+        assert_eq!(a.verdict(long, None), None);
+        // Waiting on a disk read is not the client's doing.
+        g.polled(Some(false));
+        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        // A frame went out and nobody asks for the next one.
+        g.polled(Some(true));
+        assert_eq!(a.verdict(Duration::ZERO, None), Some(Cut::SendTimeout));
+        g.polled(None);
+        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        g.polled(Some(true));
+        drop(g);
+        assert_eq!(
+            a.verdict(Duration::ZERO, None),
+            None,
+            "a dropped body is gone"
+        );
     }
 }

@@ -309,7 +309,7 @@ mod tests {
         let base = answer(SnapshotError::BaseChanged {
             id: "a".into(),
             disk: "d".into(),
-            reason: "inode".into(),
+            cause: crate::snapshot::Unverified::Open(std::io::Error::other("inode")),
         });
         assert!(matches!(base, ApiError::Conflict(_)));
     }

@@ -59,8 +59,18 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    #[error("{path}: unusable as client CA: {detail}")]
-    ClientCa { path: PathBuf, detail: String },
+    #[error("{path}: unusable as client CA: {source}")]
+    ClientCaCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{path}: unusable as client CA: {source}")]
+    ClientCaVerifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error("cannot build the TLS config: {0}")]
     Build(#[source] rustls::Error),
 }
@@ -71,7 +81,9 @@ impl TlsError {
         match self {
             TlsError::ReadCerts { key, .. } | TlsError::NoCert { key, .. } => key,
             TlsError::ReadKey { .. } | TlsError::KeyMismatch { .. } => "api.tls.key",
-            TlsError::ClientCa { .. } => "api.tls.ca_certificate",
+            TlsError::ClientCaCert { .. } | TlsError::ClientCaVerifier { .. } => {
+                "api.tls.ca_certificate"
+            }
             TlsError::Build(_) => "api.tls",
         }
     }
@@ -144,9 +156,9 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certs_for("api.tls.ca_certificate", ca)? {
-                roots.add(cert).map_err(|e| TlsError::ClientCa {
+                roots.add(cert).map_err(|source| TlsError::ClientCaCert {
                     path: ca.clone(),
-                    detail: e.to_string(),
+                    source,
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -155,10 +167,12 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
             } else {
                 verifier.allow_unauthenticated()
             };
-            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
-                path: ca.clone(),
-                detail: e.to_string(),
-            })?;
+            let verifier = verifier
+                .build()
+                .map_err(|source| TlsError::ClientCaVerifier {
+                    path: ca.clone(),
+                    source,
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

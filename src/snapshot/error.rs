@@ -5,8 +5,22 @@ use std::path::PathBuf;
 
 use crate::error::{Class, Classify};
 use crate::ovm::InventoryError;
-use crate::store::StoreError;
+use crate::store::{Fingerprint, StoreError};
 use crate::sys::{CloneError, FiemapError};
+
+/// Why a snapshot's disk file is not the one its record describes.
+#[derive(Debug, thiserror::Error)]
+pub enum Unverified {
+    #[error("cannot open it")]
+    Open(#[source] std::io::Error),
+    #[error("cannot stat it")]
+    Stat(#[source] std::io::Error),
+    #[error("recorded {recorded:?}, now {now:?}")]
+    Changed {
+        recorded: Box<Fingerprint>,
+        now: Box<Fingerprint>,
+    },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -22,18 +36,20 @@ pub enum SnapshotError {
     BadRequest { reason: String },
     /// The base snapshot of a diff is no longer the one its extent maps
     /// describe: answering would risk a missed change (SEMANTICS.md §2).
-    #[error("base snapshot {id}: disk {disk} changed or vanished since it was recorded: {reason}")]
+    #[error("base snapshot {id}: disk {disk} changed or vanished since it was recorded")]
     BaseChanged {
         id: String,
         disk: String,
-        reason: String,
+        #[source]
+        cause: Unverified,
     },
     /// The snapshot itself is damaged on disk (file gone or changed).
-    #[error("snapshot {id}: disk {disk} is damaged: {reason}")]
+    #[error("snapshot {id}: disk {disk} is damaged")]
     Damaged {
         id: String,
         disk: String,
-        reason: String,
+        #[source]
+        cause: Unverified,
     },
     /// The VM has a disk that cannot be cloned (HTTP 400); nothing created.
     #[error("disk {disk} cannot be snapshotted: {reason}")]

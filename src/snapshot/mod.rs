@@ -55,7 +55,7 @@ use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions}
 use crate::sys::path::{self, SNAPSHOTS_DIR};
 use crate::wire::{Chunk, GetOptions, Snapshot, SnapshotDisk};
 
-pub use error::SnapshotError;
+pub use error::{SnapshotError, Unverified};
 pub use exact::{DiffConfig, ExactMode};
 pub use reconcile::{Action, ReconcileReport};
 
@@ -564,23 +564,23 @@ impl Manager {
         }
         // The maps must describe the files as they are: a base whose file
         // was replaced or removed may have had its blocks reused.
-        verify(&base).map_err(|(disk, reason)| {
+        verify(&base).map_err(|(disk, cause)| {
             self.unless_deleted(
                 &base.id,
                 SnapshotError::BaseChanged {
                     id: base.id.clone(),
                     disk,
-                    reason,
+                    cause,
                 },
             )
         })?;
-        verify(&rec).map_err(|(disk, reason)| {
+        verify(&rec).map_err(|(disk, cause)| {
             self.unless_deleted(
                 &rec.id,
                 SnapshotError::Damaged {
                     id: rec.id.clone(),
                     disk,
-                    reason,
+                    cause,
                 },
             )
         })?;
@@ -643,19 +643,19 @@ impl Manager {
             return Ok(diff);
         }
         let d = &rec.disks[i];
-        let damaged = |id: &str, disk: &str, reason: String, base_side: bool| {
+        let damaged = |id: &str, disk: &str, cause: Unverified, base_side: bool| {
             let (id, disk) = (id.to_owned(), disk.to_owned());
             let e = if base_side {
                 SnapshotError::BaseChanged {
                     id: id.clone(),
                     disk,
-                    reason,
+                    cause,
                 }
             } else {
                 SnapshotError::Damaged {
                     id: id.clone(),
                     disk,
-                    reason,
+                    cause,
                 }
             };
             self.unless_deleted(&id, e)
@@ -836,13 +836,13 @@ impl Manager {
                 .ok_or_else(|| SnapshotError::NotFound {
                     what: format!("disk {disk} of snapshot {snap}"),
                 })?;
-        let damaged = |reason: String| {
+        let damaged = |cause: Unverified| {
             self.unless_deleted(
                 &rec.id,
                 SnapshotError::Damaged {
                     id: rec.id.clone(),
                     disk: d.name.clone(),
-                    reason,
+                    cause,
                 },
             )
         };
@@ -886,20 +886,23 @@ fn open_snapshot_file(rec: &SnapshotRecord, d: &DiskRecord) -> std::io::Result<F
 
 /// Opens the disk file `d` of `rec` and checks it is the file recorded,
 /// unchanged (the whole fingerprint); Err says what is wrong.
-fn open_verified(rec: &SnapshotRecord, d: &DiskRecord) -> Result<File, String> {
-    let f = open_snapshot_file(rec, d).map_err(|e| format!("cannot open it: {e}"))?;
-    let fp = Fingerprint::of(&f).map_err(|e| format!("cannot stat it: {e}"))?;
+fn open_verified(rec: &SnapshotRecord, d: &DiskRecord) -> Result<File, Unverified> {
+    let f = open_snapshot_file(rec, d).map_err(Unverified::Open)?;
+    let fp = Fingerprint::of(&f).map_err(Unverified::Stat)?;
     if fp != d.fingerprint {
-        return Err(format!("recorded {:?}, now {:?}", d.fingerprint, fp));
+        return Err(Unverified::Changed {
+            recorded: Box::new(d.fingerprint),
+            now: Box::new(fp),
+        });
     }
     Ok(f)
 }
 
 /// Checks every disk file of `rec` is present and unchanged; Err names the
 /// disk and what is wrong.
-fn verify(rec: &SnapshotRecord) -> Result<(), (String, String)> {
+fn verify(rec: &SnapshotRecord) -> Result<(), (String, Unverified)> {
     for d in &rec.disks {
-        open_verified(rec, d).map_err(|reason| (d.name.clone(), reason))?;
+        open_verified(rec, d).map_err(|cause| (d.name.clone(), cause))?;
     }
     Ok(())
 }

@@ -197,6 +197,17 @@ fn run(fs: Fs, backend: &str) {
             f.write_at(&pattern(4096, 100 + i as u64), off).unwrap();
         }
         f.write_at(&pattern(70_000, 200), 12 << 20).unwrap();
+        // A 64 KiB run of data rewritten with its own bytes: the maps
+        // report it, refinement by content (exact=true) drops it.
+        let same = ((3 << 20)..(12 << 20))
+            .step_by(65536)
+            .find(|&o: &usize| {
+                v1[o..o + 65536]
+                    .chunks(4096)
+                    .all(|b| b.iter().any(|&x| x != 0))
+            })
+            .expect("a 64 KiB run of data between 3 and 12 MiB");
+        f.write_at(&v1[same..same + 65536], same as u64).unwrap();
         f.sync_all().unwrap();
     }
     punch(&disk, 18 << 20, 1 << 20);
@@ -337,6 +348,24 @@ fn run(fs: Fs, backend: &str) {
     assert!(
         data_bytes < 4 << 20,
         "an incremental stream carries the changes, not the disk: {data_bytes} bytes"
+    );
+    // Refined by content (#19): the same replica from no more data.
+    let exact = get(
+        &ex,
+        &format!(
+            "{}/incremental?compareTo={snap1}&exact=true",
+            disk_url(&snap2)
+        ),
+        &token,
+        &[],
+    );
+    assert_eq!(exact.status, 200, "{}", exact.text());
+    let mut copy = v1.clone();
+    let (_, exact_bytes) = apply(&exact.body, &mut copy);
+    assert!(copy == v2, "snapshot 1 + refined stream != snapshot 2");
+    assert!(
+        exact_bytes + 65536 <= data_bytes,
+        "refined {exact_bytes} bytes, unrefined {data_bytes}: the rewritten run is sent"
     );
     // Without compareTo: a full sparse copy, applied to nothing.
     let full = get(

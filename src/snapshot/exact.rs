@@ -197,3 +197,90 @@ pub fn refine_diff(
         read,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::extent::{ByteRange, Extent};
+
+    /// An unlinked file holding `bytes` (in the temp folder: tmpfs refuses
+    /// O_DIRECT, so the buffered fallback is what runs here).
+    fn file(bytes: &[u8]) -> File {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("coe-exact-{}-{n}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    /// Four blocks of data in both files: block 1 differs, block 2 is
+    /// zeroed in the newer one, blocks 0 and 3 are equal; a 5th block is
+    /// only in the newer file (new data, never read). The whole range was
+    /// reported changed; refined, only blocks 1, 2 and 4 are left.
+    #[test]
+    fn refine_diff_reads_both_and_keeps_the_differing_blocks_and_stops_when_cancelled() {
+        let old: Vec<u8> = (0..4 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+        let mut new = old.clone();
+        new[4096 + 17] ^= 0xff;
+        new[8192..12288].fill(0);
+        new.extend(vec![7u8; 4096]);
+        let (fo, fn_) = (file(&old), file(&new));
+        let old_map = ExtentMap::new(vec![Extent {
+            logical: 0,
+            physical: 1 << 20,
+            length: 4 * 4096,
+            flags: 0,
+        }])
+        .unwrap();
+        let d = Diff {
+            changed: vec![Extent {
+                logical: 0,
+                physical: 8 << 20,
+                length: 5 * 4096,
+                flags: 0,
+            }],
+            zeroed: vec![],
+        };
+        let (r, read) = refine_diff(&fo, &fn_, &old_map, d.clone(), &Cancel::default()).unwrap();
+        assert_eq!(read, 4 * 4096);
+        assert_eq!(
+            r.changed,
+            vec![
+                Extent {
+                    logical: 4096,
+                    physical: (8 << 20) + 4096,
+                    length: 4096,
+                    flags: 0
+                },
+                Extent {
+                    logical: 4 * 4096,
+                    physical: (8 << 20) + 4 * 4096,
+                    length: 4096,
+                    flags: 0
+                },
+            ]
+        );
+        assert_eq!(
+            r.zeroed,
+            vec![ByteRange {
+                start: 8192,
+                length: 4096
+            }]
+        );
+        let cancel = Cancel::default();
+        cancel.cancel();
+        assert!(matches!(
+            refine_diff(&fo, &fn_, &old_map, d, &cancel),
+            Err(RefineError::Cancelled)
+        ));
+    }
+}

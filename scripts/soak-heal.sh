@@ -21,9 +21,10 @@
 # binary if missing. Knobs: SOAK_SECS (600), CLIENTS (4), JOBS (4),
 # SOAK_DISK_MIB (256), CHURN_SECS (5), IDLE_SECS (15), PEAK_MAX_MIB (64),
 # SOAK_IO ([io] lines for the exporter's config, none by default),
-# BENCH_DIR (/tmp/coe-soak-heal), EXP_PORT (25644).
+# BENCH_DIR (/tmp/coe-soak-heal), EXP_PORT (25744). The hostile-load soak
+# (#11) is scripts/soak.sh beside it.
 BENCH_DIR=${BENCH_DIR:-/tmp/coe-soak-heal}
-EXP_PORT=${EXP_PORT:-25644}
+EXP_PORT=${EXP_PORT:-25744}
 . "$(dirname "$0")/bench/lib.sh"
 
 SOAK_SECS=${SOAK_SECS:-600}

@@ -187,6 +187,17 @@ impl Server {
     /// Writes a config in `dir` (certificate, key, user) with `db` as the
     /// database and `repo` as the repository, and starts the server.
     pub fn start(dir: &Path, repo: &Path, db: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_with(dir, repo, db, env, "")
+    }
+
+    /// [`Server::start`] with `extra` appended to the config.
+    pub fn start_with(
+        dir: &Path,
+        repo: &Path,
+        db: &Path,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> Server {
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
             rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -211,7 +222,7 @@ impl Server {
                  [api.tls]\ncertificate = {ca}\nkey = {key}\n\
                  [[auth.users]]\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
                  [inventory]\nsource = \"static\"\n\
-                 [[inventory.repositories]]\nid = \"heal\"\nmount_point = {repo}\n",
+                 [[inventory.repositories]]\nid = \"heal\"\nmount_point = {repo}\n{extra}",
                 db = toml_path(db),
                 ca = toml_path(&ca),
                 key = toml_path(&key_path),
@@ -656,4 +667,52 @@ fn a_create_retried_after_a_crash_answers_the_same_snapshot() {
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(ids.contains(&second["id"].as_str().unwrap().to_owned()));
     assert!(ids.contains(&third["id"].as_str().unwrap().to_owned()));
+}
+
+/// A repository that cannot be read is skipped: `GET /vms` still answers
+/// the others, and `/health` (503) names it with its reason, without its
+/// path (the `coe_health_check` gauges render the same checks: unit test in
+/// api::metrics).
+#[test]
+fn a_skipped_repository_shows_in_health_and_metrics() {
+    let scratch = Fs::Xfs.scratch("heal-skip");
+    let repo = scratch.path("repo");
+    make_repo(&repo, 22);
+    let gone = scratch.path("gone-repo");
+    let server = Server::start_with(
+        &scratch.dir,
+        &repo,
+        &scratch.path("db/exporter.db"),
+        &[],
+        &format!(
+            "[[inventory.repositories]]\nid = \"gone\"\nmount_point = {}\n",
+            toml_path(&gone)
+        ),
+    );
+    let api = server.api();
+    let vms: Value = api.get_json("vms", "/vms").unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    let (code, h) = health(&api);
+    assert_eq!(code, 503, "{h}");
+    let skipped = h["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "gone" && c["check"] == "readable")
+        .unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(skipped["ok"], false, "{h}");
+    let reason = skipped["reason"].as_str().unwrap();
+    assert!(reason.contains("skipped"), "{h}");
+    assert!(
+        !reason.contains(gone.to_str().unwrap()),
+        "a host path in {h}"
+    );
+    assert_eq!(check(&h, "store", "writable")["ok"], true, "{h}");
+    let good = h["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["id"] == "heal")
+        .all(|c| c["ok"] == true);
+    assert!(good, "{h}");
 }

@@ -33,13 +33,15 @@
 #
 # Environment: COE_GUEST_CACHE (default /var/cache/coriolis-ovm-exporter/guest),
 # COE_GUEST_MEM (MiB per guest, default 2048), COE_GUEST_CPUS (default 2),
-# COE_GUEST_SIZE (image size, default 6G).
+# COE_GUEST_SIZE (image size, default 6G), COE_GUEST_CLUSTER (OCFS2 cluster
+# size, default 4K; 128K is `mkfs.ocfs2 -T vmstore`'s, for scripts/bench/exact.sh).
 set -euo pipefail
 
 cache=${COE_GUEST_CACHE:-/var/cache/coriolis-ovm-exporter/guest}
 mem=${COE_GUEST_MEM:-2048}
 cpus=${COE_GUEST_CPUS:-2}
 size=${COE_GUEST_SIZE:-6G}
+cluster=${COE_GUEST_CLUSTER:-4K}
 
 die() {
   echo "guest.sh: $*" >&2
@@ -256,10 +258,10 @@ run() {
   build_initramfs "$root" "$kver" "$work/initramfs.gz"
   truncate -s "$size" "$work/disk.img"
   if [ "$nodes" = 1 ]; then
-    mkfs.ocfs2 -q -F -M local -N 1 -b 4K -C 4K --fs-features=refcount,xattr,unwritten \
+    mkfs.ocfs2 -q -F -M local -N 1 -b 4K -C "$cluster" --fs-features=refcount,xattr,unwritten \
       -L coe "$work/disk.img" >/dev/null
   else
-    mkfs.ocfs2 -q -F -M cluster -N 2 --cluster-stack=o2cb --cluster-name=coe -b 4K -C 4K \
+    mkfs.ocfs2 -q -F -M cluster -N 2 --cluster-stack=o2cb --cluster-name=coe -b 4K -C "$cluster" \
       --fs-features=refcount,xattr,unwritten -L coe "$work/disk.img" >/dev/null
   fi
   mkdir -p "$work/share"

@@ -4,11 +4,12 @@
 //! changed: on OCFS2 a write into a shared extent copies a whole run of
 //! clusters, so unchanged bytes around it move physically and look changed.
 //! This service has both versions of every block on local disk, so it can
-//! do better than its tracking granularity: for each changed range where the
-//! older snapshot also holds data (an overwrite; new allocations and holes
-//! are left as they are), both versions are read and only the 4 KiB blocks
-//! whose bytes differ are kept ([`crate::extent::refine`]); all-zero new
-//! blocks become zeroed ranges. Bytes are compared, never hashes: a block is
+//! do better than its tracking granularity: for each changed range inside
+//! both files (an overwrite of the older snapshot's data, or a new
+//! allocation over its holes, which read zeros), both versions are read and
+//! only the 4 KiB blocks whose bytes differ are kept
+//! ([`crate::extent::refine`]); all-zero new blocks become zeroed ranges.
+//! Past the older snapshot's end nothing is read: that is new data. Bytes are compared, never hashes: a block is
 //! dropped only when it is byte-identical in both snapshots.
 //!
 //! Reads are `O_DIRECT` where the filesystem allows it (falling back to
@@ -23,7 +24,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::Deserialize;
 
-use crate::extent::{self, Diff, ExtentMap, REFINE_BLOCK};
+use crate::extent::{self, Diff, REFINE_BLOCK};
 use crate::io::buffer::AlignedBuf;
 use crate::wire::Cancel;
 
@@ -135,21 +136,15 @@ fn read_window(
     Ok(())
 }
 
-/// Refines `d`, the diff of `old` (map `old_map`, clipped as the diff was)
-/// and `new`, by content: see the module essay. Both files are switched to
+/// Refines `d`, the diff of `old` and `new`, by content: see the module essay. Both files are switched to
 /// `O_DIRECT` reads where possible. Returns the refined diff and the number
 /// of candidate bytes read from each snapshot.
 pub fn refine_diff(
     old: &File,
     new: &File,
-    old_map: &ExtentMap,
     d: Diff,
     cancel: &Cancel,
 ) -> Result<(Diff, u64), RefineError> {
-    let candidates = extent::overwrites(old_map, &d.changed);
-    if candidates.is_empty() {
-        return Ok((d, 0));
-    }
     let size = |f: &File, which| {
         f.metadata()
             .map(|m| m.len())
@@ -160,6 +155,24 @@ pub fn refine_diff(
             })
     };
     let (old_size, new_size) = (size(old, "the older")?, size(new, "the newer")?);
+    // Every changed range inside both files: over the older one's data
+    // (an overwrite) and over its holes and unwritten ranges, which read
+    // zeros there (a new allocation: OCFS2 allocates whole clusters, so a
+    // small write into a hole of a 128 KiB-cluster file reports the whole
+    // cluster). Past the older end nothing is read: that is new data.
+    let limit = old_size.min(new_size);
+    let candidates: Vec<extent::Extent> = d
+        .changed
+        .iter()
+        .filter(|c| c.logical < limit)
+        .map(|c| extent::Extent {
+            length: c.length.min(limit - c.logical),
+            ..*c
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok((d, 0));
+    }
     direct(old);
     direct(new);
     let (mut bo, mut bn) = (AlignedBuf::new(WINDOW), AlignedBuf::new(WINDOW));
@@ -222,9 +235,9 @@ mod tests {
         f
     }
 
-    /// Four blocks of data in both files: block 1 differs, block 2 is
-    /// zeroed in the newer one, blocks 0 and 3 are equal; a 5th block is
-    /// only in the newer file (new data, never read). The whole range was
+    /// Four blocks in both files: block 1 differs, block 2 is zeroed in the
+    /// newer one, blocks 0 and 3 are equal; a 5th block is only in the
+    /// newer file (past the older end: new data, never read). The whole range was
     /// reported changed; refined, only blocks 1, 2 and 4 are left.
     #[test]
     fn refine_diff_reads_both_and_keeps_the_differing_blocks_and_stops_when_cancelled() {
@@ -234,13 +247,6 @@ mod tests {
         new[8192..12288].fill(0);
         new.extend(vec![7u8; 4096]);
         let (fo, fn_) = (file(&old), file(&new));
-        let old_map = ExtentMap::new(vec![Extent {
-            logical: 0,
-            physical: 1 << 20,
-            length: 4 * 4096,
-            flags: 0,
-        }])
-        .unwrap();
         let d = Diff {
             changed: vec![Extent {
                 logical: 0,
@@ -250,7 +256,7 @@ mod tests {
             }],
             zeroed: vec![],
         };
-        let (r, read) = refine_diff(&fo, &fn_, &old_map, d.clone(), &Cancel::default()).unwrap();
+        let (r, read) = refine_diff(&fo, &fn_, d.clone(), &Cancel::default()).unwrap();
         assert_eq!(read, 4 * 4096);
         assert_eq!(
             r.changed,
@@ -279,7 +285,7 @@ mod tests {
         let cancel = Cancel::default();
         cancel.cancel();
         assert!(matches!(
-            refine_diff(&fo, &fn_, &old_map, d, &cancel),
+            refine_diff(&fo, &fn_, d, &cancel),
             Err(RefineError::Cancelled)
         ));
     }

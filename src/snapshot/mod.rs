@@ -602,7 +602,7 @@ impl Manager {
                 .unwrap_or_default();
             let mut diff = extent::diff(&before, &now);
             if let Some(j) = base.disks.iter().position(|b| b.name == d.name) {
-                diff = self.refine(&base, j, &rec, i, &before, diff, options)?;
+                diff = self.refine(&base, j, &rec, i, diff, options)?;
             }
             let chunks = if options.zeroed_separate {
                 diff.changed.clone()
@@ -625,17 +625,15 @@ impl Manager {
         Ok(out)
     }
 
-    /// `diff` of disk `i` of `rec` against disk `j` of `base` (whose
-    /// clipped map is `before`), refined by content where `options` and
+    /// `diff` of disk `i` of `rec` against disk `j` of `base`, refined by
+    /// content where `options` and
     /// `[diff] exact` ask for it (exact.rs).
-    #[allow(clippy::too_many_arguments)]
     fn refine(
         &self,
         base: &SnapshotRecord,
         j: usize,
         rec: &SnapshotRecord,
         i: usize,
-        before: &ExtentMap,
         diff: extent::Diff,
         options: &GetOptions,
     ) -> Result<extent::Diff, SnapshotError> {
@@ -668,10 +666,12 @@ impl Manager {
         let old = open_verified(base, b).map_err(|r| damaged(&base.id, &b.name, r, true))?;
         let started = std::time::Instant::now();
         let before_bytes = diff.changed_bytes();
-        let (refined, read) = exact::refine_diff(&old, &new, before, diff, &options.cancel)
-            .map_err(|source| SnapshotError::Refine {
-                disk: d.name.clone(),
-                source,
+        let (refined, read) =
+            exact::refine_diff(&old, &new, diff, &options.cancel).map_err(|source| {
+                SnapshotError::Refine {
+                    disk: d.name.clone(),
+                    source,
+                }
             })?;
         tracing::debug!(
             snapshot = %rec.id,

@@ -34,7 +34,7 @@
 //!
 //! Every buffer has an owner and a bound. Disk-read memory is at most
 //! `(pool_buffers + overflow_buffers) * buffer_size` whatever the clients do
-//! ([`config::IoConfig::memory_bound`]; 128 MiB with the defaults), and every
+//! ([`config::IoConfig::memory_bound`]; 96 MiB with the defaults), and every
 //! stream holds at most `read_ahead` buffers, counting frames already handed
 //! to hyper but not yet written (a stream permit rides in each frame's
 //! owner). A client that stops reading therefore stalls its own stream and
@@ -59,7 +59,7 @@
 //! its own frames to go, whichever comes first. The admission cannot
 //! deadlock: a stream that waits either holds nothing (and is served by the
 //! reserve, the overflow, or the first buffer any stream gives back) or
-//! waits on its own client. With the defaults, about 90 clients must stall
+//! waits on its own client. With the defaults, about 75 clients must stall
 //! at once before a new stream waits at all, and then it waits for the
 //! first stalled response that `api.send_timeout` cuts (the server's
 //! watchdog drops the connection, and with it the frames and their

@@ -405,30 +405,6 @@ fn push_changed(out: &mut Vec<Extent>, e: &Extent, start: u64, end: u64) {
 /// The granularity of refinement by content: one 4 KiB block.
 pub const REFINE_BLOCK: u64 = 4096;
 
-/// The parts of `b`'s data in `changed` where `a` holds data too (not a
-/// hole, not unwritten): the candidates of refinement by content. A write
-/// into a hole or past `a`'s end is new data and stays reported as it is.
-/// Each candidate keeps `b`'s physical address and flags for its range.
-pub fn overwrites(a: &ExtentMap, changed: &[Extent]) -> Vec<Extent> {
-    let mut out = Vec::new();
-    let data: Vec<&Extent> = a.extents.iter().filter(|e| !e.reads_zero()).collect();
-    let mut j = 0;
-    for c in changed {
-        while data.get(j).is_some_and(|e| e.end() <= c.logical) {
-            j += 1;
-        }
-        let mut k = j;
-        while let Some(e) = data.get(k).filter(|e| e.logical < c.end()) {
-            let (start, end) = (e.logical.max(c.logical), e.end().min(c.end()));
-            if start < end {
-                push_changed(&mut out, c, start, end);
-            }
-            k += 1;
-        }
-    }
-    out
-}
-
 /// Refinement by content of one candidate range (SEMANTICS.md §2, #19).
 ///
 /// `old` and `new` hold the bytes of `[base, base + len)` of the older and
@@ -818,28 +794,12 @@ mod tests {
     }
 
     #[test]
-    fn overwrites_and_subtract_split_changed_by_a_data() {
-        let z = |logical, length| Extent {
-            logical,
-            physical: 0,
-            length,
-            flags: flags::UNWRITTEN,
-        };
-        // a: data [0,8K), unwritten [8K,16K), data [20K,28K).
-        let a = map(vec![
-            ext(0, 100, 8192),
-            z(8192, 8192),
-            ext(20480, 500, 8192),
-        ]);
+    fn subtract_and_merge_split_and_join_changed() {
         let changed = vec![ext(4096, 9000, 24576)]; // [4K, 28K)
-        let ow = overwrites(&a, &changed);
-        assert_eq!(
-            ow,
-            vec![ext(4096, 9000, 4096), ext(20480, 9000 + 16384, 8192)]
-        );
-        let rest = subtract(&changed, &ow);
+        let parts = vec![ext(4096, 9000, 4096), ext(20480, 9000 + 16384, 8192)];
+        let rest = subtract(&changed, &parts);
         assert_eq!(rest, vec![ext(8192, 9000 + 4096, 12288)]);
-        assert_eq!(merge_extents(&rest, &ow), changed);
+        assert_eq!(merge_extents(&rest, &parts), changed);
         let r = |start, length| ByteRange { start, length };
         assert_eq!(
             merge_ranges(&[r(0, 10), r(30, 5)], &[r(10, 5), r(20, 5)]),

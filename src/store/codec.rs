@@ -1,4 +1,4 @@
-//! Byte encodings of what the store keeps: extent maps and keys.
+//! Byte encodings of extent maps (keys: [`super::keys`]).
 //!
 //! Extent maps are the bulk of the database (a fragmented disk has millions
 //! of extents, each snapshot of it one map), so they are stored in a compact
@@ -194,32 +194,6 @@ pub fn decode_map(buf: &[u8]) -> Result<ExtentMap, CodecError> {
 /// Length in bytes of a snapshot id key (a UUID).
 pub const ID_LEN: usize = 16;
 
-/// Key of a VM's index entry: `u16 BE len(vm) | vm | u64 BE seq`, so that a
-/// prefix scan over `u16 len | vm` yields exactly that VM's snapshots, in
-/// creation order (big-endian sequence numbers sort numerically).
-pub fn index_key(vm: &str, seq: u64) -> Vec<u8> {
-    let mut k = index_prefix(vm);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// The prefix shared by all index keys of `vm`.
-pub fn index_prefix(vm: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + vm.len() + 8);
-    // Callers check the length against MAX_VM_NAME first.
-    k.extend_from_slice(&(vm.len() as u16).to_be_bytes());
-    k.extend_from_slice(vm.as_bytes());
-    k
-}
-
-/// Key of one disk's extent map: `id | u32 BE disk index`.
-pub fn map_key(id: &[u8; ID_LEN], disk: u32) -> [u8; ID_LEN + 4] {
-    let mut k = [0u8; ID_LEN + 4];
-    k[..ID_LEN].copy_from_slice(id);
-    k[ID_LEN..].copy_from_slice(&disk.to_be_bytes());
-    k
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,13 +309,5 @@ mod tests {
         for n in 0..enc.len() {
             assert!(decode_map(&enc[..n]).is_err());
         }
-    }
-
-    #[test]
-    fn index_keys_sort_by_vm_then_creation() {
-        assert!(index_key("vm", 2) < index_key("vm", 10));
-        assert!(index_key("vm", 300) < index_key("vm", 1 << 40));
-        // A VM whose name extends another's never shares its prefix.
-        assert!(!index_key("vm1", 0).starts_with(&index_prefix("vm")));
     }
 }

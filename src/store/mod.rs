@@ -12,6 +12,9 @@
 //! | `maps`      | `id, u32 disk index`                 | extent map ([`codec`])       |
 //! | `idempotency` | `u16 len, vm, Idempotency-Key`     | id, u64 created_at_ns        |
 //!
+//! Each database is typed with the heed codecs of [`keys`], which write
+//! exactly these layouts (schema 1; pinned byte for byte by its tests).
+//!
 //! `by_vm` gives each VM's snapshots in creation order with one prefix scan;
 //! `maps` keeps the bulky extent maps out of the records so that listing ids
 //! or checking a record never decodes millions of extents.
@@ -52,6 +55,7 @@
 //! decides what to record, the store only keeps it.
 
 pub mod codec;
+pub mod keys;
 pub mod record;
 
 use std::path::{Path, PathBuf};
@@ -66,6 +70,7 @@ use uuid::Uuid;
 use crate::error::{Class, Classify};
 use crate::extent::ExtentMap;
 use crate::sys::FsType;
+use keys::{BeU32, BeU64, IdKey, IdemEntry, IdemKey, IndexKey, MapKey, VmPrefix};
 
 pub use codec::CodecError;
 pub use record::{DiskRecord, Fingerprint, SnapshotRecord};
@@ -247,11 +252,12 @@ impl StoreError {
 /// fatal error closes only when its last transaction has ended.
 pub struct Handle {
     env: Env<WithoutTls>,
-    meta: Database<'static, Str, Bytes>,
-    snapshots: Database<'static, Bytes, Bytes>,
-    by_vm: Database<'static, Bytes, Bytes>,
-    maps: Database<'static, Bytes, Bytes>,
-    idem: Database<'static, Bytes, Bytes>,
+    /// Counters; the schema version is read through [`Handle::schema`].
+    meta: Database<'static, Str, BeU64>,
+    snapshots: Database<'static, IdKey, Bytes>,
+    by_vm: Database<'static, IndexKey, IdKey>,
+    maps: Database<'static, MapKey, Bytes>,
+    idem: Database<'static, IdemKey, IdemEntry>,
     map_size: usize,
     /// An operation on this environment failed in a way that leaves it
     /// unusable (see [`StoreError::poisons`]): the next operation retires it
@@ -421,18 +427,19 @@ fn open_env(path: &Path, options: &StoreOptions) -> Result<(Handle, usize), Stor
     let rtxn = env.read_txn().map_err(open_err)?;
     let found = env
         .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_, heed::Error> {
-            let found = match dbo.open_database::<Str, Bytes>(rtxn, Some("meta"))? {
-                Some(meta) => meta.get(rtxn, KEY_SCHEMA)?.map(<[u8]>::to_vec),
+            let found = match dbo.open_database::<Str, BeU32>(rtxn, Some("meta"))? {
+                Some(meta) => meta.get(rtxn, KEY_SCHEMA)?,
                 None => None,
             };
             Ok(CommitOrAbort::<(), _>::Abort(found))
         })
-        .map_err(open_err)?;
-    if let CommitOrAbort::Abort(Some(raw)) = found {
-        let raw: [u8; 4] = raw.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-            what: "schema version",
+        .map_err(|e| match e {
+            heed::Error::Decoding(_) => StoreError::Corrupt {
+                what: "schema version",
+            },
+            e => open_err(e),
         })?;
-        let found = u32::from_be_bytes(raw);
+    if let CommitOrAbort::Abort(Some(found)) = found {
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 path: path.to_path_buf(),
@@ -445,16 +452,17 @@ fn open_env(path: &Path, options: &StoreOptions) -> Result<(Handle, usize), Stor
     let wtxn = env.write_txn().map_err(open_err)?;
     let (meta, snapshots, by_vm, maps, idem) = env
         .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
-            let meta = dbo.create_database::<Str, Bytes>(wtxn, Some("meta"))?;
-            let snapshots = dbo.create_database::<Bytes, Bytes>(wtxn, Some("snapshots"))?;
-            let by_vm = dbo.create_database::<Bytes, Bytes>(wtxn, Some("by_vm"))?;
-            let maps = dbo.create_database::<Bytes, Bytes>(wtxn, Some("maps"))?;
+            let meta = dbo.create_database::<Str, BeU64>(wtxn, Some("meta"))?;
+            let snapshots = dbo.create_database::<IdKey, Bytes>(wtxn, Some("snapshots"))?;
+            let by_vm = dbo.create_database::<IndexKey, IdKey>(wtxn, Some("by_vm"))?;
+            let maps = dbo.create_database::<MapKey, Bytes>(wtxn, Some("maps"))?;
             // Added beside schema 1 without a bump: older builds ignore it.
-            let idem = dbo.create_database::<Bytes, Bytes>(wtxn, Some("idempotency"))?;
+            let idem = dbo.create_database::<IdemKey, IdemEntry>(wtxn, Some("idempotency"))?;
             // Schema: new databases get ours; older ones would be
             // migrated here; newer ones were refused above.
-            if meta.get(wtxn, KEY_SCHEMA)?.is_none() {
-                meta.put(wtxn, KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            let schema = meta.remap_data_type::<BeU32>();
+            if schema.get(wtxn, KEY_SCHEMA)?.is_none() {
+                schema.put(wtxn, KEY_SCHEMA, &SCHEMA_VERSION)?;
             }
             Ok(CommitOrAbort::<_, ()>::Commit((
                 meta, snapshots, by_vm, maps, idem,
@@ -634,17 +642,12 @@ impl Store {
     pub fn schema_version(&self) -> Result<u32, StoreError> {
         self.with(|h| {
             let txn = h.read_txn()?;
-            let raw = h
-                .meta
+            h.schema()
                 .get(&txn, KEY_SCHEMA)
-                .map_err(|source| lmdb("read schema", source))?
+                .map_err(|source| corrupt_or("schema version", "read schema", source))?
                 .ok_or(StoreError::Corrupt {
                     what: "missing schema version",
-                })?;
-            let bytes: [u8; 4] = raw.try_into().map_err(|_| StoreError::Corrupt {
-                what: "schema version",
-            })?;
-            Ok(u32::from_be_bytes(bytes))
+                })
         })
     }
 
@@ -652,8 +655,8 @@ impl Store {
     #[doc(hidden)]
     pub fn force_schema_version(&self, v: u32) -> Result<(), StoreError> {
         self.write(|h, wtxn| {
-            h.meta
-                .put(wtxn, KEY_SCHEMA, &v.to_be_bytes())
+            h.schema()
+                .put(wtxn, KEY_SCHEMA, &v)
                 .map_err(|e| h.write_err("write schema", e))
         })
     }
@@ -704,16 +707,14 @@ impl Store {
     /// can write.
     pub fn probe(&self) -> Result<(), StoreError> {
         self.write(|h, wtxn| {
-            let n = match h
-                .meta
-                .get(wtxn, KEY_PROBE)
-                .map_err(|e| lmdb("read probe", e))?
-            {
-                Some(raw) => u64::from_be_bytes(raw.try_into().unwrap_or([0; 8])),
-                None => 0,
+            let n = match h.meta.get(wtxn, KEY_PROBE) {
+                Ok(n) => n.unwrap_or(0),
+                // A damaged counter restarts: the probe is the write.
+                Err(heed::Error::Decoding(_)) => 0,
+                Err(e) => return Err(lmdb("read probe", e)),
             };
             h.meta
-                .put(wtxn, KEY_PROBE, &n.wrapping_add(1).to_be_bytes())
+                .put(wtxn, KEY_PROBE, &n.wrapping_add(1))
                 .map_err(|e| h.write_err("write probe", e))
         })
     }
@@ -795,44 +796,34 @@ impl Store {
         let encoded: Vec<Vec<u8>> = maps.iter().map(codec::encode_map).collect();
         let mut staged = record.clone();
         let seq = self.write(|h, wtxn| {
-            let seq = match h
+            let seq = h
                 .meta
                 .get(wtxn, KEY_NEXT_SEQ)
-                .map_err(|e| lmdb("read sequence", e))?
-            {
-                Some(raw) => {
-                    u64::from_be_bytes(raw.try_into().map_err(|_| StoreError::Corrupt {
-                        what: "sequence number",
-                    })?)
-                }
-                None => 1,
-            };
+                .map_err(|e| corrupt_or("sequence number", "read sequence", e))?
+                .unwrap_or(1);
             staged.seq = seq;
             let json = serde_json::to_vec(&staged).map_err(|source| StoreError::CorruptRecord {
                 id: staged.id.clone(),
                 source,
             })?;
             h.meta
-                .put(wtxn, KEY_NEXT_SEQ, &(seq + 1).to_be_bytes())
+                .put(wtxn, KEY_NEXT_SEQ, &(seq + 1))
                 .map_err(|e| h.write_err("write sequence", e))?;
             h.snapshots
                 .put(wtxn, &id, &json)
                 .map_err(|e| h.write_err("write record", e))?;
             h.by_vm
-                .put(wtxn, &codec::index_key(&staged.vm, seq), &id)
+                .put(wtxn, &(staged.vm.as_str(), seq), &id)
                 .map_err(|e| h.write_err("write index", e))?;
             for (i, m) in encoded.iter().enumerate() {
                 h.maps
-                    .put(wtxn, &codec::map_key(&id, i as u32), m)
+                    .put(wtxn, &(id, i as u32), m)
                     .map_err(|e| h.write_err("write extent map", e))?;
             }
             if let Some(k) = key {
                 h.drop_expired_keys(wtxn, staged.created_at_ns)?;
-                let mut v = Vec::with_capacity(codec::ID_LEN + 8);
-                v.extend_from_slice(&id);
-                v.extend_from_slice(&staged.created_at_ns.to_be_bytes());
                 h.idem
-                    .put(wtxn, &idem_key(&staged.vm, k), &v)
+                    .put(wtxn, &(staged.vm.as_str(), k), &(id, staged.created_at_ns))
                     .map_err(|e| h.write_err("write idempotency key", e))?;
             }
             Ok(seq)
@@ -856,14 +847,13 @@ impl Store {
         }
         self.with(|h| {
             let txn = h.read_txn()?;
-            let Some(raw) = h
+            let Some((id, at)) = h
                 .idem
-                .get(&txn, &idem_key(vm, key))
-                .map_err(|e| lmdb("read idempotency key", e))?
+                .get(&txn, &(vm, key))
+                .map_err(|e| corrupt_or("idempotency entry", "read idempotency key", e))?
             else {
                 return Ok(None);
             };
-            let (id, at) = decode_idem(raw)?;
             if now_ns.saturating_sub(at) > IDEMPOTENCY_WINDOW.as_nanos() as u64 {
                 return Ok(None);
             }
@@ -890,7 +880,7 @@ impl Store {
             let txn = h.read_txn()?;
             let raw = h
                 .maps
-                .get(&txn, &codec::map_key(&key, disk))
+                .get(&txn, &(key, disk))
                 .map_err(|e| lmdb("read extent map", e))?
                 .ok_or_else(|| StoreError::MissingMap {
                     id: id.to_owned(),
@@ -910,7 +900,7 @@ impl Store {
         self.with(|h| {
             let txn = h.read_txn()?;
             Ok(h.maps
-                .get(&txn, &codec::map_key(&key, disk))
+                .get(&txn, &(key, disk))
                 .map_err(|e| lmdb("read extent map", e))?
                 .map(<[u8]>::to_vec))
         })
@@ -924,17 +914,15 @@ impl Store {
         self.with(|h| {
             let txn = h.read_txn()?;
             crate::sys::fault::point(STORE_IN_READ_TXN);
-            let prefix = codec::index_prefix(vm);
             let iter = h
                 .by_vm
-                .prefix_iter(&txn, &prefix)
-                .map_err(|e| lmdb("scan index", e))?;
+                .remap_key_type::<VmPrefix>()
+                .prefix_iter(&txn, vm)
+                .map_err(|e| lmdb("scan index", e))?
+                .remap_key_type::<IndexKey>();
             let mut out = Vec::new();
             for entry in iter {
-                let (_, id) = entry.map_err(|e| lmdb("scan index", e))?;
-                let key: [u8; codec::ID_LEN] = id.try_into().map_err(|_| StoreError::Corrupt {
-                    what: "index entry",
-                })?;
+                let (_, key) = entry.map_err(|e| corrupt_or("index entry", "scan index", e))?;
                 match h.get_in(&txn, &key)? {
                     Some(r) => out.push(r),
                     None => {
@@ -958,10 +946,10 @@ impl Store {
                 .map_err(|e| lmdb("scan records", e))?;
             let mut out = Vec::new();
             for entry in iter {
-                let (key, raw) = entry.map_err(|e| lmdb("scan records", e))?;
+                let (key, raw) = entry.map_err(|e| corrupt_or("record key", "scan records", e))?;
                 let rec: SnapshotRecord =
                     serde_json::from_slice(raw).map_err(|source| StoreError::CorruptRecord {
-                        id: Uuid::from_slice(key).map_or_else(|_| "?".into(), |u| u.to_string()),
+                        id: Uuid::from_bytes(key).to_string(),
                         source,
                     })?;
                 out.push(rec);
@@ -985,11 +973,11 @@ impl Store {
                 .delete(wtxn, &key)
                 .map_err(|e| h.write_err("delete record", e))?;
             h.by_vm
-                .delete(wtxn, &codec::index_key(&rec.vm, rec.seq))
+                .delete(wtxn, &(rec.vm.as_str(), rec.seq))
                 .map_err(|e| h.write_err("delete index entry", e))?;
             for i in 0..rec.disks.len() {
                 h.maps
-                    .delete(wtxn, &codec::map_key(&key, i as u32))
+                    .delete(wtxn, &(key, i as u32))
                     .map_err(|e| h.write_err("delete extent map", e))?;
             }
             Ok(Some(rec))
@@ -1014,25 +1002,30 @@ impl Store {
 }
 
 impl Handle {
+    /// `meta` as it holds the schema version (a u32; the rest are u64).
+    fn schema(&self) -> Database<'static, Str, BeU32> {
+        self.meta.remap_data_type()
+    }
+
     /// Drops the idempotency keys older than the window (a few per day:
     /// the scan is short).
     fn drop_expired_keys(&self, wtxn: &mut heed::RwTxn<'_>, now_ns: u64) -> Result<(), StoreError> {
         let window = IDEMPOTENCY_WINDOW.as_nanos() as u64;
+        // Raw keys: they are only collected and deleted, never looked into.
+        let idem = self.idem.remap_key_type::<Bytes>();
         let mut expired = Vec::new();
-        for entry in self
-            .idem
+        for entry in idem
             .iter(wtxn)
             .map_err(|e| lmdb("scan idempotency keys", e))?
         {
-            let (k, v) = entry.map_err(|e| lmdb("scan idempotency keys", e))?;
-            let (_, at) = decode_idem(v)?;
+            let (k, (_, at)) =
+                entry.map_err(|e| corrupt_or("idempotency entry", "scan idempotency keys", e))?;
             if now_ns.saturating_sub(at) > window {
                 expired.push(k.to_vec());
             }
         }
         for k in expired {
-            self.idem
-                .delete(wtxn, &k)
+            idem.delete(wtxn, &k)
                 .map_err(|e| self.write_err("drop idempotency key", e))?;
         }
         Ok(())
@@ -1090,26 +1083,13 @@ impl Handle {
     }
 }
 
-/// `u16 len, vm, key`: keys are per VM.
-fn idem_key(vm: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + vm.len() + key.len());
-    k.extend_from_slice(&(vm.len() as u16).to_be_bytes());
-    k.extend_from_slice(vm.as_bytes());
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-/// `id (16 bytes), created_at_ns (u64 big endian)`.
-fn decode_idem(raw: &[u8]) -> Result<([u8; codec::ID_LEN], u64), StoreError> {
-    let bad = || StoreError::Corrupt {
-        what: "idempotency entry",
-    };
-    if raw.len() != codec::ID_LEN + 8 {
-        return Err(bad());
+/// A read error, or [`StoreError::Corrupt`] when the bytes read do not
+/// decode as `what` (see [`keys`]).
+fn corrupt_or(what: &'static str, step: &'static str, source: heed::Error) -> StoreError {
+    match source {
+        heed::Error::Decoding(_) => StoreError::Corrupt { what },
+        source => lmdb(step, source),
     }
-    let id: [u8; codec::ID_LEN] = raw[..codec::ID_LEN].try_into().map_err(|_| bad())?;
-    let at = u64::from_be_bytes(raw[codec::ID_LEN..].try_into().map_err(|_| bad())?);
-    Ok((id, at))
 }
 
 fn lmdb(step: &'static str, source: heed::Error) -> StoreError {

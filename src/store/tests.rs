@@ -180,7 +180,7 @@ fn corrupt_map_bytes_are_an_error_not_a_panic() {
     store
         .write(|s, w| {
             s.maps
-                .put(w, &codec::map_key(&key, 0), &[codec::MAP_FORMAT, 200])
+                .put(w, &(key, 0), &[codec::MAP_FORMAT, 200])
                 .map_err(|e| lmdb("test", e))
         })
         .unwrap();
@@ -311,4 +311,180 @@ fn idempotency_keys_map_to_their_snapshot_within_the_window() {
         );
     }
     assert_eq!(store.get(&r3.id).unwrap(), None);
+}
+
+/// Every `(key, value)` of one database, as raw bytes.
+fn dump<K: 'static, V: 'static>(
+    store: &Store,
+    db: impl Fn(&Handle) -> Database<'static, K, V>,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .with(|h| {
+            let txn = h.read_txn()?;
+            let raw = db(h).remap_types::<Bytes, Bytes>();
+            let mut out = Vec::new();
+            for e in raw.iter(&txn).map_err(|e| lmdb("test", e))? {
+                let (k, v) = e.map_err(|e| lmdb("test", e))?;
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            Ok(out)
+        })
+        .unwrap()
+}
+
+/// The schema-1 layouts, built by hand as the store built them before the
+/// typed codecs (`keys`): `u16 BE len, vm, u64 BE seq`; `id, u32 BE disk`;
+/// `u16 BE len, vm, key` -> `id, u64 BE created_at_ns`; meta u32/u64 BE.
+fn vm_bytes(vm: &str) -> Vec<u8> {
+    let mut k = (vm.len() as u16).to_be_bytes().to_vec();
+    k.extend_from_slice(vm.as_bytes());
+    k
+}
+
+#[test]
+fn the_typed_codecs_write_and_read_the_schema_1_bytes_on_disk() {
+    let dir = TempDir::new("layout");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    let mut r = record("vm-é", 2);
+    r.created_at_ns = 0x0102_0304;
+    let maps = [map(3, 1), map(2, 2)];
+    store.insert_keyed(&mut r, &maps, Some("key-1")).unwrap();
+    let id = id_key(&r.id).unwrap();
+
+    // What the typed store wrote is byte for byte the old layout.
+    let mut idx = vm_bytes("vm-é");
+    idx.extend_from_slice(&1u64.to_be_bytes());
+    assert_eq!(dump(&store, |h| h.by_vm), [(idx, id.to_vec())]);
+    let map_keys: Vec<Vec<u8>> = (0..2u32)
+        .map(|d| [&id[..], &d.to_be_bytes()].concat())
+        .collect();
+    assert_eq!(
+        dump(&store, |h| h.maps),
+        map_keys
+            .iter()
+            .zip(&maps)
+            .map(|(k, m)| (k.clone(), codec::encode_map(m)))
+            .collect::<Vec<_>>()
+    );
+    let mut ik = vm_bytes("vm-é");
+    ik.extend_from_slice(b"key-1");
+    let iv = [&id[..], &0x0102_0304u64.to_be_bytes()].concat();
+    assert_eq!(dump(&store, |h| h.idem), [(ik, iv)]);
+    let recs = dump(&store, |h| h.snapshots);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].0, id);
+    assert_eq!(
+        dump(&store, |h| h.meta),
+        [
+            (b"next_seq".to_vec(), 2u64.to_be_bytes().to_vec()),
+            (b"schema".to_vec(), SCHEMA_VERSION.to_be_bytes().to_vec()),
+        ]
+    );
+
+    // A store written in the old layout by raw puts reads through the
+    // typed API: list, get, maps, idempotency, remove.
+    let mut old = record("vm-é", 1);
+    old.seq = 7;
+    old.created_at_ns = 5;
+    let oid = id_key(&old.id).unwrap();
+    let omap = map(4, 9);
+    store
+        .write(|h, w| {
+            let e = |e| lmdb("test", e);
+            let json = serde_json::to_vec(&old).unwrap();
+            let mut k = vm_bytes("vm-é");
+            k.extend_from_slice(&7u64.to_be_bytes());
+            h.snapshots
+                .remap_types::<Bytes, Bytes>()
+                .put(w, &oid, &json)
+                .map_err(e)?;
+            h.by_vm
+                .remap_types::<Bytes, Bytes>()
+                .put(w, &k, &oid)
+                .map_err(e)?;
+            h.maps
+                .remap_types::<Bytes, Bytes>()
+                .put(
+                    w,
+                    &[&oid[..], &0u32.to_be_bytes()].concat(),
+                    &codec::encode_map(&omap),
+                )
+                .map_err(e)?;
+            let mut ik = vm_bytes("vm-é");
+            ik.extend_from_slice(b"key-0");
+            h.idem
+                .remap_types::<Bytes, Bytes>()
+                .put(w, &ik, &[&oid[..], &5u64.to_be_bytes()].concat())
+                .map_err(e)?;
+            Ok(())
+        })
+        .unwrap();
+    let ids: Vec<String> = store
+        .list_vm("vm-é")
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, [r.id.clone(), old.id.clone()]);
+    assert_eq!(store.get(&old.id).unwrap(), Some(old.clone()));
+    assert_eq!(store.map(&old.id, 0).unwrap(), omap);
+    assert_eq!(
+        store.idempotent("vm-é", "key-0", 6).unwrap(),
+        Some(old.id.clone())
+    );
+    assert_eq!(store.remove(&old.id).unwrap(), Some(old.clone()));
+    assert_eq!(store.list_vm("vm-é").unwrap(), [r.clone()]);
+    assert_eq!(dump(&store, |h| h.maps).len(), 2);
+}
+
+#[test]
+fn values_of_the_wrong_size_are_corrupt_not_guessed() {
+    let dir = TempDir::new("badsize");
+    let store = Store::open(&dir.0.join("db"), &StoreOptions::default()).unwrap();
+    store
+        .write(|h, w| {
+            let e = |e| lmdb("test", e);
+            let meta = h.meta.remap_data_type::<Bytes>();
+            meta.put(w, KEY_NEXT_SEQ, &[0, 1]).map_err(e)?;
+            meta.put(w, KEY_SCHEMA, &[0, 0, 0, 0, 1]).map_err(e)?;
+            let mut ik = vm_bytes("vm");
+            ik.extend_from_slice(b"k");
+            h.idem
+                .remap_types::<Bytes, Bytes>()
+                .put(w, &ik, &[0; 5])
+                .map_err(e)?;
+            Ok(())
+        })
+        .unwrap();
+    let mut r = record("vm", 1);
+    let err = store.insert(&mut r, &[map(1, 1)]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "sequence number"
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store.schema_version().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "schema version"
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store.idempotent("vm", "k", 0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "idempotency entry"
+            }
+        ),
+        "{err:?}"
+    );
 }

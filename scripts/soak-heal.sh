@@ -89,7 +89,8 @@ churn_loop() {
 		new=$("$BIN" client snapshots create "$VM" --json 2>>"$W/churn.err" |
 			python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') || { echo churn-create-failed >>"$W/churn.err"; sleep 1; continue; }
 		old=$(cat "$W/newest")
-		echo "$new" >"$W/newest"
+		# Atomically: a client never reads a half-written id.
+		echo "$new" >"$W/newest.tmp" && mv "$W/newest.tmp" "$W/newest"
 		echo create >>"$W/churn"
 		sleep "$CHURN_SECS"
 		"$BIN" client snapshots delete "$VM" "$old" >/dev/null 2>>"$W/churn.err" && echo delete >>"$W/churn"
@@ -138,7 +139,7 @@ echo "RSS idle before $(mib "$IDLE_BEFORE") MiB, peak sampled $(mib "$PEAK_SAMPL
 echo "idempotent replay: $A $B"
 
 fail=0
-[ "$OTHER" -eq 0 ] || { echo "FAIL: downloads ended with other codes:" >&2; sort "$W/codes" | uniq -c >&2; tail -5 "$W"/client*.err >&2; fail=1; }
+[ "$OTHER" -eq 0 ] || { echo "FAIL: downloads ended with other codes:" >&2; sort "$W/codes" | uniq -c >&2; for f in "$W"/client*.err; do tail -n 5 "$f" >&2; done; fail=1; }
 [ "$HEALTH_BAD" -eq 0 ] || { echo "FAIL: /health answered other than 200" >&2; sort "$W/health" | uniq -c >&2; fail=1; }
 [ "$IDLE_AFTER" -le $((IDLE_BEFORE * 12 / 10)) ] || { echo "FAIL: idle RSS after is x$RATIO of before" >&2; fail=1; }
 [ "$PEAK_HWM" -le $((PEAK_MAX_MIB * 1024)) ] || { echo "FAIL: peak RSS over $PEAK_MAX_MIB MiB" >&2; fail=1; }

@@ -34,10 +34,15 @@ const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
+/// `O_NONBLOCK` so that opening a FIFO (or a device) planted where a file
+/// is expected returns at once instead of waiting for a writer; it is
+/// cleared again ([`blocking`]) before the descriptor is handed up, so reads
+/// of regular files (io_uring included) behave as usual.
 const FILE_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC)
-    .union(OFlags::NOCTTY);
+    .union(OFlags::NOCTTY)
+    .union(OFlags::NONBLOCK);
 const NEW_FILE_FLAGS: OFlags = OFlags::WRONLY
     .union(OFlags::CREATE)
     .union(OFlags::EXCL)
@@ -126,7 +131,14 @@ pub fn open_regular_at(dir: BorrowedFd<'_>, name: impl AsRef<OsStr>) -> Result<F
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(OpenError::NotRegular);
     }
-    Ok(File::from(fd))
+    Ok(File::from(blocking(fd)?))
+}
+
+/// Clears the `O_NONBLOCK` that [`FILE_FLAGS`] opens with.
+fn blocking(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?;
+    Ok(fd)
 }
 
 /// [`open_regular_at`] with every failure as an `io::Error`.
@@ -265,10 +277,11 @@ pub fn fsync_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
 /// `O_NOFOLLOW`. The result may be a file or a directory.
 pub fn resolve_beneath(dir: BorrowedFd<'_>, relative: &Path) -> std::io::Result<OwnedFd> {
     let names = components(relative)?;
-    match openat2_beneath(dir, relative) {
-        Err(Errno::NOSYS) => walk_beneath(dir, &names),
-        other => Ok(other?),
-    }
+    let fd = match openat2_beneath(dir, relative) {
+        Err(Errno::NOSYS) => walk_beneath(dir, &names)?,
+        other => other?,
+    };
+    blocking(fd)
 }
 
 /// The plain names of `relative`; `.` components are dropped, `..`, a root
@@ -362,6 +375,63 @@ mod tests {
 
     fn read(fd: OwnedFd) -> String {
         std::io::read_to_string(File::from(fd)).unwrap()
+    }
+
+    /// Runs `f` on a thread and fails the test if it has not returned
+    /// within 30 s (an open that waits for a FIFO's writer never does).
+    fn within_30s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the open blocked: a FIFO must not wait for a writer")
+    }
+
+    #[test]
+    fn a_fifo_where_a_file_is_expected_never_blocks_the_open() {
+        let t = Tmp::new("fifo");
+        std::fs::create_dir_all(t.0.join("a")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.0.join("a/vm.cfg"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = t.0.clone();
+        let regular = within_30s(move || {
+            let root = open_dir(&dir).unwrap();
+            let a = open_dir_at(root.as_fd(), "a").unwrap();
+            open_regular_at(a.as_fd(), "vm.cfg").map(|_| ())
+        });
+        assert!(matches!(regular, Err(OpenError::NotRegular)), "{regular:?}");
+        let dir = t.0.clone();
+        let (flags, kind) = within_30s(move || {
+            let root = open_dir(&dir).unwrap();
+            let fd = resolve_beneath(root.as_fd(), Path::new("a/vm.cfg")).unwrap();
+            let st = rustix::fs::fstat(&fd).unwrap();
+            (
+                rustix::fs::fcntl_getfl(&fd).unwrap(),
+                rustix::fs::FileType::from_raw_mode(st.st_mode),
+            )
+        });
+        assert_eq!(kind, rustix::fs::FileType::Fifo);
+        assert!(!flags.contains(OFlags::NONBLOCK), "handed up non-blocking");
+    }
+
+    #[test]
+    fn regular_files_are_handed_up_blocking() {
+        let (_t, root) = tree("blocking");
+        let fd = resolve_beneath(root.as_fd(), Path::new("a/b/vm.cfg")).unwrap();
+        assert!(!rustix::fs::fcntl_getfl(&fd)
+            .unwrap()
+            .contains(OFlags::NONBLOCK));
+        let b = open_dir_at(root.as_fd(), "a").unwrap();
+        let b = open_dir_at(b.as_fd(), "b").unwrap();
+        let f = open_regular_at(b.as_fd(), "vm.cfg").unwrap();
+        assert!(!rustix::fs::fcntl_getfl(&f)
+            .unwrap()
+            .contains(OFlags::NONBLOCK));
     }
 
     #[test]

@@ -1080,25 +1080,38 @@ impl Decoder {
 pub fn decode_all(bytes: &[u8], chunk: usize) -> Result<Vec<Event>, StreamError> {
     let mut d = Decoder::new();
     let mut events: Vec<Event> = Vec::new();
+    // The data run being merged: appended to in place (amortised linear),
+    // not copied whole for every piece, so 1-byte chunks stay cheap.
+    let mut run: Option<(u64, Vec<u8>)> = None;
+    let flush = |run: &mut Option<(u64, Vec<u8>)>, events: &mut Vec<Event>| {
+        if let Some((offset, v)) = run.take() {
+            events.push(Event::Data {
+                offset,
+                bytes: Bytes::from(v),
+            });
+        }
+    };
     for piece in bytes.chunks(chunk.max(1)) {
         let mut input = Bytes::copy_from_slice(piece);
         while let Some(ev) = d.decode(&mut input)? {
-            match (events.last_mut(), ev) {
-                (
-                    Some(Event::Data { offset, bytes }),
-                    Event::Data {
-                        offset: o,
-                        bytes: more,
-                    },
-                ) if *offset + bytes.len() as u64 == o => {
-                    let mut v = bytes.to_vec();
-                    v.extend_from_slice(&more);
-                    *bytes = Bytes::from(v);
+            match (&mut run, ev) {
+                (Some((offset, v)), Event::Data { offset: o, bytes })
+                    if *offset + v.len() as u64 == o =>
+                {
+                    v.extend_from_slice(&bytes)
                 }
-                (_, ev) => events.push(ev),
+                (_, Event::Data { offset, bytes }) => {
+                    flush(&mut run, &mut events);
+                    run = Some((offset, bytes.to_vec()));
+                }
+                (_, ev) => {
+                    flush(&mut run, &mut events);
+                    events.push(ev);
+                }
             }
         }
     }
+    flush(&mut run, &mut events);
     d.finish()?;
     Ok(events)
 }

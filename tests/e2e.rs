@@ -950,18 +950,7 @@ pub(crate) fn e2e_on(fs_kind: Fs) {
         resumed["disks"][0]["resumed"].as_bool().unwrap(),
         "{resumed}"
     );
-    let a_alloc: u64 = s2["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["name"] == DISK_A)
-        .flat_map(|d| d["chunks"].as_array().unwrap().iter())
-        .map(|c| c["length"].as_u64().unwrap())
-        .sum();
-    assert!(
-        resumed["bytes"].as_u64().unwrap() < a_alloc,
-        "the resumed download fetched everything again: {resumed}"
-    );
+    assert_fetched_less_than_disk_a(&resumed, &s2);
     let want = fs::read(snapshot_paths(&s2)[DISK_A].clone()).unwrap();
     assert_replica("resumed copy", &out3.join(DISK_A), &want);
 
@@ -1127,18 +1116,7 @@ fn a_download_cut_by_a_lost_connection_resumes() {
         resumed["disks"][0]["resumed"].as_bool().unwrap(),
         "{resumed}"
     );
-    let a_alloc: u64 = snap["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["name"] == DISK_A)
-        .flat_map(|d| d["chunks"].as_array().unwrap().iter())
-        .map(|c| c["length"].as_u64().unwrap())
-        .sum();
-    assert!(
-        resumed["bytes"].as_u64().unwrap() < a_alloc,
-        "the resumed download fetched everything again: {resumed}"
-    );
+    assert_fetched_less_than_disk_a(&resumed, &snap);
     let want = fs::read(snapshot_paths(&snap)[DISK_A].clone()).unwrap();
     assert_replica("resumed copy", &out.join(DISK_A), &want);
 }
@@ -1360,4 +1338,21 @@ fn lost_database_is_rebuilt_from_the_manifests_with_the_config() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "reconcile failed: {text}");
     assert!(text.contains("2 kept, 0 actions"), "{text}");
+}
+
+/// A resumed download of `DISK_A` fetched less than the disk's allocated
+/// chunks in `snap`: it did not start over.
+fn assert_fetched_less_than_disk_a(resumed: &Value, snap: &Value) {
+    let a_alloc: u64 = snap["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["name"] == DISK_A)
+        .flat_map(|d| d["chunks"].as_array().unwrap().iter())
+        .map(|c| c["length"].as_u64().unwrap())
+        .sum();
+    assert!(
+        resumed["bytes"].as_u64().unwrap() < a_alloc,
+        "the resumed download fetched everything again: {resumed}"
+    );
 }

@@ -724,40 +724,7 @@ fn start_faulty(
     point: &str,
     make: impl FnOnce(&crate::common::Scratch, u16) -> String,
 ) -> Exporter {
-    use std::os::unix::net::UnixDatagram;
-    let dir = crate::common::Scratch::temp("faulty");
-    let port = crate::common::free_port();
-    std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
-    std::fs::set_permissions(
-        dir.path("config.toml"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let notify_path = dir.path("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(WAIT)).unwrap();
-    let stderr = std::fs::File::create(dir.path("stderr.log")).unwrap();
-    let child = std::process::Command::new(crate::common::exporter::BIN)
-        .arg("--config")
-        .arg(dir.path("config.toml"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("COE_FAULT", point)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut e = Exporter {
-        child,
-        notify,
-        dir,
-        client: Client {
-            port,
-            ca: pki.certs("ca.pem"),
-        },
-    };
-    assert_eq!(e.notification(), "READY=1", "log:\n{}", e.log());
-    e
+    Exporter::start_with_env(pki, 0o600, &[("COE_FAULT", point)], make)
 }
 
 /// The exporter's open descriptors now.

@@ -13,8 +13,7 @@ use bytes::Bytes;
 use coriolis_ovm_exporter::wire::stream::{self, Decoder, Event, StreamHeader};
 
 use crate::common::{
-    exporter, free_port, http_request, Answer, Client, Exporter, Fs, Options, Pki, Scratch,
-    LOCAL_PASS, LOCAL_USER, WAIT,
+    exporter, http_request, Answer, Exporter, Fs, Options, Pki, Scratch, LOCAL_PASS, LOCAL_USER,
 };
 
 /// 12 MiB and a bit: several 1 MiB record pieces, an unaligned tail.
@@ -43,40 +42,9 @@ fn start(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
 /// The exporter with `COE_FAULT=io-read-eio`: the first disk read at or
 /// past 8 MiB fails (EIO), once, and aborts the body it was for.
 fn start_faulty(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
-    use std::os::unix::net::UnixDatagram;
-    let dir = Scratch::temp("wan-faulty");
-    let port = free_port();
-    std::fs::write(dir.path("config.toml"), config(pki, &dir, port, repo, disk)).unwrap();
-    std::fs::set_permissions(
-        dir.path("config.toml"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let notify_path = dir.path("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(WAIT)).unwrap();
-    let stderr = File::create(dir.path("stderr.log")).unwrap();
-    let child = std::process::Command::new(exporter::BIN)
-        .arg("--config")
-        .arg(dir.path("config.toml"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("COE_FAULT", "io-read-eio")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut e = Exporter {
-        child,
-        notify,
-        dir,
-        client: Client {
-            port,
-            ca: pki.certs("ca.pem"),
-        },
-    };
-    assert_eq!(e.notification(), "READY=1", "log:\n{}", e.log());
-    e
+    Exporter::start_with_env(pki, 0o600, &[("COE_FAULT", "io-read-eio")], |dir, port| {
+        config(pki, dir, port, repo, disk)
+    })
 }
 
 fn get(ex: &Exporter, path: &str, token: &str, headers: &[(&str, &str)]) -> Answer {

@@ -111,6 +111,17 @@ impl Exporter {
         mode: u32,
         make: impl FnOnce(&Scratch, u16) -> String,
     ) -> Exporter {
+        Self::start_with_env(pki, mode, &[], make)
+    }
+
+    /// [`Exporter::start_with`] with `env` added to the process environment
+    /// (e.g. `COE_FAULT`).
+    pub fn start_with_env(
+        pki: &Pki,
+        mode: u32,
+        env: &[(&str, &str)],
+        make: impl FnOnce(&Scratch, u16) -> String,
+    ) -> Exporter {
         let dir = Scratch::temp("exporter");
         let port = free_port();
         std::fs::write(dir.path("config.toml"), make(&dir, port)).unwrap();
@@ -128,6 +139,7 @@ impl Exporter {
             .arg("--config")
             .arg(dir.path("config.toml"))
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

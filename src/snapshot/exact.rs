@@ -31,6 +31,61 @@ use crate::wire::Cancel;
 /// Bytes read per snapshot per step: two such buffers per refining diff.
 pub const WINDOW: usize = 1 << 20;
 
+/// Diffs refined at once in the whole process. Each holds two [`WINDOW`]
+/// buffers and a blocking-pool thread reading the disk, so a client
+/// sending many `exact=true` requests in parallel waits for a slot instead
+/// of making the process hold `2 * WINDOW` per request: refinement memory
+/// is at most `MAX_REFINING * 2 * WINDOW` (8 MiB), and the disk is not
+/// flooded by one client's reads.
+pub const MAX_REFINING: usize = 4;
+
+static SLOTS: Slots = Slots::new(MAX_REFINING);
+
+/// A counting semaphore for blocking threads whose waiters give up when
+/// their [`Cancel`] is set (checked every 100 ms).
+struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One taken slot; dropping it frees it.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    const fn new(n: usize) -> Slots {
+        Slots {
+            free: std::sync::Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn take(&self, cancel: &Cancel) -> Result<Slot<'_>, RefineError> {
+        // A poisoned lock only means a holder panicked; the count is intact.
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if cancel.is_cancelled() {
+                return Err(RefineError::Cancelled);
+            }
+            if *free > 0 {
+                *free -= 1;
+                return Ok(Slot(self));
+            }
+            free = self
+                .freed
+                .wait_timeout(free, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// When a diff is refined by content: the `[diff] exact` config key, the
 /// default of requests without `exact=`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -173,6 +228,7 @@ pub fn refine_diff(
     if candidates.is_empty() {
         return Ok((d, 0));
     }
+    let _slot = SLOTS.take(cancel)?;
     direct(old);
     direct(new);
     let (mut bo, mut bn) = (AlignedBuf::new(WINDOW), AlignedBuf::new(WINDOW));
@@ -233,6 +289,50 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         f.write_all(bytes).unwrap();
         f
+    }
+
+    /// Sixteen threads asking at once never hold more than the slots, all
+    /// get one in turn, and a waiter whose client went away gives up.
+    #[test]
+    fn refinements_wait_for_a_slot_and_cancelled_waiters_give_up() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let slots = Arc::new(Slots::new(2));
+        let active = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (slots, active, most) = (slots.clone(), active.clone(), most.clone());
+                std::thread::spawn(move || {
+                    let _slot = slots.take(&Cancel::default()).unwrap();
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // Hold the slot long enough for the others to pile up.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    active.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= 2, "more refiners than slots");
+        assert_eq!(*slots.free.lock().unwrap(), 2, "every slot came back");
+
+        let (_a, _b) = (
+            slots.take(&Cancel::default()).unwrap(),
+            slots.take(&Cancel::default()).unwrap(),
+        );
+        let cancel = Cancel::default();
+        let waiter = {
+            let (slots, cancel) = (slots.clone(), cancel.clone());
+            std::thread::spawn(move || slots.take(&cancel).map(|_| ()))
+        };
+        cancel.cancel();
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(RefineError::Cancelled)
+        ));
     }
 
     /// Four blocks in both files: block 1 differs, block 2 is zeroed in the

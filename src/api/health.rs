@@ -21,9 +21,27 @@ use crate::wire::{Health, HealthCheck};
 const IO_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_CHECK_LEN: usize = 4096;
 
-/// Runs every check; Health with `status` `ok` or `unavailable`. The checks
-/// are kept for the metrics gauges.
+/// Health with `status` `ok` or `unavailable`. `/health` is public, so a
+/// flood of it must not become a flood of checks (each one a blocking-pool
+/// trip, a memfd and an io-core buffer): one check runs at a time, and a
+/// request answers the first check that started after it arrived (never an
+/// older one), so waiters that piled up behind a check share the next.
 pub async fn check(state: &State) -> Health {
+    let arrived = tokio::time::Instant::now();
+    let mut last = state.last_health.lock().await;
+    if let Some((started, health)) = &*last {
+        if *started >= arrived {
+            return health.clone();
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let health = run_checks(state).await;
+    *last = Some((started, health.clone()));
+    health
+}
+
+/// Runs every check. The checks are kept for the metrics gauges.
+async fn run_checks(state: &State) -> Health {
     let be = state.backend.clone();
     let mut checks = match tokio::task::spawn_blocking(move || be.health()).await {
         Ok(c) => c,

@@ -129,7 +129,7 @@ pub struct ErrorBody {
 
 /// Answer of `GET /api/v1/health`: `status` is `ok` (HTTP 200) when every
 /// check passes, `unavailable` (HTTP 503) otherwise.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,
     pub version: String,

@@ -31,6 +31,10 @@ pub struct State {
     /// Time a request body (a login) may take to arrive; set by the server
     /// from `api.body_read_timeout` before the state is shared.
     pub body_read_timeout: std::time::Duration,
+    /// The last health check and when it started: concurrent `/health`
+    /// and `/metrics` requests share one check in flight
+    /// ([`crate::api::health::check`]).
+    pub(crate) last_health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::wire::Health)>>,
 }
 
 impl State {
@@ -51,6 +55,7 @@ impl State {
             engine,
             login_permits: Semaphore::new(LOGIN_CONCURRENCY),
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            last_health: tokio::sync::Mutex::new(None),
         })
     }
 }

@@ -50,6 +50,9 @@ enum Call {
 struct TestNode {
     dir: PathBuf,
     calls: Mutex<Vec<Call>>,
+    /// Health checks running now, and the most seen at once.
+    health_running: std::sync::atomic::AtomicUsize,
+    health_most: std::sync::atomic::AtomicUsize,
 }
 
 impl TestNode {
@@ -63,6 +66,8 @@ impl TestNode {
         Arc::new(TestNode {
             dir,
             calls: Mutex::new(Vec::new()),
+            health_running: Default::default(),
+            health_most: Default::default(),
         })
     }
 
@@ -164,6 +169,16 @@ impl Drop for TestNode {
 }
 
 impl Backend for TestNode {
+    /// Slow enough (50 ms) that checks asked at once would overlap.
+    fn health(&self) -> Vec<crate::wire::HealthCheck> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.health_running.fetch_add(1, SeqCst) + 1;
+        self.health_most.fetch_max(now, SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        self.health_running.fetch_sub(1, SeqCst);
+        Vec::new()
+    }
+
     fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
         self.record(Call::ListVms);
         Ok(vec![Self::vm(VM1), Self::vm(VM2)])
@@ -997,6 +1012,29 @@ async fn unknown_routes_bad_methods_and_bad_ids() {
     )
     .await
     .assert_error(StatusCode::NOT_FOUND, "Not Found");
+}
+
+/// A flood of `/health` (public) runs one check at a time: 32 requests at
+/// once all answer, and the backend never saw two checks overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_requests_runs_one_check_at_a_time() {
+    let node = TestNode::new("health-flood");
+    let st = state(node.clone(), MetricsAuth::Token("m".repeat(32)));
+    let asks: Vec<_> = (0..32)
+        .map(|_| {
+            let st = st.clone();
+            tokio::spawn(async move {
+                call(&st, Method::GET, "/api/v1/health", None, &[], "")
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for a in asks {
+        assert_eq!(a.await.unwrap(), StatusCode::OK);
+    }
+    let most = node.health_most.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(most, 1, "health checks ran {most} at once");
 }
 
 #[tokio::test]

@@ -12,15 +12,15 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::common::server::{Server, Setup, USER};
 use crate::common::{free_port, Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
-const USER: &str = "tester";
 const VM: &str = "0004fb00000600000000000000e2e001";
 const DISK_A: &str = "0004fb00001200000000000000e2e0aa.img";
 const DISK_B: &str = "0004fb00001200000000000000e2e0bb.img";
@@ -29,143 +29,6 @@ const DISK_SIZE: u64 = 48 << 20;
 /// How long a server or the demo may take to answer health (debug build,
 /// two busy cores).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn random_text(rng: &mut fastrand::Rng, n: usize) -> String {
-    (0..n).map(|_| rng.alphanumeric()).collect()
-}
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
-/// A server with its own config, certificate, user and repository.
-pub(crate) struct Server {
-    child: Child,
-    config: PathBuf,
-    pub(crate) url: String,
-    ca: PathBuf,
-    password: String,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path, repo: &Path, rng: &mut fastrand::Rng) -> Server {
-        Server::start_with(dir, repo, rng, "")
-    }
-
-    /// A server whose config ends with `extra` (TOML).
-    pub(crate) fn start_with(
-        dir: &Path,
-        repo: &Path,
-        rng: &mut fastrand::Rng,
-        extra: &str,
-    ) -> Server {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let ca = dir.join("srv-pub.pem");
-        let key_path = dir.join("srv-key.pem");
-        fs::write(&ca, cert.pem()).unwrap();
-        fs::write(&key_path, key.serialize_pem()).unwrap();
-        let password = random_text(rng, 20);
-        let hash = coriolis_ovm_exporter::demo::hash_password(&password).unwrap();
-        let port = free_port();
-        let config = dir.join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "db_file = {db}\n\
-                 [jwt]\nsecret = \"{secret}\"\n\
-                 [api]\nbind = \"127.0.0.1\"\nport = {port}\nshutdown_grace = \"2s\"\n\
-                 [api.tls]\ncertificate = {ca}\nkey = {key}\n\
-                 [[auth.users]]\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
-                 [inventory]\nsource = \"static\"\n\
-                 [[inventory.repositories]]\nid = \"e2e\"\nmount_point = {repo}\n{extra}",
-                db = toml_path(&dir.join("exporter.db")),
-                secret = random_text(rng, 48),
-                ca = toml_path(&ca),
-                key = toml_path(&key_path),
-                repo = toml_path(repo),
-            ),
-        )
-        .unwrap();
-        let log = dir.join("server.log");
-        let s = Server {
-            child: Self::spawn(&config, &log),
-            config,
-            url: format!("https://127.0.0.1:{port}"),
-            ca,
-            password,
-            log,
-        };
-        s.wait_healthy();
-        s
-    }
-
-    fn spawn(config: &Path, log: &Path) -> Child {
-        Command::new(BIN)
-            .arg("-config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap()
-    }
-
-    /// Kills the server (SIGKILL: every connection is lost at once).
-    fn kill(&mut self) {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Starts the server again with the same config (port, database).
-    fn restart(&mut self) {
-        self.child = Self::spawn(&self.config, &self.log);
-        self.wait_healthy();
-    }
-
-    fn wait_healthy(&self) {
-        let t = Instant::now();
-        loop {
-            let out = Command::new(BIN)
-                .args(["client", "health", "--url", &self.url, "--ca-file"])
-                .arg(&self.ca)
-                .output()
-                .unwrap();
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                t.elapsed() < START_TIMEOUT,
-                "server did not come up: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
-        let _ = self.child.wait();
-    }
-}
 
 /// An HTTPS front of a [`Server`] standing in for a server without the
 /// checksums endpoint (the old service): every `.../checksums` path answers
@@ -588,7 +451,15 @@ pub(crate) fn full_and_incremental_on(fs_kind: Fs, extra_config: &str) {
     let repo = scratch.path("repo");
     make_small_repo(&repo, &mut rng);
     step("repository made");
-    let server = Server::start_with(&local.dir, &repo, &mut rng, extra_config);
+    let server = Server::start_with(
+        &local.dir,
+        &repo,
+        &mut rng,
+        Setup {
+            extra: extra_config,
+            ..Setup::default()
+        },
+    );
     step("server up");
     let client = Client::new(&server, &local.path("cache"));
     let s1 = client.json(&["snapshots", "create", VM]);

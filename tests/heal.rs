@@ -13,16 +13,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coriolis_ovm_exporter::client::error::ClientError;
-use coriolis_ovm_exporter::client::http::{paths, read_json, Api, TlsOptions};
+use coriolis_ovm_exporter::client::http::{paths, read_json, Api};
 use serde_json::Value;
 
-use crate::common::{free_port, Fs};
+use crate::common::server::{toml_path, Server, Setup, REPO_ID};
+use crate::common::{Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const FAULTYFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/faultyfs.py");
 /// Debian's interpreter, where python3-fusepy installs (not a pyenv shim).
 const PYTHON: &str = "/usr/bin/python3";
-const USER: &str = "healer";
 pub const VM: &str = "0004fb00000600000000000000bea100";
 pub const DISK: &str = "0004fb00001200000000000000bea1aa.img";
 const DISK_SIZE: usize = 3 << 20;
@@ -168,194 +168,15 @@ pub fn make_repo(repo: &Path, seed: u64) {
     .unwrap();
 }
 
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
-/// The real server, with a static inventory of one repository.
-pub struct Server {
-    child: Option<Child>,
-    pub url: String,
-    pub ca: PathBuf,
-    pub password: String,
-    pub log: PathBuf,
-    config: PathBuf,
-    env: Vec<(String, String)>,
-}
-
-impl Server {
-    /// Writes a config in `dir` (certificate, key, user) with `db` as the
-    /// database and `repo` as the repository, and starts the server.
-    pub fn start(dir: &Path, repo: &Path, db: &Path, env: &[(&str, &str)]) -> Server {
-        Server::start_with(dir, repo, db, env, "")
-    }
-
-    /// [`Server::start`] with `extra` appended to the config.
-    pub fn start_with(
-        dir: &Path,
-        repo: &Path,
-        db: &Path,
-        env: &[(&str, &str)],
-        extra: &str,
-    ) -> Server {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let ca = dir.join("srv-pub.pem");
-        let key_path = dir.join("srv-key.pem");
-        fs::write(&ca, cert.pem()).unwrap();
-        fs::write(&key_path, key.serialize_pem()).unwrap();
-        let mut rng = fastrand::Rng::new();
-        let mut text = |n| (0..n).map(|_| rng.alphanumeric()).collect::<String>();
-        let password = text(20);
-        let secret = text(48);
-        let hash = coriolis_ovm_exporter::demo::hash_password(&password).unwrap();
-        let port = free_port();
-        let config = dir.join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "db_file = {db}\n\
-                 [jwt]\nsecret = \"{secret}\"\n\
-                 [api]\nbind = \"127.0.0.1\"\nport = {port}\nshutdown_grace = \"2s\"\n\
-                 [api.tls]\ncertificate = {ca}\nkey = {key}\n\
-                 [[auth.users]]\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
-                 [inventory]\nsource = \"static\"\n\
-                 [[inventory.repositories]]\nid = \"heal\"\nmount_point = {repo}\n{extra}",
-                db = toml_path(db),
-                ca = toml_path(&ca),
-                key = toml_path(&key_path),
-                repo = toml_path(repo),
-            ),
-        )
-        .unwrap();
-        let mut s = Server {
-            child: None,
-            url: format!("https://127.0.0.1:{port}"),
-            ca,
-            password,
-            log: dir.join("server.log"),
-            config,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        s.restart();
-        s
-    }
-
-    /// Starts the server again (after [`Server::kill`] or a crash), with
-    /// the same config, and waits until it answers.
-    pub fn restart(&mut self) {
-        self.stop();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("-config")
-            .arg(&self.config)
-            .env_remove(coriolis_ovm_exporter::snapshot::fault::ENV)
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().unwrap());
-        let api = self.anonymous();
-        let t = Instant::now();
-        loop {
-            if let Ok(r) = api.get("health", "/health") {
-                if r.status().is_success() || r.status().as_u16() == 503 {
-                    return;
-                }
-            }
-            assert!(
-                t.elapsed() < DEADLINE,
-                "server did not come up:\n{}",
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            if let Some(c) = &mut self.child {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "server exited {status}:\n{}",
-                        fs::read_to_string(&self.log).unwrap_or_default()
-                    );
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until the process ended by itself (a fault point killed it).
-    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("server started");
-        c.wait().unwrap()
-    }
-
-    /// The environment of the next [`Server::restart`].
-    pub fn set_env(&mut self, env: &[(&str, &str)]) {
-        self.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-    }
-
-    /// SIGKILL, and waits for the process to end.
-    #[allow(dead_code)]
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(&c),
-                rustix::process::Signal::TERM,
-            );
-            let _ = c.wait();
-        }
-    }
-
-    pub fn anonymous(&self) -> Api {
-        let tls = TlsOptions {
-            ca_file: Some(self.ca.clone()),
-            ..TlsOptions::default()
-        };
-        Api::new(&self.url, &tls, 8).unwrap()
-    }
-
-    /// A logged-in connection.
-    pub fn api(&self) -> Api {
-        let mut api = self.anonymous();
-        let token = api.login(USER, &self.password).unwrap();
-        api.set_token(token);
-        api
-    }
-
-    /// The environment for the client binary.
-    pub fn client_env(&self, cmd: &mut Command) {
-        cmd.env("COE_URL", &self.url)
-            .env("COE_USER", USER)
-            .env("COE_PASSWORD", &self.password)
-            .env("COE_CA_FILE", &self.ca);
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// The server of these tests: its database in `db/` of the scratch folder
+/// unless `setup` names one.
+fn start(scratch: &Scratch, repo: &Path, setup: Setup<'_>) -> Server {
+    let db = scratch.path("db/exporter.db");
+    let setup = Setup {
+        db: Some(setup.db.unwrap_or(&db)),
+        ..setup
+    };
+    Server::start_with(&scratch.dir, repo, &mut fastrand::Rng::new(), setup)
 }
 
 /// `GET /health`: (HTTP status, answer).
@@ -417,7 +238,14 @@ fn the_store_recovers_from_a_transient_disk_write_error() {
     make_repo(&repo, 16);
     let disk = FaultyDisk::new("store");
     let db = disk.mnt.join("exporter.db");
-    let server = Server::start(&scratch.dir, &repo, &db, &[]);
+    let server = start(
+        &scratch,
+        &repo,
+        Setup {
+            db: Some(&db),
+            ..Setup::default()
+        },
+    );
     let api = server.api();
     let (code, h) = health(&api);
     assert_eq!(code, 200, "{h}");
@@ -488,7 +316,7 @@ fn reads_racing_a_delete_never_answer_500() {
     let scratch = Fs::Xfs.scratch("heal-race");
     let repo = scratch.path("repo");
     make_repo(&repo, 17);
-    let server = Server::start(&scratch.dir, &repo, &scratch.path("db/exporter.db"), &[]);
+    let server = start(&scratch, &repo, Setup::default());
     let api = server.api();
     let base = create(&api).unwrap()["id"].as_str().unwrap().to_owned();
     let counts: Mutex<BTreeMap<(&str, u16), u64>> = Mutex::default();
@@ -567,7 +395,7 @@ fn verifying_a_deleted_snapshot_is_not_found() {
     let scratch = Fs::Xfs.scratch("heal-verify");
     let repo = scratch.path("repo");
     make_repo(&repo, 19);
-    let server = Server::start(&scratch.dir, &repo, &scratch.path("db/exporter.db"), &[]);
+    let server = start(&scratch, &repo, Setup::default());
     let api = server.api();
     let snap = create(&api).unwrap()["id"].as_str().unwrap().to_owned();
     let replica = scratch.path("replica.img");
@@ -622,11 +450,13 @@ fn a_create_retried_after_a_crash_answers_the_same_snapshot() {
     let scratch = Fs::Xfs.scratch("heal-idem");
     let repo = scratch.path("repo");
     make_repo(&repo, 21);
-    let mut server = Server::start(
-        &scratch.dir,
+    let mut server = start(
+        &scratch,
         &repo,
-        &scratch.path("db/exporter.db"),
-        &[(fault::ENV, fault::CREATE_AFTER_COMMIT)],
+        Setup {
+            env: &[(fault::ENV, fault::CREATE_AFTER_COMMIT)],
+            ..Setup::default()
+        },
     );
     let api = server.api();
     let snap: Value = std::thread::scope(|sc| {
@@ -679,15 +509,17 @@ fn a_skipped_repository_shows_in_health_and_metrics() {
     let repo = scratch.path("repo");
     make_repo(&repo, 22);
     let gone = scratch.path("gone-repo");
-    let server = Server::start_with(
-        &scratch.dir,
+    let extra = format!(
+        "[[inventory.repositories]]\nid = \"gone\"\nmount_point = {}\n",
+        toml_path(&gone)
+    );
+    let server = start(
+        &scratch,
         &repo,
-        &scratch.path("db/exporter.db"),
-        &[],
-        &format!(
-            "[[inventory.repositories]]\nid = \"gone\"\nmount_point = {}\n",
-            toml_path(&gone)
-        ),
+        Setup {
+            extra: &extra,
+            ..Setup::default()
+        },
     );
     let api = server.api();
     let vms: Value = api.get_json("vms", "/vms").unwrap();
@@ -712,7 +544,7 @@ fn a_skipped_repository_shows_in_health_and_metrics() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["id"] == "heal")
+        .filter(|c| c["id"] == REPO_ID)
         .all(|c| c["ok"] == true);
     assert!(good, "{h}");
 }

@@ -17,8 +17,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::server::{Server, Setup};
 use crate::common::{Fs, Scratch};
-use crate::e2e::{Client, Server};
+use crate::e2e::Client;
 
 /// How long a node waits for the other one (the other guest may boot and
 /// run much slower under TCG on a busy machine).
@@ -157,7 +158,15 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
     let local = Scratch::temp("cluster");
     let config = format!("[store]\nowner = \"cluster-node-{node}\"\n");
     let mut rng = fastrand::Rng::with_seed(u64::from(node));
-    let server = Server::start_with(&local.dir, &repo, &mut rng, &config);
+    let server = Server::start_with(
+        &local.dir,
+        &repo,
+        &mut rng,
+        Setup {
+            extra: &config,
+            ..Setup::default()
+        },
+    );
     let client = Client::new(&server, &local.path("cache"));
     let vms = client.json(&["vms", "list"]);
     assert_eq!(vms.as_array().unwrap().len(), 2, "{vms}");
@@ -189,7 +198,15 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
     assert!(snapshot_ids(&client, &theirs).is_empty());
     drop(client);
     drop(server);
-    let server = Server::start_with(&local.dir, &repo, &mut rng, &config);
+    let server = Server::start_with(
+        &local.dir,
+        &repo,
+        &mut rng,
+        Setup {
+            extra: &config,
+            ..Setup::default()
+        },
+    );
     let client = Client::new(&server, &local.path("cache"));
     assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
     assert!(snapshot_ids(&client, &theirs).is_empty());

@@ -2,13 +2,14 @@
 //! a log capture, and the harness of the tests that run the real binary over
 //! TLS (`pki` makes the certificates, `manager` stands in for the OVM
 //! Manager, `exporter` starts the service and talks to it, `http` reads its
-//! answers).
+//! answers; `server` is the end-to-end tests' server of one repository).
 #![allow(dead_code)]
 
 pub mod exporter;
 pub mod http;
 pub mod manager;
 pub mod pki;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

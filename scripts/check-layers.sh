@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 # Layer of each top-level module, bottom up. A module imports only modules
 # of a lower number.
 declare -A layer=(
-  [error]=0 [extent]=0 [tls]=0
+  [error]=0 [extent]=0 [tls]=0 [duration]=0
   [wire]=1 [sys]=1
   [io]=2 [store]=2 [ovm]=2
   [snapshot]=3

@@ -2,9 +2,9 @@
 //!
 //! Layers, from the bottom (`docs/architecture.md`; a module imports only
 //! from layers below it, checked by `scripts/check-layers.sh`):
-//! - [`error`], [`extent`], [`tls`]: the leaves (the error chain and
-//!   classes; pure extent-map algebra; the crypto provider and certificate
-//!   loading).
+//! - [`error`], [`extent`], [`tls`], [`duration`]: the leaves (the error
+//!   chain and classes; pure extent-map algebra; the crypto provider and
+//!   certificate loading; the config file's duration grammar).
 //! - [`sys`]: the only place that issues syscalls needing `unsafe`
 //!   (FICLONE, the OCFS2 reflink ioctl, FIEMAP, statfs), and the safe-path
 //!   layer every path open goes through.
@@ -31,6 +31,7 @@
 pub mod api;
 pub mod client;
 pub mod demo;
+pub mod duration;
 pub mod error;
 pub mod extent;
 pub mod io;

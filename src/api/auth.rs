@@ -109,21 +109,6 @@ impl Tokens {
     }
 }
 
-/// Check that a config's password hash is a usable Argon2 PHC string.
-pub fn check_password_hash(hash: &str) -> Result<(), String> {
-    let parsed = argon2::PasswordHash::new(hash)
-        .map_err(|e| format!("not a PHC string ({e}); make one with the argon2 CLI"))?;
-    match parsed.algorithm.as_str() {
-        "argon2id" | "argon2i" | "argon2d" => {}
-        other => return Err(format!("algorithm {other:?}: expected argon2id")),
-    }
-    argon2::Params::try_from(&parsed).map_err(|e| format!("bad parameters: {e}"))?;
-    if parsed.hash.is_none() {
-        return Err("no hash part".into());
-    }
-    Ok(())
-}
-
 /// Constant-time check of a password against an Argon2 PHC string. CPU and
 /// memory heavy by design: call it on the blocking pool.
 pub fn verify_password(hash: &str, password: &str) -> bool {
@@ -478,6 +463,7 @@ impl Login {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::config::check_password_hash;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 

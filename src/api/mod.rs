@@ -21,10 +21,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::error::Class;
 
-pub use auth::{check_password_hash, Login, Tokens};
+pub use auth::{Login, Tokens};
 pub use backend::{Backend, BackendError};
 pub use body::ApiBody;
-pub use config::{AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth};
+pub use config::{
+    check_password_hash, AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth, SettingError,
+};
 pub use router::{handle, State};
 
 /// Every way a request can fail, by HTTP status. Mapped to a response in

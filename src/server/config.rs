@@ -6,9 +6,10 @@
 //! `config/config.example.toml`. A bad config stops the service with one
 //! line naming the key and the problem ([`ConfigError`]'s `Display`).
 //!
-//! Each layer owns the type of its own section (`api::config` for `[jwt]`,
-//! `[manager]`, `[auth]`, `[metrics]`; `tls::TlsConfig` for `[api.tls]`;
-//! `io::IoConfig` for `[io]`); this module puts them together. It reads the
+//! Each layer owns the type of its own section and validates it
+//! (`api::config` for `[jwt]`, `[manager]`, `[auth]`, `[metrics]`;
+//! `tls::TlsConfig` for `[api.tls]`; `io::IoConfig` for `[io]`); this module
+//! puts them together and names the file in their errors. It reads the
 //! files the config names (certificates, keys) only to check them; it owns
 //! no long-lived state and never logs a secret.
 //! `[inventory]` and `[store]` are kept as raw tables here: their typed
@@ -22,9 +23,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::api::{
-    check_password_hash, AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth,
-};
+use crate::api::config::{RawAuth, RawJwt, RawManager, RawMetrics};
+use crate::api::{AuthConfig, JwtConfig, ManagerConfig, MetricsAuth, SettingError};
 use crate::duration::parse_go_duration;
 use crate::io::IoConfig;
 use crate::tls::{self, TlsConfig};
@@ -37,11 +37,6 @@ pub const DEFAULT_DB_FILE: &str = "/etc/coriolis-ovm-exporter/exporter.db";
 pub const DEFAULT_PORT: u16 = 5544;
 /// The old service listened on every address.
 pub const DEFAULT_BIND: &str = "0.0.0.0";
-/// API.md: `exp` defaults to now + 168h.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(168 * 3600);
-/// RFC 7518 3.2: an HS256 key must be at least 256 bits.
-pub const MIN_SECRET_BYTES: usize = 32;
-/// `iss` of the tokens we issue and accept.
 /// Time for a client to send its request line and headers (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for a client to finish the TLS handshake.
@@ -68,23 +63,6 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 100;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Request line + headers (HTTP/1) and header list (HTTP/2) size cap.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Whole login exchange with the OVM Manager.
-pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(15);
-/// Failed logins allowed per client address within the window.
-pub const DEFAULT_LOGIN_MAX_FAILURES: u32 = 5;
-/// The window over which failed logins are counted.
-pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(300);
-/// The `[jwt] secret` of `config/config.example.toml`, and the one earlier
-/// versions shipped: public, so anyone could sign tokens with them. The
-/// service refuses to start with either.
-pub const PLACEHOLDER_SECRETS: [&str; 2] = [
-    "CHANGE-ME: at least 32 random bytes, e.g. the output of openssl rand -base64 48",
-    "change this to at least 32 random bytes of secret!!",
-];
-/// The password hash of the example user in `config/config.example.toml`
-/// (its password, "change-me", is printed next to it): refused as a user's
-/// hash.
-pub const EXAMPLE_PASSWORD_HASH: &str = "$argon2id$v=19$m=65536,t=3,p=1$UWlWZ3paMm0yWmxVcEMycw$Jfoxi0mb5qgmkeajwhQn0la0+iE4oJfbj+mjIgK6+vg";
 /// Group and other permission bits (`chmod 600` clears them).
 const OTHERS_BITS: u32 = 0o077;
 /// Largest accepted HTTP port number.
@@ -190,13 +168,6 @@ struct RawConfig {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawJwt {
-    secret: Option<String>,
-    time_to_live: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawApi {
     bind: Option<String>,
     port: Option<i64>,
@@ -222,37 +193,6 @@ struct RawTls {
     key: Option<PathBuf>,
     ca_certificate: Option<PathBuf>,
     require_client_certificate: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawManager {
-    ca_certificate: Option<PathBuf>,
-    timeout: Option<String>,
-    allow_http: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    #[serde(default)]
-    users: Vec<RawUser>,
-    login_max_failures: Option<i64>,
-    login_window: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUser {
-    username: String,
-    password_hash: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    auth: Option<String>,
-    token: Option<String>,
 }
 
 impl Config {
@@ -295,32 +235,9 @@ impl Config {
             Some(n) => Err(bad(key, format!("{n}: must be at least 1"))),
         };
 
-        let jwt = raw.jwt.unwrap_or_default();
-        let secret = match jwt.secret {
-            None => return Err(bad("jwt.secret", "missing".into())),
-            Some(s) if s.len() < MIN_SECRET_BYTES => {
-                return Err(bad(
-                    "jwt.secret",
-                    format!(
-                        "{} bytes long, at least {MIN_SECRET_BYTES} needed for HS256 (RFC 7518)",
-                        s.len()
-                    ),
-                ))
-            }
-            Some(s) if PLACEHOLDER_SECRETS.contains(&s.as_str()) => {
-                return Err(bad(
-                    "jwt.secret",
-                    "still the example's placeholder, which is public (anyone could sign \
-                     tokens with it); set your own, e.g. `openssl rand -base64 48`"
-                        .into(),
-                ))
-            }
-            Some(s) => s.into_bytes(),
-        };
-        let time_to_live = duration("jwt.time_to_live", jwt.time_to_live, DEFAULT_TOKEN_TTL)?;
-        if time_to_live.is_zero() {
-            return Err(bad("jwt.time_to_live", "must be more than 0".into()));
-        }
+        // Each section validates itself; `bad` puts the file's path on it.
+        let section = |e: SettingError| bad(e.key, e.problem);
+        let jwt = raw.jwt.unwrap_or_default().validate().map_err(section)?;
 
         let api = raw.api.unwrap_or_default();
         let bind_text = api.bind.unwrap_or_else(|| DEFAULT_BIND.to_owned());
@@ -447,95 +364,17 @@ impl Config {
             return Err(bad("api.max_header_bytes", "must be at least 8192".into()));
         }
 
-        let manager = raw.manager.unwrap_or_default();
-        let allow_http = manager.allow_http.unwrap_or(false);
-        if let Some(endpoint) = &raw.ovm_endpoint {
-            check_endpoint(endpoint, allow_http).map_err(|p| bad("ovm_endpoint", p))?;
-        }
-
-        if let Some(ca) = &manager.ca_certificate {
-            tls::load_certs(ca).map_err(|e| bad("manager.ca_certificate", e.to_string()))?;
-        }
-        let manager = ManagerConfig {
-            ca_certificate: manager.ca_certificate,
-            timeout: duration("manager.timeout", manager.timeout, DEFAULT_MANAGER_TIMEOUT)?,
-            allow_http,
-        };
-
-        let auth = raw.auth.unwrap_or_default();
-        let mut users = Vec::with_capacity(auth.users.len());
-        for u in auth.users {
-            if u.username.is_empty() {
-                return Err(bad("auth.users.username", "empty".into()));
-            }
-            if u.password_hash == EXAMPLE_PASSWORD_HASH {
-                return Err(bad(
-                    "auth.users.password_hash",
-                    format!(
-                        "user {:?}: the example's hash, whose password is public; make your own \
-                         (see config/config.example.toml)",
-                        u.username
-                    ),
-                ));
-            }
-            check_password_hash(&u.password_hash).map_err(|p| {
-                bad(
-                    "auth.users.password_hash",
-                    format!("user {:?}: {p}", u.username),
-                )
-            })?;
-            if users.iter().any(|x: &LocalUser| x.username == u.username) {
-                return Err(bad(
-                    "auth.users.username",
-                    format!("{:?} listed twice", u.username),
-                ));
-            }
-            users.push(LocalUser {
-                username: u.username,
-                password_hash: u.password_hash,
-            });
-        }
-        let login_max_failures = match auth.login_max_failures {
-            None => DEFAULT_LOGIN_MAX_FAILURES,
-            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(bad(
-                    "auth.login_max_failures",
-                    format!("{n}: must be at least 1"),
-                ))
-            }
-        };
-        let auth = AuthConfig {
-            users,
-            login_max_failures,
-            login_window: duration("auth.login_window", auth.login_window, DEFAULT_LOGIN_WINDOW)?,
-        };
-
-        let metrics = raw.metrics.unwrap_or_default();
-        let metrics = match (metrics.auth.as_deref().unwrap_or("none"), metrics.token) {
-            ("none", None) => MetricsAuth::None,
-            ("jwt", None) => MetricsAuth::Jwt,
-            ("token", Some(t)) if t.len() >= MIN_SECRET_BYTES => MetricsAuth::Token(t),
-            ("token", Some(_)) => {
-                return Err(bad(
-                    "metrics.token",
-                    format!("too short, at least {MIN_SECRET_BYTES} bytes"),
-                ))
-            }
-            ("token", None) => return Err(bad("metrics.token", "missing".into())),
-            ("none" | "jwt", Some(_)) => {
-                return Err(bad(
-                    "metrics.token",
-                    "set, but metrics.auth is not \"token\"".into(),
-                ))
-            }
-            (other, _) => {
-                return Err(bad(
-                    "metrics.auth",
-                    format!("{other:?}: expected \"none\", \"jwt\" or \"token\""),
-                ))
-            }
-        };
+        let manager = raw
+            .manager
+            .unwrap_or_default()
+            .validate(raw.ovm_endpoint.as_deref())
+            .map_err(section)?;
+        let auth = raw.auth.unwrap_or_default().validate().map_err(section)?;
+        let metrics = raw
+            .metrics
+            .unwrap_or_default()
+            .validate()
+            .map_err(section)?;
 
         raw.io.validate().map_err(|e| bad("io", error_text(&e)))?;
 
@@ -544,10 +383,7 @@ impl Config {
             db_file: raw.db_file.unwrap_or_else(|| DEFAULT_DB_FILE.into()),
             ovm_endpoint: raw.ovm_endpoint.map(|e| e.trim_end_matches('/').to_owned()),
             log_file: raw.log_file,
-            jwt: JwtConfig {
-                secret,
-                time_to_live,
-            },
+            jwt,
             api,
             manager,
             auth,
@@ -567,50 +403,5 @@ fn error_text(e: &crate::io::IoError) -> String {
     match e {
         crate::io::IoError::Config(what) => (*what).to_owned(),
         other => other.to_string(),
-    }
-}
-
-/// `ovm_endpoint` must be an https URL with a host; `http://` only with
-/// `manager.allow_http` (every login's Manager credentials would cross the
-/// network in clear text).
-fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
-    let rest = match (
-        endpoint.strip_prefix("https://"),
-        endpoint.strip_prefix("http://"),
-    ) {
-        (Some(rest), _) => rest,
-        (None, Some(rest)) if allow_http => rest,
-        (None, Some(_)) => {
-            return Err(format!(
-                "{endpoint:?}: http:// would send every login's Manager credentials in clear \
-                 text; use https://, or set manager.allow_http = true to accept that"
-            ))
-        }
-        (None, None) => return Err(format!("{endpoint:?}: expected https://HOST[:PORT]")),
-    };
-    let host = rest.split('/').next().unwrap_or("");
-    if host.is_empty() {
-        return Err(format!("{endpoint:?}: no host"));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_of_the_config_hides_secrets() {
-        let jwt = JwtConfig {
-            secret: b"0123456789abcdef0123456789abcdef-secret".to_vec(),
-            time_to_live: DEFAULT_TOKEN_TTL,
-        };
-        let token = MetricsAuth::Token("scrape-token-0123456789abcdef0123".into());
-        let shown = format!("{jwt:?} {token:?}");
-        assert!(
-            !shown.contains("secret\"") && !shown.contains("0123456789abcdef"),
-            "{shown}"
-        );
-        assert!(shown.contains("<redacted>"));
     }
 }

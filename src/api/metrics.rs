@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ pub struct Metrics {
     connections_open: AtomicI64,
     connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     connections_cut: Mutex<BTreeMap<&'static str, u64>>,
+    /// HTTP/2 streams reset by their connection's watchdog.
+    streams_reset: AtomicU64,
     /// The checks of the last `GET /health` or `/metrics` ([`super::health`]).
     health: Mutex<Vec<crate::wire::HealthCheck>>,
 }
@@ -93,6 +95,12 @@ impl Metrics {
     /// A connection cut by its watchdog (`send_timeout`, `idle`).
     pub fn connection_cut(&self, reason: &'static str) {
         *lock(&self.connections_cut).entry(reason).or_default() += 1;
+    }
+    /// An HTTP/2 stream reset by its connection's watchdog (its client
+    /// kept the stream's window shut for `send_timeout`); the connection
+    /// and its other streams go on.
+    pub fn stream_reset(&self) {
+        self.streams_reset.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Keeps the checks of a health answer for the `coe_health_check`
@@ -208,6 +216,17 @@ impl Metrics {
         for (reason, n) in lock(&self.connections_cut).iter() {
             writeln!(out, "coe_connections_cut_total{{reason=\"{reason}\"}} {n}")?;
         }
+        writeln!(
+            out,
+            "# HELP coe_http2_streams_reset_total HTTP/2 streams reset by their connection's \
+             watchdog (window shut for send_timeout), the connection kept."
+        )?;
+        writeln!(out, "# TYPE coe_http2_streams_reset_total counter")?;
+        writeln!(
+            out,
+            "coe_http2_streams_reset_total {}",
+            self.streams_reset.load(Ordering::Relaxed)
+        )?;
         Ok(())
     }
 }

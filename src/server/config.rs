@@ -108,7 +108,9 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     /// Time to receive a request body once the headers are in.
     pub body_read_timeout: Duration,
-    /// A response whose writes wait this long on the client is cut.
+    /// A response that makes no progress this long is cut: its connection
+    /// when writes wait on the client, its HTTP/2 stream alone when the
+    /// client keeps that stream's window shut.
     pub send_timeout: Duration,
     /// An HTTP/2 connection with no request this long is closed.
     pub http2_idle_timeout: Duration,

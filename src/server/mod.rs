@@ -14,8 +14,10 @@
 //!   which hyper ignores it), header count and size;
 //! - the request body read timeout (`api.body_read_timeout`, applied by the
 //!   handlers that read a body: the login);
-//! - the watchdog ([`watch`]): a response whose writes wait on the client
-//!   for `send_timeout` is cut, an HTTP/2 connection with no request for
+//! - the watchdog ([`watch`]): a connection whose writes wait on the
+//!   client for `send_timeout` is cut, an HTTP/2 stream whose client keeps
+//!   its window shut for `send_timeout` reset alone (the connection's other
+//!   streams go on), an HTTP/2 connection with no request for
 //!   `http2_idle_timeout` closed;
 //! - HTTP/2: concurrent streams, and the reset-flood limits of the
 //!   CVE-2023-44487 class (streams the client opens and resets at once, and
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -199,7 +201,7 @@ pub async fn serve(
             let io = TokioIo::new(watch::Watched::new(tls, activity.clone()));
             let idle = h2.then_some(limits.h2_idle);
             let result = if h2 {
-                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                let mut b = hyper::server::conn::http2::Builder::new(watch::StreamExec);
                 b.timer(TokioTimer::new())
                     .max_header_list_size(limits.header_bytes)
                     .max_concurrent_streams(limits.h2_streams)
@@ -212,6 +214,18 @@ pub async fn serve(
                     &activity,
                     &limits,
                     idle,
+                    |n| {
+                        for _ in 0..n {
+                            state.metrics.stream_reset();
+                        }
+                        tracing::warn!(
+                            %peer,
+                            streams = n,
+                            timeout_secs = limits.send.as_secs_f64(),
+                            "HTTP/2 stream reset: the client took nothing of it for \
+                             api.send_timeout (the connection goes on)"
+                        );
+                    },
                 )
                 .await
             } else {
@@ -225,6 +239,18 @@ pub async fn serve(
                     &activity,
                     &limits,
                     idle,
+                    |n| {
+                        for _ in 0..n {
+                            state.metrics.stream_reset();
+                        }
+                        tracing::warn!(
+                            %peer,
+                            streams = n,
+                            timeout_secs = limits.send.as_secs_f64(),
+                            "HTTP/2 stream reset: the client took nothing of it for \
+                             api.send_timeout (the connection goes on)"
+                        );
+                    },
                 )
                 .await
             };
@@ -272,11 +298,13 @@ pub async fn serve(
 
 /// Run a connection beside its watchdog: `Err` when the watchdog cut it
 /// (the connection future, and with it every response body, is dropped).
+/// `on_reset` is told of HTTP/2 streams the watchdog reset.
 async fn watched<F: Future>(
     conn: F,
     activity: &watch::Activity,
     limits: &Limits,
     idle: Option<Duration>,
+    on_reset: impl Fn(usize),
 ) -> Result<F::Output, watch::Cut> {
     let shortest = idle.map_or(limits.send, |i| i.min(limits.send));
     let mut tick =
@@ -287,7 +315,11 @@ async fn watched<F: Future>(
         tokio::select! {
             out = &mut conn => return Ok(out),
             _ = tick.tick() => {
-                if let Some(cut) = activity.verdict(limits.send, idle) {
+                let v = activity.verdict(limits.send, idle);
+                if v.streams_reset > 0 {
+                    on_reset(v.streams_reset);
+                }
+                if let Some(cut) = v.cut {
                     return Err(cut);
                 }
             }

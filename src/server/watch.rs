@@ -1,36 +1,48 @@
-//! The watchdog of one connection: cuts a response that makes no progress
-//! (`api.send_timeout`) and an HTTP/2 connection left idle
-//! (`api.http2_idle_timeout`).
+//! The watchdog of one connection: resets an HTTP/2 stream that makes no
+//! progress, cuts a connection that makes none (`api.send_timeout`), and
+//! closes an HTTP/2 connection left idle (`api.http2_idle_timeout`).
 //!
-//! hyper has neither. A client that stops reading a download leaves hyper
-//! blocked on a socket write forever, holding the frames it was given and,
-//! behind them, the stream's read-ahead buffers; an HTTP/2 client may keep
-//! a connection open with no stream at all. So every connection's socket is
-//! wrapped in [`Watched`], which notes when a write starts to wait on the
-//! peer and when bytes go out again, and the connection task polls
-//! [`Activity::verdict`] beside the connection: when a write has waited
-//! `send_timeout` with no byte sent, or an HTTP/2 connection has had no
-//! request for `http2_idle_timeout`, the task drops the connection, which
-//! drops its response bodies and returns their buffers.
+//! hyper has none of these. A client that stops reading a download leaves
+//! hyper blocked on a socket write forever, holding the frames it was given
+//! and, behind them, the stream's read-ahead buffers; an HTTP/2 client may
+//! keep one stream's flow-control window shut (the socket stays writable,
+//! hyper simply stops asking that body for frames), or keep a connection
+//! open with no stream at all. So every connection's socket is wrapped in
+//! [`Watched`], which notes when a write starts to wait on the peer and
+//! when bytes go out again, and the connection task polls
+//! [`Activity::verdict`] beside the connection.
 //!
 //! A request counts as active from the moment hyper hands it to the service
 //! until its response body is dropped (sent or abandoned): the service
-//! attaches an [`ActiveGuard`] to every response body. A long request that
-//! writes nothing (a snapshot being created) is not cut: only a write that
-//! waits on the peer is, or a response body that hyper stops asking frames
-//! of although it has not ended and is not waiting on a disk read: an
-//! HTTP/2 stream whose client keeps its flow-control window shut (the
-//! socket is then not blocked at all). That cuts the whole connection, the
-//! only way to take back the frames hyper holds for the stream.
+//! attaches an [`ActiveGuard`] to every response body, told of every poll
+//! of it. A long request that writes nothing (a snapshot being created) is
+//! never cut: only what waits on the peer is.
+//!
+//! - A write that waits on the peer for `send_timeout` with no byte sent:
+//!   the whole connection makes no progress, and the task drops it, which
+//!   drops its response bodies and returns their buffers.
+//! - A response body that hyper stops asking frames of although it has not
+//!   ended and is not waiting on a disk read, for `send_timeout`: on
+//!   HTTP/2, a stream whose client keeps its window shut. That stream alone
+//!   is reset: hyper runs each HTTP/2 stream as a task of its own, spawned
+//!   through [`StreamExec`], which makes every such task resettable (a
+//!   [`StreamCut`], known to the body through a task-local); the watchdog
+//!   fires it, the task drops the stream, and h2 sends `RST_STREAM`
+//!   (`CANCEL`) for it, drops the frames it held for it, and the body's
+//!   buffers go back. The connection and its other streams go on. On
+//!   HTTP/1.1 (no stream task) the connection is cut, as the only way to
+//!   take the body back.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 /// Why the watchdog cut a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +51,57 @@ pub enum Cut {
     SendTimeout,
     /// An HTTP/2 connection had no request for `api.http2_idle_timeout`.
     Idle,
+}
+
+/// What the watchdog decided on one look at a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// The connection must be cut now.
+    pub cut: Option<Cut>,
+    /// HTTP/2 streams reset on this look (their connection goes on).
+    pub streams_reset: usize,
+}
+
+tokio::task_local! {
+    /// The reset handle of the HTTP/2 stream whose task is running.
+    static STREAM: Arc<StreamCut>;
+}
+
+/// The reset handle of one HTTP/2 stream's task (see the module doc).
+#[derive(Default)]
+pub struct StreamCut {
+    notify: Notify,
+}
+
+impl StreamCut {
+    /// Reset the stream: its task drops it the next time it runs (a
+    /// permit is kept if the task is not waiting yet).
+    fn fire(&self) {
+        self.notify.notify_one();
+    }
+}
+
+/// hyper's executor for HTTP/2 stream tasks: each is spawned on the
+/// runtime beside its [`StreamCut`], and dropped (stream reset, body and
+/// buffers dropped) when the watchdog fires it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let cut = Arc::new(StreamCut::default());
+        let fired = Arc::clone(&cut);
+        tokio::spawn(STREAM.scope(cut, async move {
+            tokio::select! {
+                _ = fut => {}
+                () = fired.notify.notified() => {}
+            }
+        }));
+    }
 }
 
 /// What the watchdog knows of one connection. Times are milliseconds since
@@ -79,22 +142,39 @@ impl Activity {
             activity: Arc::clone(self),
             body: Arc::new(BodyState {
                 since: AtomicU64::new(0),
+                stream: OnceLock::new(),
+                reset: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Whether a response body has waited on its client (not polled while
-    /// it had not ended and was not waiting on us) for `limit`.
-    fn body_stalled(&self, now: u64, limit: u64) -> bool {
+    /// The response bodies that have waited on their client (not polled
+    /// while they had not ended and were not waiting on us) for `limit`:
+    /// those of HTTP/2 streams are reset (counted in the answer), any other
+    /// makes the answer `true` (the connection must be cut).
+    fn stalled_bodies(&self, now: u64, limit: u64) -> (bool, usize) {
         let mut bodies = self
             .bodies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         bodies.retain(|w| w.strong_count() > 0);
-        bodies.iter().filter_map(std::sync::Weak::upgrade).any(|b| {
+        let (mut cut, mut reset) = (false, 0);
+        for b in bodies.iter().filter_map(std::sync::Weak::upgrade) {
             let since = b.since.load(Ordering::Relaxed);
-            since != 0 && now.saturating_sub(since) >= limit
-        })
+            if since == 0 || now.saturating_sub(since) < limit {
+                continue;
+            }
+            match b.stream.get() {
+                Some(stream) => {
+                    if !b.reset.swap(true, Ordering::Relaxed) {
+                        stream.fire();
+                        reset += 1;
+                    }
+                }
+                None => cut = true,
+            }
+        }
+        (cut, reset)
     }
 
     fn write_waits(&self) {
@@ -110,17 +190,25 @@ impl Activity {
         self.write_blocked_since.store(0, Ordering::Relaxed);
     }
 
-    /// Whether the connection must be cut now. `idle` is `None` for
-    /// HTTP/1.1 (hyper's header read timeout covers its idle connections).
-    pub fn verdict(&self, send_timeout: Duration, idle: Option<Duration>) -> Option<Cut> {
+    /// What to do now: cut the connection, and which stalled HTTP/2
+    /// streams were reset. `idle` is `None` for HTTP/1.1 (hyper's header
+    /// read timeout covers its idle connections).
+    pub fn verdict(&self, send_timeout: Duration, idle: Option<Duration>) -> Verdict {
         let now = self.now();
         let blocked = self.write_blocked_since.load(Ordering::Relaxed);
         let limit = send_timeout.as_millis() as u64;
         if blocked != 0 && now.saturating_sub(blocked) >= limit {
-            return Some(Cut::SendTimeout);
+            return Verdict {
+                cut: Some(Cut::SendTimeout),
+                streams_reset: 0,
+            };
         }
-        if self.body_stalled(now, limit) {
-            return Some(Cut::SendTimeout);
+        let (cut, streams_reset) = self.stalled_bodies(now, limit);
+        if cut {
+            return Verdict {
+                cut: Some(Cut::SendTimeout),
+                streams_reset,
+            };
         }
         if let Some(idle) = idle {
             let since = self.last_change.load(Ordering::Relaxed);
@@ -128,10 +216,16 @@ impl Activity {
                 && blocked == 0
                 && now.saturating_sub(since) >= idle.as_millis() as u64
             {
-                return Some(Cut::Idle);
+                return Verdict {
+                    cut: Some(Cut::Idle),
+                    streams_reset,
+                };
             }
         }
-        None
+        Verdict {
+            cut: None,
+            streams_reset,
+        }
     }
 }
 
@@ -144,14 +238,22 @@ pub struct ActiveGuard {
 
 /// How a response body is being taken: `since` is when it last handed a
 /// frame out (or was attached) and has not been polled since; 0 while it
-/// waits on us (a disk read) or before it exists.
+/// waits on us (a disk read) or before it exists. `stream`: the reset
+/// handle of its HTTP/2 stream (none on HTTP/1.1); `reset`: fired already.
 pub struct BodyState {
     since: AtomicU64,
+    stream: OnceLock<Arc<StreamCut>>,
+    reset: AtomicBool,
 }
 
 impl ActiveGuard {
     /// The handler is done and its body starts: watch how it is taken.
+    /// Called from the request's task: on HTTP/2 that is its stream's task
+    /// ([`StreamExec`]), whose reset handle the body keeps.
     pub fn body_starts(&self) {
+        if let Ok(stream) = STREAM.try_with(Arc::clone) {
+            let _ = self.body.stream.set(stream);
+        }
         self.body
             .since
             .store(self.activity.now(), Ordering::Relaxed);
@@ -260,21 +362,21 @@ mod tests {
     fn verdicts() {
         let a = Activity::new();
         let long = Duration::from_secs(3600);
-        assert_eq!(a.verdict(long, Some(long)), None);
+        assert_eq!(a.verdict(long, Some(long)).cut, None);
         // Idle only for HTTP/2, and only with no request active.
-        assert_eq!(a.verdict(long, Some(Duration::ZERO)), Some(Cut::Idle));
-        assert_eq!(a.verdict(long, None), None);
+        assert_eq!(a.verdict(long, Some(Duration::ZERO)).cut, Some(Cut::Idle));
+        assert_eq!(a.verdict(long, None).cut, None);
         let g = a.request();
-        assert_eq!(a.verdict(long, Some(Duration::ZERO)), None);
+        assert_eq!(a.verdict(long, Some(Duration::ZERO)).cut, None);
         // A write that waits is cut at the send timeout, and not once bytes
         // went out again.
         a.write_waits();
-        assert_eq!(a.verdict(Duration::ZERO, None), Some(Cut::SendTimeout));
-        assert_eq!(a.verdict(long, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, Some(Cut::SendTimeout));
+        assert_eq!(a.verdict(long, None).cut, None);
         a.write_progressed();
-        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, None);
         drop(g);
-        assert_eq!(a.verdict(long, Some(Duration::ZERO)), Some(Cut::Idle));
+        assert_eq!(a.verdict(long, Some(Duration::ZERO)).cut, Some(Cut::Idle));
     }
 
     #[test]
@@ -284,24 +386,67 @@ mod tests {
         let long = Duration::from_secs(3600);
         let g = a.request();
         // In the handler: not watched yet.
-        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, None);
         g.body_starts();
-        assert_eq!(a.verdict(Duration::ZERO, None), Some(Cut::SendTimeout));
-        assert_eq!(a.verdict(long, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, Some(Cut::SendTimeout));
+        assert_eq!(a.verdict(long, None).cut, None);
         // Waiting on a disk read is not the client's doing.
         g.polled(Some(false));
-        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, None);
         // A frame went out and nobody asks for the next one.
         g.polled(Some(true));
-        assert_eq!(a.verdict(Duration::ZERO, None), Some(Cut::SendTimeout));
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, Some(Cut::SendTimeout));
         g.polled(None);
-        assert_eq!(a.verdict(Duration::ZERO, None), None);
+        assert_eq!(a.verdict(Duration::ZERO, None).cut, None);
         g.polled(Some(true));
         drop(g);
         assert_eq!(
-            a.verdict(Duration::ZERO, None),
+            a.verdict(Duration::ZERO, None).cut,
             None,
             "a dropped body is gone"
         );
+    }
+
+    #[test]
+    fn a_stalled_http2_stream_is_reset_alone() {
+        use crate::api::body::PollObserver;
+        use hyper::rt::Executor;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let a = Activity::new();
+            let (stalled_tx, mut stalled_rx) = tokio::sync::mpsc::channel::<()>(1);
+            let (flowing_tx, mut flowing_rx) = tokio::sync::mpsc::channel::<()>(1);
+            let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(2);
+            for (tx, stalls) in [(stalled_tx, true), (flowing_tx, false)] {
+                let g = a.request();
+                let started = started_tx.clone();
+                StreamExec.execute(async move {
+                    let _tx = tx; // dropped with the task
+                    g.body_starts();
+                    if !stalls {
+                        // Waiting on us (a disk read): not stalled.
+                        g.polled(Some(false));
+                    }
+                    started.send(()).await.unwrap();
+                    std::future::pending::<()>().await;
+                });
+            }
+            started_rx.recv().await.unwrap();
+            started_rx.recv().await.unwrap();
+            let v = a.verdict(Duration::ZERO, None);
+            assert_eq!(v.cut, None, "the connection goes on");
+            assert_eq!(v.streams_reset, 1);
+            // The stalled stream's task ended (and dropped its body).
+            assert!(stalled_rx.recv().await.is_none());
+            assert_eq!(a.verdict(Duration::ZERO, None).streams_reset, 0);
+            // The other one runs on.
+            assert!(matches!(
+                flowing_rx.try_recv(),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+            ));
+        });
     }
 }

@@ -1,7 +1,10 @@
 #!/bin/bash
 # (b) 16 concurrent connections, each pulling consecutive 4 MiB ranges over
-# one kept-alive connection, aggregate throughput, exporter vs nginx; and
-# (c) the exporter's peak RSS (VmHWM) during (b), target < 128 MiB.
+# one kept-alive connection (one curl process each), aggregate throughput,
+# exporter vs nginx, over HTTP/1.1 and HTTP/2 (PROTOS="h1 h2"; nginx with
+# http2 enabled), with each server's CPU seconds per GiB sent; and (c) the
+# exporter's peak RSS (VmHWM) during (b), target <= 48 MiB with the
+# default config (the cold and default modes run it).
 #
 # Both servers must read the same source for the ratio to mean anything,
 # so (b) is measured three ways, each against nginx in the same run:
@@ -17,8 +20,9 @@
 #            it is clear which one binds.
 # MODES="warm cold default" picks some; IO_LINES adds [io] lines to all;
 # B_DISK_MIB sizes the disk (default 2048). Rates are the bytes actually
-# received over the wall time; any non-2xx answer, missing answer or short
-# body fails the run.
+# received over the wall time; any non-2xx answer, missing answer, short
+# body or another protocol than asked fails the run. Each line says the
+# load average at its runs (the machine is shared).
 . "$(dirname "$0")/lib.sh"
 need_root; build; setup_fs; certs
 trap cleanup EXIT
@@ -36,7 +40,7 @@ pull() {
 	local args=() i start
 	for i in $(seq 0 $((PER_CONN - 1))); do
 		start=$(( ((c * PER_CONN + i) % (B_DISK_MIB / 4)) << 22 ))
-		args+=(-r "$start-$((start + (1 << 22) - 1))" -o /dev/null -w "$REPORT" "$url")
+		args+=(-r "$start-$((start + (1 << 22) - 1))" -o /dev/null -w "$REPORT_V" "$url")
 		[ "$i" -lt $((PER_CONN - 1)) ] && args+=(--next "${CIPHER[@]}" --cacert "$BENCH_DIR/ca.pem" "$@")
 	done
 	curl -s --fail-early "${CIPHER[@]}" --cacert "$BENCH_DIR/ca.pem" "$@" "${args[@]}" >"$BENCH_DIR/b-report.$c"
@@ -56,17 +60,15 @@ aggregate() {
 	for p in "${pids[@]}"; do wait "$p"; done
 	t1=$(date +%s.%N)
 	for c in $(seq 0 $((CONNS - 1))); do
-		bytes=$((bytes + $(check_report "$BENCH_DIR/b-report.$c" "$PER_CONN" $((PER_CONN << 22)))))
+		bytes=$((bytes + $(check_report "$BENCH_DIR/b-report.$c" "$PER_CONN" $((PER_CONN << 22)) "$HTTP_VERSION")))
 	done
 	echo "$bytes" >"$BENCH_DIR/b-bytes"
 	awk -v t0="$t0" -v t1="$t1" -v b="$bytes" 'BEGIN {printf "%.0f\n", b/(t1-t0)/1e6}'
 }
-# CPU seconds (user + system) the given processes used so far.
-cpu() { local p t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
-ticks=$(getconf CLK_TCK)
-# series MODE EXPORTER_IO_LINES COLD WARM_NGINX: RUNS alternating runs of
-# both servers; also the CPU time each server spent per GB sent, which the
-# machine's noise disturbs far less than the throughput.
+# series MODE EXPORTER_IO_LINES COLD WARM_NGINX: for each protocol, RUNS
+# alternating runs of both servers; also the CPU time each server spent per
+# GiB sent, which the machine's noise disturbs far less than the
+# throughput.
 hwm_max=0
 series() {
 	local mode=$1 io=$2 cold=$3 warm_nginx=$4
@@ -74,32 +76,36 @@ series() {
 ${IO_LINES:-}"
 	read -r SNAP NAME SNAPFILE < <(snapshot)
 	start_nginx "$(dirname "$SNAPFILE")"
-	local exp=() ngx=() e n hwm ecpu=0 ncpu=0 ebytes=0 nbytes=0 c0 workers
-	workers=$(pgrep -P "$(cat "$BENCH_DIR/nginx/nginx.pid")" | xargs)
+	local exp ngx e n hwm ecpu ebytes nbytes ncpu c0 proto loads
 	local eurl="https://localhost:$EXP_PORT/api/v1/vms/$VM/snapshots/$SNAP/disks/$NAME"
 	local nurl
 	nurl="https://localhost:$NGINX_PORT/$(basename "$SNAPFILE")"
-	for _ in $(seq "$RUNS"); do
-		if [ "$cold" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
-		c0=$(cpu "$EXP_PID")
-		exp+=("$(aggregate "$eurl" -H "Authorization: Bearer $TOKEN")")
-		ebytes=$((ebytes + $(cat "$BENCH_DIR/b-bytes")))
-		ecpu=$((ecpu + $(cpu "$EXP_PID") - c0))
-		if [ "$cold" = 1 ] && [ "$warm_nginx" = 0 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
-		# shellcheck disable=SC2086
-		c0=$(cpu $workers)
-		ngx+=("$(aggregate "$nurl")")
-		nbytes=$((nbytes + $(cat "$BENCH_DIR/b-bytes")))
-		# shellcheck disable=SC2086
-		ncpu=$((ncpu + $(cpu $workers) - c0))
+	for proto in $PROTOS; do
+		use_proto "$proto"
+		exp=(); ngx=(); ecpu=0; ncpu=0; ebytes=0; nbytes=0; loads=()
+		for _ in $(seq "$RUNS"); do
+			loads+=("$(load | cut -d' ' -f1)")
+			if [ "$cold" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
+			c0=$(cpu "$EXP_PID")
+			exp+=("$(aggregate "$eurl" -H "Authorization: Bearer $TOKEN")")
+			ebytes=$((ebytes + $(cat "$BENCH_DIR/b-bytes")))
+			ecpu=$((ecpu + $(cpu "$EXP_PID") - c0))
+			if [ "$cold" = 1 ] && [ "$warm_nginx" = 0 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; else cat "$SNAPFILE" >/dev/null; fi
+			# shellcheck disable=SC2086
+			c0=$(cpu $NGINX_WORKERS)
+			ngx+=("$(aggregate "$nurl")")
+			nbytes=$((nbytes + $(cat "$BENCH_DIR/b-bytes")))
+			# shellcheck disable=SC2086
+			ncpu=$((ncpu + $(cpu $NGINX_WORKERS) - c0))
+		done
+		e=$(printf '%s\n' "${exp[@]}" | median); n=$(printf '%s\n' "${ngx[@]}" | median)
+		echo "(b) $mode $proto: exporter MB/s: ${exp[*]}"
+		echo "(b) $mode $proto: nginx    MB/s: ${ngx[*]}"
+		echo "(b) $mode $proto: median exporter $e MB/s, nginx $n MB/s, ratio exporter/nginx $(ratio "$e" "$n"); CPU s/GiB exporter $(per_gib "$ecpu" "$ebytes"), nginx $(per_gib "$ncpu" "$nbytes"); load (1 min) at each run: ${loads[*]}"
 	done
-	hwm=$(awk '/VmHWM/ {print $2}' "/proc/$EXP_PID/status")
+	hwm=$(hwm "$EXP_PID")
 	[ "$hwm" -gt "$hwm_max" ] && hwm_max=$hwm
-	e=$(printf '%s\n' "${exp[@]}" | median); n=$(printf '%s\n' "${ngx[@]}" | median)
-	echo "(b) $mode: exporter MB/s: ${exp[*]}"
-	echo "(b) $mode: nginx    MB/s: ${ngx[*]}"
-	echo "(b) $mode: median exporter $e MB/s, nginx $n MB/s, ratio exporter/nginx $(ratio "$e" "$n")"
-	echo "(b) $mode: CPU per GiB sent: exporter $(awk -v t="$ecpu" -v k="$ticks" -v b="$ebytes" 'BEGIN{printf "%.2f", t/k/(b/2^30)}') s, nginx $(awk -v t="$ncpu" -v k="$ticks" -v b="$nbytes" 'BEGIN{printf "%.2f", t/k/(b/2^30)}') s"
+	echo "(c) $mode: exporter peak RSS (VmHWM) $((hwm / 1024)) MiB"
 	stop_nginx
 }
 for mode in $MODES; do
@@ -118,4 +124,4 @@ for mode in $MODES; do
 	*) echo "unknown mode $mode" >&2; exit 2 ;;
 	esac
 done
-echo "(c) exporter peak RSS (VmHWM) over all (b) runs: $((hwm_max / 1024)) MiB (target < 128 MiB)"
+echo "(c) exporter peak RSS (VmHWM) over all (b) runs: $((hwm_max / 1024)) MiB (target <= 48 MiB with the default config)"

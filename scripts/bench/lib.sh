@@ -3,11 +3,15 @@
 # mounts, drop_caches), openssl, curl, and installs nginx from Debian.
 #
 # Client: curl for both servers. It is the same binary, TLS library
-# (OpenSSL) and HTTP/1.1 code against the exporter and nginx, it speaks the
-# way the Python client does (one `Range: bytes=a-b` request per chunk over a
-# kept-alive connection), and `-w` reports its own timing; a load tool like
-# wrk/h2load would add a second TLS stack to justify. Cipher: forced on the
-# client side (TLS 1.3, TLS_AES_128_GCM_SHA256) so both servers use it.
+# (OpenSSL) and HTTP code (its own for HTTP/1.1, nghttp2 for HTTP/2) against
+# the exporter and nginx, it speaks the way the Python client does (one
+# `Range: bytes=a-b` request per chunk over a kept-alive connection, one
+# connection per process) and the way Go and curl users do (HTTP/2, which
+# ALPN picks when offered), and `-w` reports its own timing and the protocol
+# it spoke; a load tool like wrk/h2load would add a second client to
+# justify, and h2load cannot vary the `Range` of its requests. Cipher:
+# forced on the client side (TLS 1.3, TLS_AES_128_GCM_SHA256) so both
+# servers use it.
 set -euo pipefail
 # A failure inside $(...) fails the script too (timed runs are captured).
 shopt -s inherit_errexit
@@ -19,14 +23,31 @@ RUNS=${RUNS:-5}
 EXP_PORT=${EXP_PORT:-25544}
 NGINX_PORT=${NGINX_PORT:-25545}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/coriolis-ovm-exporter}
-# HTTP/1.1 like the Python client (requests), and nginx here has no h2.
 # --fail: an error answer ends the run instead of being timed as a transfer
 # (curl's exit status says so only for the last URL of a command line or
 # a -K file: every timed request also writes REPORT, checked with
 # check_report).
-CIPHER=(--fail --http1.1 --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
+TLS_ARGS=(--fail --tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256)
+# HTTP/1.1 like the Python client (requests), unless a script picks the
+# protocol per run (use_proto).
+CIPHER=("${TLS_ARGS[@]}" --http1.1)
+# The protocols (a) and (b) measure, each against nginx: h1 (HTTP/1.1),
+# h2 (HTTP/2, nginx with http2 enabled).
+PROTOS=${PROTOS:-h1 h2}
 # One line per request: status and bytes of body received.
 REPORT='%{http_code} %{size_download}\n'
+# The same and the HTTP version spoken (check_report's 4th argument).
+REPORT_V='%{http_code} %{size_download} %{http_version}\n'
+
+# use_proto h1|h2: the client arguments (CIPHER) and the version curl must
+# report (HTTP_VERSION) for that protocol.
+use_proto() {
+	case $1 in
+	h1) CIPHER=("${TLS_ARGS[@]}" --http1.1); HTTP_VERSION=1.1 ;;
+	h2) CIPHER=("${TLS_ARGS[@]}" --http2); HTTP_VERSION=2 ;;
+	*) echo "unknown protocol $1 (h1 or h2)" >&2; exit 2 ;;
+	esac
+}
 
 VM=bench-vm
 
@@ -155,10 +176,21 @@ snapshot() {
 		python3 -c 'import json,sys; s=json.load(sys.stdin); d=s["disks"][0]; print(s["id"], d["name"], d["path"])'
 }
 
+# nginx serving $1 over TLS 1.3 with HTTP/2 offered by ALPN (so a client
+# asking h2 gets it, one asking HTTP/1.1 gets that); its other settings are
+# the defaults a new user gets (http2_chunk_size 8k among them). Sets
+# NGINX_WORKERS (worker pids, for cpu).
 start_nginx() {
-	local root=$1
+	local root=$1 listen h2=""
 	command -v nginx >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
 	stop_nginx
+	# `http2 on` from nginx 1.25.1; before it (Debian 12 has 1.22) the
+	# listen parameter.
+	if printf '%s\n1.25.1\n' "$(nginx -v 2>&1 | sed 's,.*nginx/,,')" | sort -V -C; then
+		listen="127.0.0.1:$NGINX_PORT ssl http2"
+	else
+		listen="127.0.0.1:$NGINX_PORT ssl"; h2="http2 on;"
+	fi
 	mkdir -p "$BENCH_DIR/nginx"
 	cat >"$BENCH_DIR/nginx/nginx.conf" <<CONF
 user root;
@@ -171,7 +203,8 @@ http {
     sendfile on;
     keepalive_requests 1000000;
     server {
-        listen 127.0.0.1:$NGINX_PORT ssl;
+        listen $listen;
+        $h2
         ssl_certificate $BENCH_DIR/srv.pem;
         ssl_certificate_key $BENCH_DIR/srv.key;
         ssl_protocols TLSv1.3;
@@ -182,6 +215,7 @@ http {
 CONF
 	nginx -c "$BENCH_DIR/nginx/nginx.conf" -p "$BENCH_DIR/nginx"
 	sleep 0.5
+	NGINX_WORKERS=$(pgrep -P "$(cat "$BENCH_DIR/nginx/nginx.pid")" | xargs)
 }
 
 stop_nginx() {
@@ -192,16 +226,21 @@ stop_nginx() {
 	fi
 }
 
-# check_report FILE COUNT [BYTES]: FILE holds one REPORT line per request;
-# fails unless there are COUNT lines, every status is 2xx and (when given)
-# the bodies add up to BYTES. Prints the bytes received, the figure every
-# rate is computed from.
+# check_report FILE COUNT [BYTES [VERSION]]: FILE holds one REPORT (or
+# REPORT_V) line per request; fails unless there are COUNT lines, every
+# status is 2xx, (when given) the bodies add up to BYTES and every request
+# spoke HTTP VERSION. Prints the bytes received, the figure every rate is
+# computed from.
 check_report() {
-	awk -v want="$2" -v want_bytes="${3:-}" -v f="$1" '
+	awk -v want="$2" -v want_bytes="${3:-}" -v want_version="${4:-}" -v f="$1" '
 		{
 			n++
 			if ($1 !~ /^2[0-9][0-9]$/) {
 				if (bad < 5) printf "%s: request %d answered %s\n", f, n, $1 >"/dev/stderr"
+				bad++
+			}
+			if (want_version != "" && $3 != want_version) {
+				if (bad < 5) printf "%s: request %d spoke HTTP/%s, not %s\n", f, n, $3, want_version >"/dev/stderr"
 				bad++
 			}
 			bytes += $2
@@ -220,5 +259,15 @@ check_report() {
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
+
+# CPU time (user + system, clock ticks) the given processes used so far.
+cpu() { local p t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+TICKS=$(getconf CLK_TCK)
+# per_gib TICKS BYTES: CPU seconds per GiB sent.
+per_gib() { awk -v t="$1" -v k="$TICKS" -v b="$2" 'BEGIN {printf "%.2f", t / k / (b / 2^30)}'; }
+# Peak RSS (VmHWM) of a process, KiB.
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+# The machine's load, to print beside every figure (the machine is shared).
+load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 cleanup() { stop_exporter; stop_nginx; }

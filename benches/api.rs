@@ -45,6 +45,7 @@ impl Backend for BenchNode {
         vm: &str,
         _: &str,
         _: &coriolis_ovm_exporter::wire::GetOptions,
+        _: &coriolis_ovm_exporter::snapshot::Cancel,
     ) -> Result<Snapshot, BackendError> {
         Err(BackendError::NotFound(vm.into()))
     }

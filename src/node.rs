@@ -13,7 +13,9 @@ use std::sync::Arc;
 use crate::api::{Backend, BackendError};
 use crate::ovm::{self, Inventory, InventoryConfig, InventoryError};
 use crate::server::Config;
-use crate::snapshot::{DiffConfig, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use crate::snapshot::{
+    Cancel, DiffConfig, Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup,
+};
 use crate::wire::{Disk, GetOptions, HealthCheck, Snapshot, Vm};
 
 /// Why the node could not be opened at start.
@@ -187,8 +189,9 @@ impl Backend for Node {
         vm: &str,
         snap: &str,
         options: &GetOptions,
+        cancel: &Cancel,
     ) -> Result<Snapshot, BackendError> {
-        Ok(self.manager.get(vm, snap, options)?)
+        Ok(self.manager.get_cancellable(vm, snap, options, cancel)?)
     }
 
     fn delete_snapshot(&self, vm: &str, snap: &str) -> Result<(), BackendError> {

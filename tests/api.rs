@@ -832,6 +832,7 @@ impl coriolis_ovm_exporter::api::Backend for FileNode {
         vm: &str,
         _: &str,
         _: &coriolis_ovm_exporter::wire::GetOptions,
+        _: &coriolis_ovm_exporter::snapshot::Cancel,
     ) -> Result<Snapshot, BackendError> {
         Err(BackendError::NotFound(format!("VM {vm} not found")))
     }

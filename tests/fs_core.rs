@@ -13,12 +13,12 @@ use std::path::Path;
 
 use coriolis_ovm_exporter::extent::{diff, flags, ExtentMap};
 use coriolis_ovm_exporter::snapshot::exact::refine_diff;
+use coriolis_ovm_exporter::snapshot::Cancel;
 use coriolis_ovm_exporter::sys::clone::{
     reflink, reflink_with, CloneError, CloneMethod, ClonePolicy,
 };
 use coriolis_ovm_exporter::sys::fiemap::{extent_map, extent_map_batched};
 use coriolis_ovm_exporter::sys::{fs_type, FsType};
-use coriolis_ovm_exporter::wire::Cancel;
 use rustix::fs::FallocateFlags;
 
 use crate::common::Fs;

@@ -13,6 +13,7 @@
 use std::fs::File;
 
 use crate::error::{Class, Classify};
+use crate::snapshot::Cancel;
 use crate::wire::{GetOptions, HealthCheck, Snapshot, Vm};
 
 /// Why a backend call failed. A lower layer's error stays typed
@@ -111,12 +112,14 @@ pub trait Backend: Send + Sync + 'static {
     /// One snapshot. `squash` merges contiguous chunks; with `compare_to`,
     /// chunks are the ranges to copy from the older snapshot (SEMANTICS.md),
     /// `size` and `zeroed` are filled, and `zeroed_separate` leaves the
-    /// zeroed ranges out of `chunks`.
+    /// zeroed ranges out of `chunks`. A long answer (a diff refined by
+    /// content) stops once `cancel` is set: its asker went away.
     fn get_snapshot(
         &self,
         vm: &str,
         snap: &str,
         options: &GetOptions,
+        cancel: &Cancel,
     ) -> Result<Snapshot, BackendError>;
 
     /// Delete one snapshot: Ok when it is unknown (idempotent), Conflict

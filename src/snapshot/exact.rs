@@ -24,9 +24,9 @@ use std::os::unix::fs::FileExt;
 
 use serde::Deserialize;
 
+use super::Cancel;
 use crate::extent::{self, Diff, REFINE_BLOCK};
 use crate::io::buffer::AlignedBuf;
-use crate::wire::Cancel;
 
 /// Bytes read per snapshot per step: two such buffers per refining diff.
 pub const WINDOW: usize = 1 << 20;

@@ -34,6 +34,7 @@
 //! [`VmLookup`].
 
 pub mod admin;
+mod cancel;
 pub mod error;
 pub mod exact;
 pub mod fault;
@@ -55,6 +56,7 @@ use crate::store::{DiskRecord, Fingerprint, SnapshotRecord, Store, StoreOptions}
 use crate::sys::path::{self, SNAPSHOTS_DIR};
 use crate::wire::{Chunk, GetOptions, Snapshot, SnapshotDisk};
 
+pub use cancel::Cancel;
 pub use error::{SnapshotError, Unverified};
 pub use exact::{DiffConfig, ExactMode};
 pub use reconcile::{Action, ReconcileReport};
@@ -551,6 +553,17 @@ impl Manager {
         snap: &str,
         options: &GetOptions,
     ) -> Result<Snapshot, SnapshotError> {
+        self.get_cancellable(vm, snap, options, &Cancel::default())
+    }
+
+    /// [`Manager::get`] that stops a refining diff once `cancel` is set.
+    pub fn get_cancellable(
+        &self,
+        vm: &str,
+        snap: &str,
+        options: &GetOptions,
+        cancel: &Cancel,
+    ) -> Result<Snapshot, SnapshotError> {
         let rec = self.record_of(vm, snap)?;
         let maps = self.maps_of(&rec)?;
         let Some(base_id) = options.compare_to.as_deref() else {
@@ -602,7 +615,7 @@ impl Manager {
                 .unwrap_or_default();
             let mut diff = extent::diff(&before, &now);
             if let Some(j) = base.disks.iter().position(|b| b.name == d.name) {
-                diff = self.refine(&base, j, &rec, i, diff, options)?;
+                diff = self.refine((&base, j), (&rec, i), diff, options, cancel)?;
             }
             let chunks = if options.zeroed_separate {
                 diff.changed.clone()
@@ -627,15 +640,14 @@ impl Manager {
 
     /// `diff` of disk `i` of `rec` against disk `j` of `base`, refined by
     /// content where `options` and
-    /// `[diff] exact` ask for it (exact.rs).
+    /// `[diff] exact` ask for it (exact.rs), until `cancel` is set.
     fn refine(
         &self,
-        base: &SnapshotRecord,
-        j: usize,
-        rec: &SnapshotRecord,
-        i: usize,
+        (base, j): (&SnapshotRecord, usize),
+        (rec, i): (&SnapshotRecord, usize),
         diff: extent::Diff,
         options: &GetOptions,
+        cancel: &Cancel,
     ) -> Result<extent::Diff, SnapshotError> {
         if options.exact == Some(false) || diff.changed.is_empty() {
             return Ok(diff);
@@ -666,13 +678,12 @@ impl Manager {
         let old = open_verified(base, b).map_err(|r| damaged(&base.id, &b.name, r, true))?;
         let started = std::time::Instant::now();
         let before_bytes = diff.changed_bytes();
-        let (refined, read) =
-            exact::refine_diff(&old, &new, diff, &options.cancel).map_err(|source| {
-                SnapshotError::Refine {
-                    disk: d.name.clone(),
-                    source,
-                }
-            })?;
+        let (refined, read) = exact::refine_diff(&old, &new, diff, cancel).map_err(|source| {
+            SnapshotError::Refine {
+                disk: d.name.clone(),
+                source,
+            }
+        })?;
         tracing::debug!(
             snapshot = %rec.id,
             base = %base.id,

@@ -23,4 +23,4 @@ pub use json::{
     Chunk, Disk, ErrorBody, Health, HealthCheck, LoginRequest, LoginResponse, Snapshot,
     SnapshotDisk, Vm,
 };
-pub use query::{Cancel, GetOptions};
+pub use query::GetOptions;

@@ -18,32 +18,7 @@ pub struct GetOptions {
     /// With `compare_to`, answer this disk only (the incremental stream of
     /// one disk): the others are neither diffed nor refined.
     pub only_disk: Option<String>,
-    /// Set when the asker went away: a long diff stops.
-    pub cancel: Cancel,
 }
-
-/// A flag a long request checks to stop early once its client is gone. Not
-/// part of what is asked: any two compare equal.
-#[derive(Clone, Debug, Default)]
-pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl Cancel {
-    pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl PartialEq for Cancel {
-    fn eq(&self, _: &Cancel) -> bool {
-        true
-    }
-}
-
-impl Eq for Cancel {}
 
 impl Default for GetOptions {
     fn default() -> Self {
@@ -53,7 +28,6 @@ impl Default for GetOptions {
             zeroed_separate: false,
             exact: None,
             only_disk: None,
-            cancel: Cancel::default(),
         }
     }
 }

@@ -15,7 +15,8 @@ use super::table::{Handler, Route};
 use crate::api::body::ApiBody;
 use crate::api::{blocking, disk, json_response, ApiError, Backend};
 use crate::io::IoEngine;
-use crate::wire::{Cancel, GetOptions};
+use crate::snapshot::Cancel;
+use crate::wire::GetOptions;
 
 /// Time a snapshot operation into the metrics.
 async fn timed<T, F>(state: &State, op: &'static str, f: F) -> Result<T, ApiError>
@@ -139,9 +140,8 @@ where
                     zeroed_separate,
                     exact,
                     only_disk: None,
-                    cancel: flag,
                 };
-                be.get_snapshot(&vm, &snap, &options)
+                be.get_snapshot(&vm, &snap, &options, &flag)
             })
             .await?;
             drop(cancel);
@@ -244,9 +244,8 @@ fn snapshot_disk(
         zeroed_separate: true,
         exact: diff.exact,
         only_disk: Some(disk.to_owned()),
-        cancel: diff.cancel,
     };
-    let s = be.get_snapshot(vm, snap, &options)?;
+    let s = be.get_snapshot(vm, snap, &options, &diff.cancel)?;
     let d = s
         .disks
         .into_iter()

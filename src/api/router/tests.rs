@@ -20,6 +20,7 @@ use super::*;
 use crate::api::auth::{Login, LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
 use crate::api::config::{LocalUser, MetricsAuth};
 use crate::api::{Backend, BackendError};
+use crate::snapshot::Cancel;
 use crate::wire::{ByteRange, Chunk, Disk, GetOptions, Snapshot, SnapshotDisk, Vm};
 
 const VM1: &str = "0004fb0000060000ccaf98a0baa2c186";
@@ -211,6 +212,7 @@ impl Backend for TestNode {
         vm: &str,
         snap: &str,
         options: &GetOptions,
+        _: &Cancel,
     ) -> Result<Snapshot, BackendError> {
         let (squash, compare_to, zeroed_separate) = (
             options.squash,

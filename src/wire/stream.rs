@@ -538,6 +538,52 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// The level-1 context of [`worth_compressing`]'s samples (kept apart
+    /// from [`ZSTD`], whose context is rebuilt when its level changes).
+    static SAMPLER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Version 2: a data record shorter than this is always compressed whole.
+pub const SAMPLE_MIN: usize = 64 << 10;
+/// Version 2: samples [`worth_compressing`] takes of a longer record.
+const SAMPLES: usize = 8;
+/// Version 2: bytes per sample.
+const SAMPLE_LEN: usize = 4096;
+
+/// Whether a data record is worth compressing whole, from its own bytes
+/// alone (so a resumed body or a shard decides the same): a record of at
+/// least [`SAMPLE_MIN`] bytes is sampled, [`SAMPLES`] slices of
+/// [`SAMPLE_LEN`] bytes starting at `k × len / SAMPLES` (`k = 0..SAMPLES`),
+/// concatenated and compressed at zstd level 1; when that saves less than
+/// 1/32 of the sample, the record goes raw without compressing it whole.
+/// Already-compressed or encrypted data (packages, media, random blocks)
+/// then costs a 32 KiB probe per MiB instead of a full compression that is
+/// thrown away.
+pub fn worth_compressing(data: &[u8]) -> bool {
+    if data.len() < SAMPLE_MIN {
+        return true;
+    }
+    let mut sample = [0u8; SAMPLES * SAMPLE_LEN];
+    for k in 0..SAMPLES {
+        let at = k * data.len() / SAMPLES;
+        sample[k * SAMPLE_LEN..(k + 1) * SAMPLE_LEN].copy_from_slice(&data[at..at + SAMPLE_LEN]);
+    }
+    SAMPLER.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = zstd::bulk::Compressor::new(1).ok();
+        }
+        let Some(c) = z.as_mut() else { return true };
+        // Room for less than 31/32 of the sample: a frame that does not
+        // save that much fails to fit (as a zstd failure would: the whole
+        // record would not compress either).
+        let mut out = Vec::with_capacity(sample.len() * 31 / 32 - 1);
+        matches!(c.compress_to_buffer(&sample[..], &mut out), Ok(n) if n * 32 < sample.len() * 31)
+    })
+}
+
 /// zstd frame of `data` when it is shorter than `data`.
 fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     ZSTD.with(|z| {
@@ -559,7 +605,8 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 /// block of the disk that lies wholly inside the piece and is all zeros
 /// becomes part of a zero record (consecutive ones merged), the bytes
 /// between become data records, each compressed with zstd at `level` when
-/// that shrinks it (kind 4) and sent raw otherwise (kind 1).
+/// its sample compresses ([`worth_compressing`]) and the frame is shorter
+/// than the data (kind 4), and sent raw otherwise (kind 1).
 pub fn encode_piece(offset: u64, data: &[u8], level: Option<i32>) -> EncodedPiece {
     static ZEROS: [u8; ZERO_BLOCK as usize] = [0; ZERO_BLOCK as usize];
     let mut out = EncodedPiece {
@@ -590,7 +637,10 @@ pub fn encode_piece(offset: u64, data: &[u8], level: Option<i32>) -> EncodedPiec
         }
         let bytes = &data[(s - offset) as usize..(e - offset) as usize];
         out.data_bytes += e - s;
-        match level.and_then(|l| compress(bytes, l)) {
+        match level
+            .filter(|_| worth_compressing(bytes))
+            .and_then(|l| compress(bytes, l))
+        {
             Some(packed) => {
                 out.bytes.extend_from_slice(&encode_record_v2(
                     KIND_ZSTD,
@@ -1463,6 +1513,51 @@ mod tests {
                     raw.len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn v2_records_whose_sample_does_not_compress_go_raw() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let random: Vec<u8> = (0..RECORD_MAX as usize).map(|_| rng.u8(..)).collect();
+        let text: Vec<u8> = (0..RECORD_MAX as usize)
+            .map(|i| b"the quick brown fox "[i % 20])
+            .collect();
+        assert!(!worth_compressing(&random));
+        assert!(worth_compressing(&text));
+        // Half and half: half the samples compress.
+        let mut half = random.clone();
+        half[..RECORD_MAX as usize / 2].copy_from_slice(&text[..RECORD_MAX as usize / 2]);
+        assert!(worth_compressing(&half));
+        // Short records are not sampled: compressed whole, raw when the
+        // frame does not shrink.
+        assert!(worth_compressing(&random[..SAMPLE_MIN - 1]));
+        let kind = |data: &[u8]| encode_piece(0, data, Some(DEFAULT_ZSTD_LEVEL)).bytes[0];
+        assert_eq!(kind(&random), KIND_DATA);
+        assert_eq!(kind(&random[..SAMPLE_MIN - 1]), KIND_DATA);
+        assert_eq!(kind(&text), KIND_ZSTD);
+        assert_eq!(kind(&half), KIND_ZSTD);
+        // The decision is the record's bytes alone: a compressible island
+        // between the samples does not make the record compressed (the
+        // price of not compressing every incompressible MiB whole).
+        let mut island = random.clone();
+        island[8192..8192 + 100_000].copy_from_slice(&text[..100_000]);
+        assert!(!worth_compressing(&island));
+        assert_eq!(kind(&island), KIND_DATA);
+        // Every record still round-trips.
+        for data in [&random, &text, &half, &island] {
+            let e = encode_piece(0, data, Some(DEFAULT_ZSTD_LEVEL));
+            let mut body = header_v2(&v2_header(
+                RECORD_MAX,
+                FLAG_ZERO_BLOCKS | FLAG_ZSTD,
+                0..RECORD_MAX,
+            ))
+            .to_vec();
+            body.extend_from_slice(&e.bytes);
+            body.extend_from_slice(&end_record(e.records, e.data_bytes));
+            let mut replica = vec![0u8; data.len()];
+            apply(&mut replica, &decode_all(&body, 100_000).unwrap());
+            assert!(&replica == data);
         }
     }
 

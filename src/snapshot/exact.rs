@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::Deserialize;
 
-use super::Cancel;
+use super::cancel::Cancel;
 use crate::extent::{self, Diff, REFINE_BLOCK};
 use crate::io::buffer::AlignedBuf;
 

@@ -12,7 +12,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -436,6 +436,49 @@ fn state_file(out: &Path, disk: &str) -> PathBuf {
     out.join(format!(".{disk}.coe-download.json"))
 }
 
+/// Starts a rate-limited download of disk A of `snap` into `out` (its
+/// stderr to `stderr`) and waits until its state file records a first
+/// range done, the download still running.
+fn download_until_checkpoint(client: &Client, snap: &str, out: &Path, stderr: Stdio) -> Child {
+    let out_s = out.display().to_string();
+    let mut child = client
+        .command(&[
+            "download",
+            VM,
+            snap,
+            "--out",
+            &out_s,
+            "--jobs",
+            "1",
+            "--limit-rate",
+            "2M",
+            "--disk",
+            DISK_A,
+            "--quiet",
+        ])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let state = state_file(out, DISK_A);
+    let t = Instant::now();
+    let progressed = || {
+        fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| !v["done"].as_array().unwrap().is_empty())
+    };
+    while !progressed() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rate-limited download ended before its first checkpoint"
+        );
+        assert!(t.elapsed() < START_TIMEOUT, "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// The core of the client story, sized for a TCG guest: a server with its
 /// repository on `fs_kind` and its database, config and certificates on
 /// local storage (the store refuses LMDB on OCFS2; an Oracle VM node keeps
@@ -753,45 +796,8 @@ pub(crate) fn e2e_on(fs_kind: Fs) {
     // An interrupted full copy of S2, resumed.
     let out3 = scratch.path("replica-resume");
     let out3_s = out3.display().to_string();
-    let mut child = client
-        .command(&[
-            "download",
-            VM,
-            &s2_id,
-            "--out",
-            &out3_s,
-            "--jobs",
-            "1",
-            "--limit-rate",
-            "2M",
-            "--disk",
-            DISK_A,
-            "--quiet",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = download_until_checkpoint(&client, &s2_id, &out3, Stdio::null());
     let state = state_file(&out3, DISK_A);
-    let t = Instant::now();
-    loop {
-        let progress = fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| !v["done"].as_array().unwrap().is_empty());
-        if progress {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the rate-limited download ended before it was interrupted"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no checkpoint written"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::KILL,
@@ -930,41 +936,8 @@ fn a_download_cut_by_a_lost_connection_resumes() {
     let id = snap["id"].as_str().unwrap().to_owned();
     let out = scratch.path("replica");
     let out_s = out.display().to_string();
-    let mut child = client
-        .command(&[
-            "download",
-            VM,
-            &id,
-            "--out",
-            &out_s,
-            "--jobs",
-            "1",
-            "--limit-rate",
-            "2M",
-            "--disk",
-            DISK_A,
-            "--quiet",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = download_until_checkpoint(&client, &id, &out, Stdio::piped());
     let state = state_file(&out, DISK_A);
-    let t = Instant::now();
-    let progressed = || {
-        fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| !v["done"].as_array().unwrap().is_empty())
-    };
-    while !progressed() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the rate-limited download ended before the connection was lost"
-        );
-        assert!(t.elapsed() < START_TIMEOUT, "no checkpoint written");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     server.kill();
     let t = Instant::now();
     while child.try_wait().unwrap().is_none() {

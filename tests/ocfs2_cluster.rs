@@ -157,16 +157,12 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
     // An exporter on this node: local database, its own owner id.
     let local = Scratch::temp("cluster");
     let config = format!("[store]\nowner = \"cluster-node-{node}\"\n");
+    let setup = Setup {
+        extra: &config,
+        ..Setup::default()
+    };
     let mut rng = fastrand::Rng::with_seed(u64::from(node));
-    let server = Server::start_with(
-        &local.dir,
-        &repo,
-        &mut rng,
-        Setup {
-            extra: &config,
-            ..Setup::default()
-        },
-    );
+    let server = Server::start_with(&local.dir, &repo, &mut rng, setup);
     let client = Client::new(&server, &local.path("cache"));
     let vms = client.json(&["vms", "list"]);
     assert_eq!(vms.as_array().unwrap().len(), 2, "{vms}");
@@ -198,15 +194,7 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
     assert!(snapshot_ids(&client, &theirs).is_empty());
     drop(client);
     drop(server);
-    let server = Server::start_with(
-        &local.dir,
-        &repo,
-        &mut rng,
-        Setup {
-            extra: &config,
-            ..Setup::default()
-        },
-    );
+    let server = Server::start_with(&local.dir, &repo, &mut rng, setup);
     let client = Client::new(&server, &local.path("cache"));
     assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
     assert!(snapshot_ids(&client, &theirs).is_empty());

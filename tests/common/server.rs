@@ -31,7 +31,7 @@ fn random_text(rng: &mut fastrand::Rng, n: usize) -> String {
 }
 
 /// What a [`Server`] is started with, beyond its folder and repository.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 pub struct Setup<'a> {
     /// The database file; `exporter.db` in the server's folder when `None`.
     pub db: Option<&'a Path>,

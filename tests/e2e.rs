@@ -300,61 +300,69 @@ fn make_small_repo(repo: &Path, rng: &mut fastrand::Rng) {
 
 const SMALL_DISK_SIZE: u64 = 8 << 20;
 
-/// Changes like [`change_disks`] on the small disks: writes, punches, disk
-/// A grows, disk B shrinks.
-fn change_small_disks(repo: &Path, rng: &mut fastrand::Rng) {
-    let a = fs::OpenOptions::new()
-        .write(true)
-        .open(repo.join("VirtualDisks").join(DISK_A))
-        .unwrap();
-    for _ in 0..10 {
-        let off = rng.u64(0..SMALL_DISK_SIZE - (64 << 10));
-        let len = rng.usize(1..64 << 10);
-        write_random(&a, rng, off, len);
-    }
-    for _ in 0..3 {
-        punch(
-            &a,
-            rng.u64(0..SMALL_DISK_SIZE - (256 << 10)),
-            rng.u64(1..256 << 10),
-        );
-    }
-    write_random(&a, rng, SMALL_DISK_SIZE + (512 << 10), 100_000);
-    a.sync_all().unwrap();
-    let b = fs::OpenOptions::new()
-        .write(true)
-        .open(repo.join("VirtualDisks").join(DISK_B))
-        .unwrap();
-    punch(&b, 0, 1 << 20);
-    write_random(&b, rng, 3 << 20, 5000);
-    b.set_len(SMALL_DISK_SIZE - (1 << 20) - 123).unwrap();
-    b.sync_all().unwrap();
+/// How much [`change_disks`] changes: random writes and punched holes of
+/// disk A up to a length, data appended past its end, a hole punched at
+/// the start of disk B, which shrinks.
+struct Changes {
+    /// The disks' size.
+    size: u64,
+    writes: usize,
+    max_write: usize,
+    punches: usize,
+    max_punch: u64,
+    appended: usize,
+    b_punched: u64,
 }
+
+const CHANGES: Changes = Changes {
+    size: DISK_SIZE,
+    writes: 20,
+    max_write: 256 << 10,
+    punches: 5,
+    max_punch: 1 << 20,
+    appended: 1 << 20,
+    b_punched: 4 << 20,
+};
+
+/// [`CHANGES`] for the small disks.
+const SMALL_CHANGES: Changes = Changes {
+    size: SMALL_DISK_SIZE,
+    writes: 10,
+    max_write: 64 << 10,
+    punches: 3,
+    max_punch: 256 << 10,
+    appended: 100_000,
+    b_punched: 1 << 20,
+};
 
 /// Changes both disks: writes in data and holes, punched holes, disk A
 /// grows (data appended past the end), disk B shrinks.
-fn change_disks(repo: &Path, rng: &mut fastrand::Rng) {
+fn change_disks(repo: &Path, rng: &mut fastrand::Rng, c: &Changes) {
     let a = fs::OpenOptions::new()
         .write(true)
         .open(repo.join("VirtualDisks").join(DISK_A))
         .unwrap();
-    for _ in 0..20 {
-        let off = rng.u64(0..DISK_SIZE - (256 << 10));
-        let len = rng.usize(1..256 << 10);
+    for _ in 0..c.writes {
+        let off = rng.u64(0..c.size - c.max_write as u64);
+        let len = rng.usize(1..c.max_write);
         write_random(&a, rng, off, len);
     }
-    for _ in 0..5 {
-        punch(&a, rng.u64(0..DISK_SIZE - (1 << 20)), rng.u64(1..1 << 20));
+    for _ in 0..c.punches {
+        punch(
+            &a,
+            rng.u64(0..c.size - c.max_punch),
+            rng.u64(1..c.max_punch),
+        );
     }
-    write_random(&a, rng, DISK_SIZE + (512 << 10), 1 << 20);
+    write_random(&a, rng, c.size + (512 << 10), c.appended);
     a.sync_all().unwrap();
     let b = fs::OpenOptions::new()
         .write(true)
         .open(repo.join("VirtualDisks").join(DISK_B))
         .unwrap();
-    punch(&b, 0, 4 << 20);
+    punch(&b, 0, c.b_punched);
     write_random(&b, rng, 3 << 20, 5000);
-    b.set_len(DISK_SIZE - (1 << 20) - 123).unwrap();
+    b.set_len(c.size - (1 << 20) - 123).unwrap();
     b.sync_all().unwrap();
 }
 
@@ -518,7 +526,7 @@ pub(crate) fn full_and_incremental_on(fs_kind: Fs, extra_config: &str) {
     assert_replicas(&out, &s1);
     assert_replicas(&out2, &s1);
     step("full copies");
-    change_small_disks(&repo, &mut rng);
+    change_disks(&repo, &mut rng, &SMALL_CHANGES);
     let s2 = client.json(&["snapshots", "create", VM]);
     let s2_id = s2["id"].as_str().unwrap().to_owned();
     step("snapshot 2");
@@ -712,7 +720,7 @@ pub(crate) fn e2e_on(fs_kind: Fs) {
     client.json(&["download", VM, &s1_id, "--out", &out2_s]);
 
     // Change the disks; snapshot 2; incremental onto the copies.
-    change_disks(&repo, &mut rng);
+    change_disks(&repo, &mut rng, &CHANGES);
     let s2 = client.json(&["snapshots", "create", VM]);
     let s2_id = s2["id"].as_str().unwrap().to_owned();
     let allocated: u64 = s2["disks"]
@@ -1127,7 +1135,7 @@ fn lost_database_is_rebuilt_from_the_manifests_with_the_config() {
             .as_str()
             .unwrap()
             .to_owned();
-        change_disks(&repo, &mut rng);
+        change_disks(&repo, &mut rng, &CHANGES);
         let second = client.json(&["snapshots", "create", VM])["id"]
             .as_str()
             .unwrap()

@@ -5,7 +5,9 @@
 //! (that is `api`). The protocol is chosen by ALPN right after the TLS
 //! handshake: `h2` gets hyper's HTTP/2 server, anything else HTTP/1.1, so a
 //! connection never waits in a protocol-sniffing phase that no header
-//! timeout covers. Limits in force on every connection:
+//! timeout covers.
+//! An HTTP/2 connection writes through [`coalesce`], which gathers its
+//! 16 KiB frames into full TLS records and 64 KiB writes. Limits in force on every connection:
 //!
 //! - the connection budget ([`budget`]): `max_connections` in all,
 //!   `max_connections_per_address`, and a reserved share for addresses that
@@ -25,6 +27,7 @@
 //!   explicitly rather than left to hyper's and h2's defaults.
 
 pub mod budget;
+pub mod coalesce;
 pub mod config;
 pub mod logging;
 pub mod notify;
@@ -198,9 +201,13 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let io = TokioIo::new(watch::Watched::new(tls, activity.clone()));
             let idle = h2.then_some(limits.h2_idle);
             let result = if h2 {
+                // Frames gathered into full TLS records ([`coalesce`]).
+                let io = TokioIo::new(watch::Watched::new(
+                    coalesce::Coalesce::new(tls),
+                    activity.clone(),
+                ));
                 let mut b = hyper::server::conn::http2::Builder::new(watch::StreamExec);
                 b.timer(TokioTimer::new())
                     .max_header_list_size(limits.header_bytes)
@@ -229,6 +236,7 @@ pub async fn serve(
                 )
                 .await
             } else {
+                let io = TokioIo::new(watch::Watched::new(tls, activity.clone()));
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read)

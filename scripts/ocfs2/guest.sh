@@ -14,7 +14,10 @@
 #       filesystem) or two guests sharing the image (an o2cb cluster of two
 #       nodes over a `-netdev socket` link), and runs CMD in each, from the
 #       caller's folder, with COE_TEST_OCFS2 set to the guest's OCFS2 mount
-#       and COE_OCFS2_NODE to the node number (1 or 2). Every COE_* and
+#       and COE_OCFS2_NODE to the node number (1 or 2). One node also gets
+#       a second, small OCFS2 with 128 KiB clusters (the cluster size of
+#       `mkfs.ocfs2 -T vmstore`, the VM-image profile) at COE_TEST_OCFS2_128K,
+#       for the refined diffs of issue #19. Every COE_* and
 #       RUST_* variable of the caller is passed in. Exits with CMD's status
 #       (the first non-zero one for two nodes); 125 when a guest did not
 #       boot or did not finish within the timeout (default 1500 s), with the
@@ -34,13 +37,15 @@
 # Environment: COE_GUEST_CACHE (default /var/cache/coriolis-ovm-exporter/guest),
 # COE_GUEST_MEM (MiB per guest, default 2048), COE_GUEST_CPUS (default 2),
 # COE_GUEST_SIZE (image size, default 6G), COE_GUEST_CLUSTER (OCFS2 cluster
-# size, default 4K; 128K is `mkfs.ocfs2 -T vmstore`'s, for scripts/bench/exact.sh).
+# size of that image, default 4K), COE_GUEST_SIZE_128K (the one-node second
+# image with 128 KiB clusters, default 1G).
 set -euo pipefail
 
 cache=${COE_GUEST_CACHE:-/var/cache/coriolis-ovm-exporter/guest}
 mem=${COE_GUEST_MEM:-2048}
 cpus=${COE_GUEST_CPUS:-2}
 size=${COE_GUEST_SIZE:-6G}
+size128k=${COE_GUEST_SIZE_128K:-1G}
 cluster=${COE_GUEST_CLUSTER:-4K}
 
 die() {
@@ -172,6 +177,9 @@ write_job() {
       printf 'export %s=%q\n' "$k" "$v"
     done
     printf 'export COE_TEST_OCFS2=/run/coe-ocfs2 COE_OCFS2_NODE=$node COE_OCFS2_NODES=%s\n' "$nodes"
+    if [ "$nodes" = 1 ]; then
+      echo 'export COE_TEST_OCFS2_128K=/run/coe-ocfs2-128k'
+    fi
     printf 'cd %q\n' "$PWD"
     printf 'cmd=(%s)\n' "$(printf '%q ' "$@")"
     cat <<'EOF'
@@ -210,6 +218,15 @@ until mount -t ocfs2 /dev/vda /run/coe-ocfs2; do
   fi
   sleep 3
 done
+if [ -n "${COE_TEST_OCFS2_128K:-}" ]; then
+  mkdir -p "$COE_TEST_OCFS2_128K"
+  mount -t ocfs2 /dev/vdb "$COE_TEST_OCFS2_128K" || {
+    echo "cannot mount the OCFS2 with 128 KiB clusters on node $node"
+    umount /run/coe-ocfs2
+    echo 124 >"$st"
+    exit 1
+  }
+fi
 echo "coe-guest: OCFS2 mounted on node $node ($(uname -r))"
 "${cmd[@]}"
 rc=$?
@@ -223,6 +240,9 @@ if [ "$COE_OCFS2_NODES" = 2 ] && [ "$node" = 1 ]; then
     [ -f /run/coe/status.2 ] && break
     sleep 0.5
   done
+fi
+if [ -n "${COE_TEST_OCFS2_128K:-}" ]; then
+  umount "$COE_TEST_OCFS2_128K" || echo "umount of the 128 KiB-cluster OCFS2 failed on node $node"
 fi
 umount /run/coe-ocfs2 || echo "umount failed on node $node"
 echo "$rc" >"$st"
@@ -257,9 +277,15 @@ run() {
   trap 'exit 130' INT TERM
   build_initramfs "$root" "$kver" "$work/initramfs.gz"
   truncate -s "$size" "$work/disk.img"
+  local extra_drive=()
   if [ "$nodes" = 1 ]; then
     mkfs.ocfs2 -q -F -M local -N 1 -b 4K -C "$cluster" --fs-features=refcount,xattr,unwritten \
       -L coe "$work/disk.img" >/dev/null
+    truncate -s "$size128k" "$work/disk128k.img"
+    mkfs.ocfs2 -q -F -M local -N 1 -b 4K -C 128K --fs-features=refcount,xattr,unwritten \
+      -L coe128k "$work/disk128k.img" >/dev/null
+    extra_drive=(-drive "file=$work/disk128k.img,if=none,id=d1,format=raw,cache=unsafe"
+      -device "virtio-blk-pci,drive=d1")
   else
     mkfs.ocfs2 -q -F -M cluster -N 2 --cluster-stack=o2cb --cluster-name=coe -b 4K -C "$cluster" \
       --fs-features=refcount,xattr,unwritten -L coe "$work/disk.img" >/dev/null
@@ -287,7 +313,7 @@ run() {
       -nographic -no-reboot -nodefaults -serial stdio -pidfile "$work/qemu.$n.pid" \
       -kernel "$root/boot/vmlinuz-$kver" -initrd "$work/initramfs.gz" \
       -append "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check coe.node=$n" \
-      -drive "$drive" -device "virtio-blk-pci,drive=d0,share-rw=on" \
+      -drive "$drive" -device "virtio-blk-pci,drive=d0,share-rw=on" "${extra_drive[@]}" \
       -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
       -virtfs "local,path=$work/share,mount_tag=coeshare,security_model=none" \
       "${net[@]}" </dev/null 2>&1 |

@@ -9,7 +9,7 @@
 set -u
 bin=$1
 m=ocfs2_guest::
-named=(diff_never ocfs2_reflink client_full a_kill demo)
+named=(diff_never ocfs2_reflink client_full a_kill demo clusters_128k)
 skips=()
 for n in "${named[@]}"; do
   skips+=(--skip "$m$n")
@@ -34,4 +34,5 @@ group "OCFS2_IOC_REFLINK against swapped names" "$m${named[1]}"
 group "service end to end (OCFS2 ioctl)" "$m${named[2]}"
 group "kill -9 at every fault point, reconcile" "$m${named[3]}"
 group "demo --dir" "$m${named[4]}"
+group "128 KiB clusters: refined diffs (mixed, random 4 KiB writes), incremental bytes" "$m${named[5]}"
 exit "$rc"

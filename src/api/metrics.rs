@@ -110,12 +110,18 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format (version 0.0.4), with the io
-    /// core's read-ahead counters.
-    pub fn render(&self, prefetch: crate::io::prefetch::PrefetchStats) -> String {
+    /// core's read-ahead counters and the refinement counters of exact
+    /// deltas.
+    pub fn render(
+        &self,
+        prefetch: crate::io::prefetch::PrefetchStats,
+        exact: crate::snapshot::exact::ExactStats,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = self.render_into(&mut out);
         let _ = render_prefetch(&mut out, prefetch);
+        let _ = render_exact(&mut out, exact);
         let _ = render_health(&mut out, &lock(&self.health));
         out
     }
@@ -275,6 +281,38 @@ fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> s
     Ok(())
 }
 
+/// Refinement by content of diffs (exact deltas, `snapshot::exact`): what
+/// it read, what it cost and the data bytes it took out of the answers.
+fn render_exact(out: &mut String, e: crate::snapshot::exact::ExactStats) -> std::fmt::Result {
+    for (name, help, v) in [
+        (
+            "coe_exact_diffs_total",
+            "Disk diffs refined by content (exact deltas).",
+            e.diffs.to_string(),
+        ),
+        (
+            "coe_exact_candidate_bytes_total",
+            "Bytes of changed ranges compared by content, each read from both snapshots.",
+            e.candidate_bytes.to_string(),
+        ),
+        (
+            "coe_exact_bytes_saved_total",
+            "Data bytes the extent maps reported changed that refinement by content found unchanged or all-zero.",
+            e.bytes_saved.to_string(),
+        ),
+        (
+            "coe_exact_seconds_total",
+            "Time spent refining diffs by content (reads and compares).",
+            e.seconds.to_string(),
+        ),
+    ] {
+        writeln!(out, "# HELP {name} {help}")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        writeln!(out, "{name} {v}")?;
+    }
+    Ok(())
+}
+
 /// A label value: quotes, backslashes and newlines escaped, cut short.
 fn label(v: &str) -> String {
     let mut out = String::with_capacity(v.len().min(120));
@@ -331,12 +369,20 @@ mod tests {
         m.login_failure("rejected");
         m.snapshot_op("create", true, Duration::from_millis(700));
         m.stream_started();
-        let text = m.render(crate::io::prefetch::PrefetchStats {
-            parked: 12,
-            adopted: 9,
-            buffers: 3,
-            ..Default::default()
-        });
+        let text = m.render(
+            crate::io::prefetch::PrefetchStats {
+                parked: 12,
+                adopted: 9,
+                buffers: 3,
+                ..Default::default()
+            },
+            crate::snapshot::exact::ExactStats {
+                diffs: 2,
+                candidate_bytes: 1 << 20,
+                bytes_saved: 917_504,
+                seconds: 0.25,
+            },
+        );
         assert!(text.contains(
             "coe_http_requests_total{route=\"/api/v1/vms\",method=\"GET\",status=\"200\"} 2\n"
         ));
@@ -353,6 +399,12 @@ mod tests {
         assert!(text.contains("coe_io_prefetch_used_total 9\n"));
         assert!(text.contains("# TYPE coe_io_prefetch_buffers gauge\ncoe_io_prefetch_buffers 3\n"));
         assert!(text.contains("coe_up 1\n"), "{text}");
+        assert!(text.contains("coe_exact_diffs_total 2\n"));
+        assert!(text.contains("coe_exact_candidate_bytes_total 1048576\n"));
+        assert!(text.contains(
+            "# TYPE coe_exact_bytes_saved_total counter\ncoe_exact_bytes_saved_total 917504\n"
+        ));
+        assert!(text.contains("coe_exact_seconds_total 0.25\n"));
     }
 
     #[test]
@@ -369,7 +421,10 @@ mod tests {
                 Some("Input/output error \"x\"".into()),
             ),
         ]);
-        let text = m.render(crate::io::prefetch::PrefetchStats::default());
+        let text = m.render(
+            crate::io::prefetch::PrefetchStats::default(),
+            crate::snapshot::exact::ExactStats::default(),
+        );
         assert!(text.contains("coe_up 0\n"), "{text}");
         assert!(
             text.contains("coe_health_check{component=\"store\",id=\"\",check=\"writable\"} 1\n")

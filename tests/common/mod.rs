@@ -32,6 +32,9 @@ pub enum Fs {
     /// the `ocfs2_guest` and `ocfs2_cluster` modules use it, and they run
     /// inside the guest.
     Ocfs2,
+    /// The single-node guest's second, small OCFS2 with 128 KiB clusters
+    /// (`mkfs.ocfs2 -T vmstore`'s cluster size), for the refined diffs.
+    Ocfs2Clusters128k,
 }
 
 impl Fs {
@@ -43,6 +46,7 @@ impl Fs {
             Fs::Xfs => "COE_TEST_XFS",
             Fs::Btrfs => "COE_TEST_BTRFS",
             Fs::Ocfs2 => "COE_TEST_OCFS2",
+            Fs::Ocfs2Clusters128k => "COE_TEST_OCFS2_128K",
         }
     }
 
@@ -51,12 +55,13 @@ impl Fs {
     pub fn root(self) -> PathBuf {
         match std::env::var_os(self.var()) {
             Some(p) if Path::new(&p).is_dir() => PathBuf::from(p),
-            _ if self == Fs::Ocfs2 => panic!(
-                "COE_TEST_OCFS2 is not set to a mounted OCFS2 folder: the tests of the \
+            _ if matches!(self, Fs::Ocfs2 | Fs::Ocfs2Clusters128k) => panic!(
+                "{} is not set to a mounted OCFS2 folder: the tests of the \
                  ocfs2_guest and ocfs2_cluster modules run inside QEMU guests with Debian's \
                  stock kernel. Run them with `./scripts/test.sh` (as root), which boots the \
                  guests with `scripts/ocfs2/guest.sh` and runs them there; a plain `cargo test` \
-                 runs them outside and they fail here."
+                 runs them outside and they fail here.",
+                self.var()
             ),
             _ => panic!(
                 "{} is not set to a mounted {:?} folder: this test needs a real reflink \

@@ -70,9 +70,10 @@ where
         Handler::Metrics => {
             // The gauges show the health checks as of now.
             crate::api::health::check(state).await;
-            let mut r = Response::new(ApiBody::full(
-                state.metrics.render(state.engine.prefetch_stats()),
-            ));
+            let mut r = Response::new(ApiBody::full(state.metrics.render(
+                state.engine.prefetch_stats(),
+                crate::snapshot::exact::stats(),
+            )));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

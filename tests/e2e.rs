@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::server::{Server, Setup, USER};
-use crate::common::{free_port, Fs, Scratch};
+use crate::common::{free_port, write_vm_cfg, Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const VM: &str = "0004fb00000600000000000000e2e001";
@@ -277,19 +277,13 @@ fn make_repo_sized(repo: &Path, rng: &mut fastrand::Rng, size: u64, long_extent:
         }
         f.sync_all().unwrap();
     }
-    let vmdir = repo.join("VirtualMachines").join(VM);
-    fs::create_dir_all(&vmdir).unwrap();
-    fs::write(
-        vmdir.join("vm.cfg"),
-        format!(
-            "name = '{VM}'\nuuid = '0004fb00-0006-0000-0000-00000000e001'\n\
-             OVM_simple_name = 'e2e'\n\
-             disk = ['file:{},xvda,w', 'file:{},xvdb,w']\n",
-            disks.join(DISK_A).display(),
-            disks.join(DISK_B).display()
-        ),
-    )
-    .unwrap();
+    write_vm_cfg(
+        repo,
+        VM,
+        "0004fb00-0006-0000-0000-00000000e001",
+        "e2e",
+        &[&disks.join(DISK_A), &disks.join(DISK_B)],
+    );
 }
 
 /// The repository of [`make_repo`] at a sixth of the size (8 MiB disks,

@@ -17,7 +17,7 @@ use coriolis_ovm_exporter::client::http::{paths, read_json, Api};
 use serde_json::Value;
 
 use crate::common::server::{toml_path, Server, Setup, REPO_ID};
-use crate::common::{Fs, Scratch};
+use crate::common::{write_vm_cfg, Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
 const FAULTYFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/faultyfs.py");
@@ -155,17 +155,13 @@ pub fn make_repo(repo: &Path, seed: u64) {
     let mut bytes = vec![0u8; DISK_SIZE];
     rng.fill(&mut bytes);
     fs::write(disks.join(DISK), &bytes).unwrap();
-    let vmdir = repo.join("VirtualMachines").join(VM);
-    fs::create_dir_all(&vmdir).unwrap();
-    fs::write(
-        vmdir.join("vm.cfg"),
-        format!(
-            "name = '{VM}'\nuuid = '0004fb00-0006-0000-0000-0000000bea10'\n\
-             OVM_simple_name = 'heal'\ndisk = ['file:{},xvda,w']\n",
-            disks.join(DISK).display()
-        ),
-    )
-    .unwrap();
+    write_vm_cfg(
+        repo,
+        VM,
+        "0004fb00-0006-0000-0000-0000000bea10",
+        "heal",
+        &[&disks.join(DISK)],
+    );
 }
 
 /// The server of these tests: its database in `db/` of the scratch folder

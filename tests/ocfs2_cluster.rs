@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::server::{Server, Setup};
-use crate::common::{Fs, Scratch};
+use crate::common::{write_vm_cfg, Fs, Scratch};
 use crate::e2e::Client;
 
 /// How long a node waits for the other one (the other guest may boot and
@@ -88,18 +88,13 @@ fn make_repo(repo: &Path) {
             std::os::unix::fs::FileExt::write_all_at(&f, &b, i * (2 << 20)).unwrap();
         }
         f.sync_all().unwrap();
-        let vmdir = repo.join("VirtualMachines").join(vm_id(node));
-        fs::create_dir_all(&vmdir).unwrap();
-        fs::write(
-            vmdir.join("vm.cfg"),
-            format!(
-                "name = '{}'\nuuid = '0004fb00-0006-0000-0000-000000c1a5{node:02}'\n\
-                 OVM_simple_name = 'node{node}-vm'\ndisk = ['file:{},xvda,w']\n",
-                vm_id(node),
-                path.display()
-            ),
-        )
-        .unwrap();
+        write_vm_cfg(
+            repo,
+            &vm_id(node),
+            &format!("0004fb00-0006-0000-0000-000000c1a5{node:02}"),
+            &format!("node{node}-vm"),
+            &[&path],
+        );
     }
 }
 

@@ -181,6 +181,26 @@ impl tracing::Subscriber for LogCapture {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
+/// Writes the `vm.cfg` of VM `vm` in `repo` (its folder made), as the
+/// ovs-agent writes it: `disks` become `xvda`, `xvdb`, ... in order.
+pub fn write_vm_cfg(repo: &Path, vm: &str, uuid: &str, name: &str, disks: &[&Path]) {
+    let vmdir = repo.join("VirtualMachines").join(vm);
+    std::fs::create_dir_all(&vmdir).unwrap();
+    let disks: Vec<String> = disks
+        .iter()
+        .zip(b'a'..)
+        .map(|(d, letter)| format!("'file:{},xvd{},w'", d.display(), letter as char))
+        .collect();
+    std::fs::write(
+        vmdir.join("vm.cfg"),
+        format!(
+            "name = '{vm}'\nuuid = '{uuid}'\nOVM_simple_name = '{name}'\ndisk = [{}]\n",
+            disks.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1049,3 +1049,106 @@ fn a_stalled_http2_stream_is_reset_alone() {
         metric(ex, "coe_io_buffers_in_use ") == 0
     });
 }
+
+/// A `/proc/<pid>/status` figure of the exporter, in KiB.
+fn status_kib(ex: &Exporter, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", ex.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// The CRC-32 answer as the service built it whole before it was
+/// streamed (serde_json of these fields, in this order, and a newline).
+#[derive(serde::Serialize)]
+struct BuiltChecksums {
+    size: u64,
+    block_size: u64,
+    algorithm: &'static str,
+    crc32: Vec<u32>,
+}
+
+/// Bounded answers (#11): the CRC-32 answer is streamed. A client that asks
+/// for the most blocks an answer may have (16,777,216, some 170 MB of
+/// JSON) and stops reading holds a few frames of it, not the answer: the
+/// server's peak RSS grows by a few MiB (3 MiB measured, under 32 MiB
+/// asserted), not by the answer, and the client is cut after
+/// `api.send_timeout`. An answer of more blocks than the old cap
+/// (262,144) is byte for byte what the answer built whole was.
+#[test]
+fn checksum_answers_stream_with_bounded_memory() {
+    const TIB: u64 = 1 << 40;
+    let s = disk_setup("hostile-sums", TIB, LIMITS, "");
+    // Reset the peak RSS (proc(5), clear_refs): from now on VmHWM is the
+    // peak of this answer.
+    std::fs::write(format!("/proc/{}/clear_refs", s.ex.child.id()), "5").unwrap();
+    let peak_before = status_kib(&s.ex, "VmRSS:");
+    let mut tls = tls_over(
+        &s.ex,
+        tcp_from("127.0.0.5", s.ex.port, Some(4096)).unwrap(),
+        b"http/1.1",
+    )
+    .unwrap();
+    let url = format!("{}/checksums?blockSize=65536", s.url);
+    tls.write_all(&http_request("GET", &url, Some(&s.token), &[], ""))
+        .unwrap();
+    let mut first = vec![0u8; 1024];
+    let n = tls.read(&mut first).unwrap();
+    let head = String::from_utf8_lossy(&first[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Stop reading: the producer waits on the client, the server's writes
+    // wait, and after send_timeout the connection is cut.
+    wait_for("the stalled checksums answer to be cut", &s.ex, || {
+        metric(&s.ex, "coe_connections_cut_total{reason=\"send_timeout\"}") >= 1
+    });
+    let grown = status_kib(&s.ex, "VmHWM:").saturating_sub(peak_before);
+    assert!(
+        grown < 32 << 10,
+        "the server's peak RSS grew by {grown} KiB for a stalled answer"
+    );
+    drop(tls);
+
+    // 1,048,576 blocks of 1 MiB: four times the old cap.
+    let a = request_from(
+        &s.ex,
+        "127.0.0.6",
+        &http_request(
+            "GET",
+            &format!("{}/checksums?blockSize=1048576", s.url),
+            Some(&s.token),
+            &[],
+            "",
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    let block = 1u64 << 20;
+    let zero = crc32fast::hash(&vec![0u8; block as usize]);
+    let mut crc32 = vec![zero; (TIB / block) as usize];
+    crc32[0] = crc32fast::hash(&vec![7u8; block as usize]);
+    let mut want = serde_json::to_vec(&BuiltChecksums {
+        size: TIB,
+        block_size: block,
+        algorithm: "crc32",
+        crc32,
+    })
+    .unwrap();
+    want.push(b'\n');
+    assert!(
+        a.body == want,
+        "{} bytes, expected {}",
+        a.body.len(),
+        want.len()
+    );
+    wait_for("the answers' buffers to go back", &s.ex, || {
+        metric(&s.ex, "coe_io_buffers_in_use ") == 0
+    });
+}

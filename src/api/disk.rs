@@ -40,12 +40,21 @@ pub const DEFAULT_CHECKSUM_BLOCK: u64 = 4 << 20;
 pub const MIN_CHECKSUM_BLOCK: u64 = 64 << 10;
 /// Largest checksum block (`docs/checksums.md`): 64 MiB.
 pub const MAX_CHECKSUM_BLOCK: u64 = 64 << 20;
-/// Most blocks in one checksum answer: bounds the answer for any disk size
-/// to under 3 MiB of JSON (at most 11 bytes per block) and its working
-/// memory to 12 bytes per block; a bigger disk must ask for bigger blocks
-/// (the 400 names the smallest it may ask for). With 64 MiB blocks that
-/// covers disks up to 16 TiB.
-pub const MAX_CHECKSUM_BLOCKS: u64 = 1 << 18;
+/// Most blocks in one CRC-32 answer. The answer is streamed, so the
+/// server's memory does not depend on it (see [`checksums`]); the cap
+/// bounds what the client must take: under 185 MiB of JSON (at most 11
+/// bytes per block) and 64 MiB of CRCs, below the client's 1 GiB limit
+/// for a JSON answer. That is 1 TiB at the smallest `blockSize`, 64 TiB at
+/// the default; a bigger disk must ask for bigger blocks (the 400 names
+/// the smallest it may ask for).
+pub const MAX_CHECKSUM_BLOCKS: u64 = 1 << 24;
+/// JSON bytes of the CRC-32 answer gathered before they are handed to the
+/// HTTP layer as one frame.
+const CHECKSUM_FRAME: usize = 64 << 10;
+/// Frames of the CRC-32 answer queued for the HTTP layer: with the one
+/// being filled, the answer's own memory is at most 3 frames (192 KiB),
+/// plus the read-ahead of its disk read.
+const CHECKSUM_SLOTS: usize = 2;
 /// Zeros hashed per step when computing the CRC of a hole block.
 const ZERO_CHUNK: usize = 64 << 10;
 static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
@@ -268,7 +277,8 @@ pub fn stream_params(get: impl Fn(&str) -> Option<String>) -> Result<Option<V2Op
     }
 }
 
-/// The checksums answer (`docs/checksums.md`).
+/// The checksums answer (`docs/checksums.md`) as it would be built whole:
+/// [`checksums`] streams exactly the bytes `json_response` makes of it.
 #[derive(Debug, Serialize)]
 pub struct Checksums {
     pub size: u64,
@@ -340,81 +350,205 @@ fn data_block_runs(data: &[Range<u64>], block: u64) -> Vec<Range<u64>> {
     runs
 }
 
-/// CRC-32 per block of `disk`: blocks with a data byte (per `data`, the
-/// snapshot's extent map) are read through the engine, hole blocks are the
-/// CRC of zeros, computed.
-pub async fn checksums(
+/// The CRC-32 answer (`docs/checksums.md`): a CRC-32 per block of `disk`,
+/// blocks with a data byte (per `data`, the snapshot's extent map) read
+/// through the engine, hole blocks the CRC of zeros, computed.
+///
+/// The answer is streamed as it is computed, byte for byte what
+/// `json_response` makes of [`Checksums`]: a producer task reads the disk
+/// in order, writes the JSON into frames of [`CHECKSUM_FRAME`] bytes and
+/// hands them over a channel of [`CHECKSUM_SLOTS`]; a client that reads
+/// slowly makes the producer wait, which stops the disk read once its
+/// read-ahead is full. Its memory is therefore a few frames and the
+/// read-ahead, whatever the disk's size or the client's pace; the
+/// watchdog's `send_timeout` cuts a client that stops. A read that fails
+/// once the answer has started breaks it (the connection is aborted, an
+/// HTTP/2 stream reset), never ends it cleanly.
+pub fn checksums(
     engine: &IoEngine,
     disk: &DiskFile,
     data: &[Range<u64>],
     block: u64,
-) -> Result<Checksums, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let size = disk.size();
     let blocks = size.div_ceil(block);
     if blocks > MAX_CHECKSUM_BLOCKS {
         return Err(ApiError::BadRequest(too_many_blocks(size, block)));
     }
-    let block_len = |i: u64| block.min(size - i * block);
     let runs = data_block_runs(data, block);
     let byte_ranges: Vec<Range<u64>> = runs
         .iter()
         .map(|r| r.start * block..(r.end * block).min(size))
         .collect();
-    // CRCs of the data blocks, in order, from the concatenated ranges.
-    let mut data_crcs: Vec<u32> = Vec::new();
-    let data_blocks: Vec<u64> = runs.iter().flat_map(|r| r.clone()).collect();
-    if !byte_ranges.is_empty() {
-        let mut s = engine
-            .read_ranges(disk, byte_ranges)
-            .map_err(|e| internal("starting the checksum read", &e))?;
-        let mut next = 0usize;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut left = data_blocks.first().map_or(0, |&i| block_len(i));
-        while let Some(frame) = s.next().await {
-            let frame = frame.map_err(|e| internal("reading for checksums", &e))?;
-            let mut f: &[u8] = &frame;
-            while !f.is_empty() {
-                if next >= data_blocks.len() {
-                    return Err(ApiError::Internal(
-                        "checksum read returned more bytes than asked".into(),
-                    ));
-                }
-                let n = (left.min(f.len() as u64)) as usize;
-                hasher.update(&f[..n]);
-                f = &f[n..];
-                left -= n as u64;
-                if left == 0 {
-                    data_crcs.push(std::mem::take(&mut hasher).finalize());
-                    next += 1;
-                    left = data_blocks.get(next).map_or(0, |&i| block_len(i));
-                }
-            }
-        }
-        if next != data_blocks.len() {
-            return Err(ApiError::Internal(
-                "checksum read ended before the last block".into(),
-            ));
-        }
-    }
-    let full_zero = zero_crc(block);
-    let mut crc32 = Vec::with_capacity(blocks as usize);
-    let mut d = data_blocks.iter().zip(&data_crcs).peekable();
-    for i in 0..blocks {
-        match d.peek() {
-            Some((&bi, &c)) if bi == i => {
-                crc32.push(c);
-                d.next();
-            }
-            _ if block_len(i) == block => crc32.push(full_zero),
-            _ => crc32.push(zero_crc(block_len(i))),
-        }
-    }
-    Ok(Checksums {
+    let reads = if byte_ranges.is_empty() {
+        None
+    } else {
+        Some(
+            engine
+                .read_ranges(disk, byte_ranges)
+                .map_err(|e| internal("starting the checksum read", &e))?,
+        )
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(CHECKSUM_SLOTS);
+    let producer = CrcProducer {
+        tx,
+        reads,
+        carry: bytes::Bytes::new(),
+        out: Vec::with_capacity(CHECKSUM_FRAME + 16),
         size,
-        block_size: block,
-        algorithm: "crc32",
-        crc32,
-    })
+        block,
+    };
+    tokio::spawn(producer.run(runs));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(ApiBody::chunked(rx))
+        .map_err(|e| ApiError::Internal(format!("building the checksums answer: {e}")))
+}
+
+/// Why the CRC-32 producer stopped early.
+enum CrcStop {
+    /// The client went away.
+    Gone,
+    Failed(std::io::Error),
+}
+
+/// Computes and writes the CRC-32 answer (see [`checksums`]).
+struct CrcProducer {
+    tx: tokio::sync::mpsc::Sender<super::body::Chunk>,
+    reads: Option<crate::io::ReadStream>,
+    /// Read bytes not yet hashed.
+    carry: bytes::Bytes,
+    /// The frame being filled.
+    out: Vec<u8>,
+    size: u64,
+    block: u64,
+}
+
+impl CrcProducer {
+    async fn run(mut self, runs: Vec<Range<u64>>) {
+        use super::body::Chunk;
+        match self.pump(runs).await {
+            Ok(()) => {
+                let _ = self.tx.send(Chunk::End).await;
+            }
+            Err(CrcStop::Gone) => {}
+            Err(CrcStop::Failed(e)) => {
+                let _ = self.tx.send(Chunk::Fail(e)).await;
+            }
+        }
+    }
+
+    fn block_len(&self, i: u64) -> u64 {
+        self.block.min(self.size - i * self.block)
+    }
+
+    async fn pump(&mut self, runs: Vec<Range<u64>>) -> Result<(), CrcStop> {
+        let blocks = self.size.div_ceil(self.block);
+        let full_zero = zero_crc(self.block);
+        let tail_zero = zero_crc(self.size % self.block);
+        let (size, block) = (self.size, self.block);
+        let hole = move |i: u64| {
+            if (i + 1) * block <= size {
+                full_zero
+            } else {
+                tail_zero
+            }
+        };
+        // `Checksums` as serde_json writes it: fields in order, no spaces.
+        self.out.extend_from_slice(
+            format!(
+                "{{\"size\":{},\"block_size\":{},\"algorithm\":\"crc32\",\"crc32\":[",
+                self.size, self.block
+            )
+            .as_bytes(),
+        );
+        let mut next = 0u64;
+        for run in runs {
+            while next < run.start {
+                self.push(next, hole(next)).await?;
+                next += 1;
+            }
+            while next < run.end {
+                let crc = self.data_crc(self.block_len(next)).await?;
+                self.push(next, crc).await?;
+                next += 1;
+            }
+        }
+        while next < blocks {
+            self.push(next, hole(next)).await?;
+            next += 1;
+        }
+        let more = match self.reads.as_mut() {
+            Some(r) => !self.carry.is_empty() || r.next().await.is_some(),
+            None => false,
+        };
+        if more {
+            return Err(CrcStop::Failed(std::io::Error::other(
+                "checksum read returned more bytes than asked",
+            )));
+        }
+        self.out.extend_from_slice(b"]}\n");
+        self.flush().await
+    }
+
+    /// Appends block `i`'s CRC, handing the frame over once full.
+    async fn push(&mut self, i: u64, crc: u32) -> Result<(), CrcStop> {
+        if i > 0 {
+            self.out.push(b',');
+        }
+        use std::io::Write as _;
+        let _ = write!(self.out, "{crc}");
+        if self.out.len() >= CHECKSUM_FRAME {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the frame being filled to the HTTP layer (waiting while the
+    /// client is behind).
+    async fn flush(&mut self) -> Result<(), CrcStop> {
+        let frame = std::mem::replace(&mut self.out, Vec::with_capacity(CHECKSUM_FRAME + 16));
+        self.tx
+            .send(super::body::Chunk::Data(frame.into()))
+            .await
+            .map_err(|_| CrcStop::Gone)
+    }
+
+    /// The CRC-32 of the next `len` bytes of the disk read.
+    async fn data_crc(&mut self, len: u64) -> Result<u32, CrcStop> {
+        let mut h = crc32fast::Hasher::new();
+        let mut left = len;
+        while left > 0 {
+            if self.carry.is_empty() {
+                let next = match self.reads.as_mut() {
+                    Some(r) => r.next().await,
+                    None => None,
+                };
+                self.carry = match next {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => {
+                        return Err(CrcStop::Failed(std::io::Error::other(format!(
+                            "reading for checksums: {}",
+                            error_chain(&e)
+                        ))))
+                    }
+                    None => {
+                        return Err(CrcStop::Failed(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "checksum read ended before the last block",
+                        )))
+                    }
+                };
+                continue;
+            }
+            let n = left.min(self.carry.len() as u64) as usize;
+            h.update(&self.carry[..n]);
+            bytes::Buf::advance(&mut self.carry, n);
+            left -= n as u64;
+        }
+        Ok(h.finalize())
+    }
 }
 
 /// Most blocks in one strong-digest answer (`algorithm=blake3|sha256`):
@@ -547,6 +681,8 @@ pub async fn digests(
 
 #[cfg(test)]
 mod tests {
+    use http_body::Body as _;
+
     use super::*;
 
     #[test]
@@ -560,16 +696,86 @@ mod tests {
     #[test]
     fn too_many_blocks_names_the_smallest_block_that_fits() {
         let tib = 1u64 << 40;
-        let m = too_many_blocks(tib, 1 << 20);
+        let m = too_many_blocks(64 * tib, 1 << 20);
         assert!(
             m.contains("smallest blockSize") && m.contains("4194304"),
             "{m}"
         );
-        assert_eq!(tib.div_ceil(4 << 20), MAX_CHECKSUM_BLOCKS);
-        let m = too_many_blocks(tib + 1, 4 << 20);
+        assert_eq!(tib.div_ceil(64 << 10), MAX_CHECKSUM_BLOCKS);
+        let m = too_many_blocks(64 * tib + 1, 4 << 20);
         assert!(m.contains("8388608"), "{m}");
-        let m = too_many_blocks(32 * tib, 64 << 20);
+        let m = too_many_blocks(1024 * tib + 1, 64 << 20);
         assert!(m.contains("largest blockSize"), "{m}");
+    }
+
+    /// The streamed CRC-32 answer of a disk of holes, collected.
+    fn streamed(size: u64, block: u64) -> Vec<u8> {
+        use crate::api::body::Chunk;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(CHECKSUM_SLOTS);
+            let p = CrcProducer {
+                tx,
+                reads: None,
+                carry: bytes::Bytes::new(),
+                out: Vec::new(),
+                size,
+                block,
+            };
+            tokio::spawn(p.run(Vec::new()));
+            let mut out = Vec::new();
+            loop {
+                match rx.recv().await {
+                    Some(Chunk::Data(b)) => {
+                        assert!(b.len() <= CHECKSUM_FRAME + 16, "{}", b.len());
+                        out.extend_from_slice(&b);
+                    }
+                    Some(Chunk::End) => return out,
+                    Some(Chunk::Fail(e)) => panic!("{e}"),
+                    None => panic!("the producer stopped without an end"),
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn the_streamed_answer_is_the_built_one_byte_for_byte() {
+        // Empty, one short block, a short tail, exact blocks, and answers
+        // of many frames.
+        for (size, block) in [
+            (0u64, 65_536u64),
+            (1, 65_536),
+            (65_536 * 3 + 5, 65_536),
+            (4 << 20, 4 << 20),
+            (1 << 36, 1 << 16),
+            ((1 << 30) + 12_345, 1 << 16),
+        ] {
+            let blocks = size.div_ceil(block);
+            let (full, tail) = (zero_crc(block), zero_crc(size % block));
+            let crc32 = (0..blocks)
+                .map(|i| if (i + 1) * block <= size { full } else { tail })
+                .collect();
+            let built = crate::api::json_response(
+                StatusCode::OK,
+                &Checksums {
+                    size,
+                    block_size: block,
+                    algorithm: "crc32",
+                    crc32,
+                },
+            );
+            let mut built = built.into_body();
+            let built = match std::pin::Pin::new(&mut built)
+                .poll_frame(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            {
+                std::task::Poll::Ready(Some(Ok(f))) => f.into_data().unwrap(),
+                _ => panic!("a built answer is one frame"),
+            };
+            let got = streamed(size, block);
+            assert!(got == built, "size {size}, block {block}");
+        }
     }
 
     #[test]

@@ -205,8 +205,7 @@ where
                 let sums = disk::digests(&state.engine, &file, &data, block, alg).await?;
                 return ok(json_response(StatusCode::OK, &sums));
             }
-            let sums = disk::checksums(&state.engine, &file, &data, block).await?;
-            ok(json_response(StatusCode::OK, &sums))
+            ok(disk::checksums(&state.engine, &file, &data, block)?)
         }
     }
 }

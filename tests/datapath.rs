@@ -184,16 +184,7 @@ fn run(fs: Fs, backend: &str) {
     let ex = start(&pki, &repo, &disk, backend);
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
-    let create = || {
-        let a = ex.request("POST", &snaps, Some(&token), "");
-        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), ex.log());
-        let v = a.json();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["disks"][0]["name"].as_str().unwrap().to_owned(),
-            v["disks"][0]["path"].as_str().unwrap().to_owned(),
-        )
-    };
+    let create = || ex.create_snapshot(VM, &token);
     let (snap1, name, path1) = create();
     let v1 = std::fs::read(&disk).unwrap();
     // Changes: scattered 4 KiB writes, a write into a hole, a punched hole
@@ -556,16 +547,8 @@ pub(crate) fn incremental_after_random_4k_writes(fs: Fs, bound: f64) -> (u64, u6
     let ex = start(&pki, &repo, &disk, "threads");
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
-    let create = || {
-        let a = ex.request("POST", &snaps, Some(&token), "");
-        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), ex.log());
-        let v = a.json();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["disks"][0]["name"].as_str().unwrap().to_owned(),
-        )
-    };
-    let (snap1, name) = create();
+    let create = || ex.create_snapshot(VM, &token);
+    let (snap1, name, _) = create();
     let v1 = std::fs::read(&disk).unwrap();
     {
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
@@ -579,7 +562,7 @@ pub(crate) fn incremental_after_random_4k_writes(fs: Fs, bound: f64) -> (u64, u6
         }
         f.sync_all().unwrap();
     }
-    let (snap2, _) = create();
+    let (snap2, _, _) = create();
     let v2 = std::fs::read(&disk).unwrap();
     let changed = v1
         .chunks(4096)

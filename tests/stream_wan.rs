@@ -172,16 +172,7 @@ fn run(fs: Fs) {
     let ex = start(&pki, &repo, &disk);
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
-    let create = || {
-        let a = ex.request("POST", &snaps, Some(&token), "");
-        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), ex.log());
-        let v = a.json();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["disks"][0]["name"].as_str().unwrap().to_owned(),
-            std::path::PathBuf::from(v["disks"][0]["path"].as_str().unwrap()),
-        )
-    };
+    let create = || ex.create_snapshot(VM, &token);
     let (snap1, name, path1) = create();
     // The change set: random and text writes, zeros written over data,
     // a punched hole, a write into a hole.

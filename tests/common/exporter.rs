@@ -159,6 +159,20 @@ impl Exporter {
         e
     }
 
+    /// Creates a snapshot of `vm` as the holder of `token` (asserting 200):
+    /// its id, and its first disk's name and path.
+    pub fn create_snapshot(&self, vm: &str, token: &str) -> (String, String, PathBuf) {
+        let snaps = format!("/api/v1/vms/{vm}/snapshots");
+        let a = self.request("POST", &snaps, Some(token), "");
+        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), self.log());
+        let v = a.json();
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["disks"][0]["name"].as_str().unwrap().to_owned(),
+            PathBuf::from(v["disks"][0]["path"].as_str().unwrap()),
+        )
+    }
+
     pub fn notification(&mut self) -> String {
         let mut buf = [0u8; 256];
         match self.notify.recv(&mut buf) {

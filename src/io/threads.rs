@@ -12,7 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{BackendKind, Batch, BatchDone, IoError, ReadBackend};
+use super::backend::{Batch, BatchDone, ReadBackend};
+use super::config::BackendKind;
+use super::error::IoError;
 
 pub struct ThreadsBackend {
     /// Dropping it (with the backend) closes the queue: every worker ends

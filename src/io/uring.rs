@@ -36,7 +36,9 @@ use std::sync::{mpsc, Arc};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use rustix::event::EventfdFlags;
 
-use super::{BackendKind, Batch, BatchDone, IoError, ReadBackend};
+use super::backend::{Batch, BatchDone, ReadBackend};
+use super::config::BackendKind;
+use super::error::IoError;
 
 /// `user_data` of the eventfd read that wakes the ring thread.
 const WAKE: u64 = u64::MAX;

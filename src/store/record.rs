@@ -81,7 +81,7 @@ impl SnapshotRecord {
     /// Where the clone of `disk` lives: `<repo>/CoriolisSnapshots/<id>/<name>`.
     pub fn disk_path(&self, disk: &DiskRecord) -> PathBuf {
         disk.repo_mount
-            .join(super::SNAPSHOTS_DIR)
+            .join(crate::sys::path::SNAPSHOTS_DIR)
             .join(&self.id)
             .join(&disk.name)
     }

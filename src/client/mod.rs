@@ -47,6 +47,16 @@ Credentials: --url/COE_URL, --user/COE_USER, --password/COE_PASSWORD (or a \
 prompt on a terminal); the token of a login is cached (0600) under \
 $XDG_CACHE_HOME/coriolis-ovm-exporter and reused until it expires.";
 
+/// A VM, snapshot or disk id from the command line: never empty. An empty
+/// id would make a path of another route (`.../snapshots/` is the list,
+/// whose array would be read as one snapshot).
+fn parse_id(s: &str) -> std::result::Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("an id cannot be empty".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
 /// Client of a coriolis-ovm-exporter node.
 #[derive(Parser, Debug)]
 #[command(
@@ -121,6 +131,7 @@ pub enum VmsCmd {
     /// One VM: its disks and snapshots.
     Show {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
     },
 }
@@ -130,21 +141,25 @@ pub enum SnapCmd {
     /// Snapshot every disk of a VM (crash-consistent, one id).
     Create {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
     },
     /// The VM's snapshots, oldest first.
     List {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
     },
     /// One snapshot; with --compare-to, the diff from an older one.
     Show {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
         /// Snapshot id.
+        #[arg(value_parser = parse_id)]
         snap: String,
         /// Older snapshot to diff against.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         compare_to: Option<String>,
         /// List every chunk (and zeroed range) in the table.
         #[arg(long)]
@@ -153,13 +168,16 @@ pub enum SnapCmd {
     /// Delete one snapshot.
     Delete {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
         /// Snapshot id.
+        #[arg(value_parser = parse_id)]
         snap: String,
     },
     /// Delete every snapshot of a VM.
     Purge {
         /// VM id (the 32-hex name).
+        #[arg(value_parser = parse_id)]
         vm: String,
         /// Confirm: every snapshot of the VM is deleted.
         #[arg(long)]
@@ -170,14 +188,16 @@ pub enum SnapCmd {
 #[derive(Args, Debug)]
 pub struct DownloadArgs {
     /// VM id (the 32-hex name).
+    #[arg(value_parser = parse_id)]
     pub vm: String,
     /// Snapshot to copy.
+    #[arg(value_parser = parse_id)]
     pub snap: String,
     /// Folder of the replicas (one sparse file per disk, named by disk).
     #[arg(long)]
     pub out: PathBuf,
     /// Apply the diff from this older snapshot onto replicas of it in --out.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_id)]
     pub diff_from: Option<String>,
     /// Requests in flight.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -190,7 +210,7 @@ pub struct DownloadArgs {
     #[arg(long, value_enum, default_value_t = verify::VerifyWith::Crc32)]
     pub verify_with: verify::VerifyWith,
     /// Only these disks (repeatable).
-    #[arg(long = "disk")]
+    #[arg(long = "disk", value_parser = parse_id)]
     pub disks: Vec<String>,
     /// How to fetch the bytes.
     #[arg(long, value_enum, default_value_t = download::Transport::Auto)]
@@ -210,14 +230,16 @@ pub struct DownloadArgs {
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// VM id (the 32-hex name).
+    #[arg(value_parser = parse_id)]
     pub vm: String,
     /// Snapshot the replicas should equal.
+    #[arg(value_parser = parse_id)]
     pub snap: String,
     /// Folder of the replicas.
     #[arg(long)]
     pub out: PathBuf,
     /// Only these disks (repeatable).
-    #[arg(long = "disk")]
+    #[arg(long = "disk", value_parser = parse_id)]
     pub disks: Vec<String>,
     /// What to compare: per-block CRC-32s, or a strong digest per block and
     /// over the whole disk.
@@ -826,6 +848,36 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn empty_ids_are_usage_errors() {
+        // An empty snapshot id made `.../snapshots/`, the list route, whose
+        // array was read as one snapshot ("invalid type: map, expected a
+        // string") in a soak that passed a half-written id.
+        for args in [
+            &["c", "download", "vm1", "", "--out", "/x"][..],
+            &["c", "download", "", "s1", "--out", "/x"],
+            &[
+                "c",
+                "download",
+                "vm1",
+                "s1",
+                "--out",
+                "/x",
+                "--diff-from",
+                "",
+            ],
+            &["c", "download", "vm1", "s1", "--out", "/x", "--disk", " "],
+            &["c", "verify", "vm1", "", "--out", "/x"],
+            &["c", "snapshots", "show", "vm1", ""],
+            &["c", "snapshots", "delete", "vm1", ""],
+            &["c", "snapshots", "show", "vm1", "s1", "--compare-to", ""],
+            &["c", "vms", "show", ""],
+        ] {
+            let e = Cli::try_parse_from(args).expect_err(&format!("{args:?}"));
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
     }
 
     #[test]

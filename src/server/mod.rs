@@ -58,9 +58,14 @@ const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// before it sends a GOAWAY (RUSTSEC-2024-0003). Lower than hyper's 1024:
 /// no honest client of this API causes more than a handful.
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 64;
-/// HTTP/2: bytes hyper buffers per stream for sending; our frames are
-/// already bounded by the io core, this only bounds what it adds.
-const H2_MAX_SEND_BUF_SIZE: usize = 1 << 20;
+/// HTTP/2: bytes hyper buffers per stream for sending, at least. A disk
+/// body's frames are the io core's own buffers (no copy), already bounded by
+/// `io.read_ahead`: the limit is raised to that read-ahead
+/// ([`Limits::h2_send_buf`]) so a stream's task can hand h2 every frame the
+/// io core has ready, instead of waiting for h2 to write out one before it
+/// may queue the next (a wake-up of the stream task per frame, and on busy
+/// cores a connection left idle until that task runs).
+const H2_MIN_SEND_BUF_SIZE: usize = 1 << 20;
 /// How often a connection's watchdog looks at it, at most; shorter
 /// timeouts are looked at in a quarter of their length.
 const WATCHDOG_TICK: Duration = Duration::from_secs(1);
@@ -214,7 +219,7 @@ pub async fn serve(
                     .max_concurrent_streams(limits.h2_streams)
                     .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
                     .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
-                    .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+                    .max_send_buf_size(limits.h2_send_buf)
                     .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
                 watched(
                     watcher.watch(b.serve_connection(io, svc)),
@@ -344,6 +349,9 @@ struct Limits {
     send: Duration,
     h2_idle: Duration,
     h2_streams: u32,
+    /// Bytes h2 may buffer per stream for sending (see
+    /// [`H2_MIN_SEND_BUF_SIZE`]).
+    h2_send_buf: usize,
 }
 
 impl From<&Config> for Limits {
@@ -356,6 +364,7 @@ impl From<&Config> for Limits {
             send: c.api.send_timeout,
             h2_idle: c.api.http2_idle_timeout,
             h2_streams: c.api.http2_max_concurrent_streams,
+            h2_send_buf: (c.io.read_ahead * c.io.buffer_size).max(H2_MIN_SEND_BUF_SIZE),
         }
     }
 }

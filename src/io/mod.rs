@@ -34,7 +34,7 @@
 //!
 //! Every buffer has an owner and a bound. Disk-read memory is at most
 //! `(pool_buffers + overflow_buffers) * buffer_size` whatever the clients do
-//! ([`config::IoConfig::memory_bound`]; 96 MiB with the defaults), and every
+//! ([`config::IoConfig::memory_bound`]; 88 MiB with the defaults), and every
 //! stream holds at most `read_ahead` buffers, counting frames already handed
 //! to hyper but not yet written (a stream permit rides in each frame's
 //! owner). A client that stops reading therefore stalls its own stream and

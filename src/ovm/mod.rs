@@ -51,8 +51,8 @@ pub enum InventoryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is larger than {MAX_DB_FILE} bytes")]
-    TooLarge { path: PathBuf },
+    #[error("{path} is larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("{path} is not a readable Berkeley DB hash database")]
     Db {
         path: PathBuf,
@@ -126,6 +126,7 @@ pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, InventoryEr
     if buf.len() as u64 > max {
         return Err(InventoryError::TooLarge {
             path: path.to_owned(),
+            max,
         });
     }
     Ok(buf)
@@ -191,6 +192,7 @@ pub(crate) fn read_bounded_beneath(
     if buf.len() as u64 > max {
         return Err(InventoryError::TooLarge {
             path: path.to_owned(),
+            max,
         });
     }
     Ok(buf)

@@ -26,17 +26,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::agent_db::{MAX_DB_FILE, REPOSITORY_DB};
 use super::agent_records::RepositoryRecord;
 use super::bdb::HashDb;
 use super::config::{InventoryConfig, InventorySource, StaticRepository, StaticVm};
+use super::error::InventoryError;
+use super::files::{open_beneath, read_bounded, read_bounded_beneath};
 use super::model::{Disk, Repository, RepositoryStatus, Vm};
 use super::pickle::bytes_to_text;
 use super::probe::{probe_clone, CloneProbe};
+use super::source::Inventory;
 use super::vmcfg::{self, DiskSpec, DiskTarget, OvsMetaEntry, VmConfig, OVSMETA_VIRTUAL_DISK};
-use super::{
-    open_beneath, read_bounded, read_bounded_beneath, Inventory, InventoryError, MAX_DB_FILE,
-    REPOSITORY_DB,
-};
 
 /// Folder of a repository holding one folder per VM.
 pub const VM_DIR: &str = "VirtualMachines";
@@ -346,6 +346,13 @@ impl NodeInventory {
             status,
         })
     }
+}
+
+/// Opens the inventory the config describes. With `source = "auto"`, the
+/// ovs-agent databases are used when `<ovs_agent_db_dir>/repository`
+/// exists, else the static inventory.
+pub fn open_inventory(cfg: &InventoryConfig) -> Result<Arc<dyn Inventory>, InventoryError> {
+    Ok(Arc::new(NodeInventory::open(cfg)?))
 }
 
 impl Inventory for NodeInventory {

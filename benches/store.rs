@@ -109,6 +109,7 @@ fn bench_load(c: &mut Criterion) {
             size: 1 << 40,
             fingerprint: fp,
             extents: N as u64,
+            parent_ino: None,
         }],
     };
     let mut g = c.benchmark_group("store");

@@ -24,6 +24,12 @@ pub enum Class {
 /// A layer's error that says its own [`Class`].
 pub trait Classify: std::error::Error + Send + Sync + 'static {
     fn class(&self) -> Class;
+
+    /// A stable machine-readable code for the error body (`wire::CODE_*`),
+    /// for the failures a client can act on; None for the rest.
+    fn code(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The error's message followed by each cause, `: `-separated. A cause whose

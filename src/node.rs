@@ -314,6 +314,30 @@ mod tests {
             disk: "d".into(),
             cause: crate::snapshot::Unverified::Open(std::io::Error::other("inode")),
         });
-        assert!(matches!(base, ApiError::Conflict(_)));
+        assert!(
+            matches!(&base, ApiError::Coded { code: "base_changed", inner } if matches!(**inner, ApiError::Conflict(_)))
+        );
+        assert_eq!(base.status().0, http::StatusCode::CONFLICT);
+        let gone = answer(SnapshotError::BaseUnavailable {
+            id: "a".into(),
+            reason: "deleted".into(),
+        });
+        assert_eq!(gone.status().0, http::StatusCode::NOT_FOUND);
+        let resp = gone.into_response();
+        assert_eq!(resp.status(), http::StatusCode::NOT_FOUND);
+        let replaced = answer(SnapshotError::DiskReplaced {
+            id: "a".into(),
+            disk: "d".into(),
+        });
+        assert!(matches!(
+            &replaced,
+            ApiError::Coded {
+                code: "disk_replaced",
+                ..
+            }
+        ));
+        assert_eq!(replaced.status().0, http::StatusCode::CONFLICT);
+        let lost = answer(SnapshotError::LeaseLost { id: "a".into() });
+        assert!(matches!(lost, ApiError::Unavailable(_)));
     }
 }

@@ -9,9 +9,10 @@
 //!
 //! An exporter runs on each node over the shared repository, with its own
 //! database on local storage and its own owner id (as `/etc/machine-id`
-//! differs between real nodes). Each snapshots its own VM; neither lists,
-//! adopts, removes nor changes the other's snapshot folder, not even when it
-//! restarts and reconciles with that folder in the repository.
+//! differs between real nodes). Each snapshots its own VM; each lists and
+//! serves the other's snapshot too (the pool-wide catalog, docs/catalog.md),
+//! also after a restart, without changing the other's folder; each deletes
+//! its own, and the other sees it gone.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -130,7 +131,7 @@ fn snapshot_ids(client: &Client, vm: &str) -> Vec<String> {
 }
 
 #[test]
-fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders() {
+fn two_exporters_share_one_catalog_and_serve_each_others_snapshots() {
     let node = this_node();
     let other = 3 - node;
     let root = Fs::Ocfs2.root().join("cluster");
@@ -183,16 +184,35 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
         "{theirs_before:?}"
     );
 
-    // This exporter knows only its own snapshot, also after a restart, whose
-    // reconcile sees the other node's folder in the repository.
+    // This exporter lists the other node's snapshot and serves it (a full
+    // copy identical to the other node's disk), also after a restart whose
+    // reconcile sees that folder in the repository.
+    let their_id = their_folder
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
-    assert!(snapshot_ids(&client, &theirs).is_empty());
+    assert_eq!(snapshot_ids(&client, &theirs), vec![their_id.clone()]);
+    let theirs_out = local.path("their-replica");
+    client.json(&[
+        "download",
+        &theirs,
+        &their_id,
+        "--out",
+        theirs_out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        fs::read(theirs_out.join(disk_name(other))).unwrap(),
+        fs::read(their_folder.join(disk_name(other))).unwrap(),
+        "the copy of node {other}'s snapshot differs from its clone"
+    );
     drop(client);
     drop(server);
     let server = Server::start_with(&local.dir, &repo, &mut rng, setup);
     let client = Client::new(&server, &local.path("cache"));
     assert_eq!(snapshot_ids(&client, &mine), vec![id.clone()]);
-    assert!(snapshot_ids(&client, &theirs).is_empty());
+    assert_eq!(snapshot_ids(&client, &theirs), vec![their_id.clone()]);
     assert_eq!(
         contents(&their_folder),
         theirs_before,
@@ -214,6 +234,10 @@ fn two_exporters_snapshot_their_own_vms_and_never_touch_the_other_nodes_folders(
     assert!(
         !their_folder.exists(),
         "node {other} did not delete its own"
+    );
+    assert!(
+        snapshot_ids(&client, &theirs).is_empty(),
+        "node {other}'s delete is not seen here"
     );
     drop(client);
     drop(server);

@@ -114,8 +114,11 @@ impl Setup {
 pub fn folders(repo: &Path) -> Vec<String> {
     match std::fs::read_dir(repo.join(SNAPSHOTS_DIR)) {
         Ok(rd) => {
+            // Every entry but the catalog's generation token: a staging or
+            // trash folder left behind shows up.
             let mut v: Vec<String> = rd
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".coriolis-generation")
                 .collect();
             v.sort();
             v
@@ -451,12 +454,20 @@ fn api_errors_ordering_delete_and_purge() {
             s.mgr.get("vmA", "../../etc/passwd", &GetOptions::default()),
             "path as id",
         ),
-        (s.mgr.get("vmA", &a2.id, &opts(&unknown)), "unknown base"),
     ] {
         assert!(
             matches!(r, Err(SnapshotError::NotFound { .. })),
             "{what}: {r:?}"
         );
+    }
+    // An unknown base is a base a client cannot use: a full copy is needed.
+    let r = s.mgr.get("vmA", &a2.id, &opts(&unknown));
+    match &r {
+        Err(e @ SnapshotError::BaseUnavailable { .. }) => {
+            assert_eq!(e.code(), Some("base_unavailable"));
+            assert!(e.to_string().contains("full copy"), "{e}");
+        }
+        other => panic!("unknown base: {other:?}"),
     }
     assert!(matches!(
         s.mgr.get("vmB", &a1.id, &GetOptions::default()),
@@ -539,14 +550,21 @@ fn a_diff_against_a_changed_or_missing_base_is_refused() {
     f.write_all_at(b"tampered", 4096).unwrap();
     drop(f);
     match s.mgr.get("vm", &s2.id, &opts) {
-        Err(SnapshotError::BaseChanged { disk, .. }) => assert_eq!(disk, "b.img"),
+        Err(e @ SnapshotError::BaseChanged { .. }) => {
+            assert!(matches!(&e, SnapshotError::BaseChanged { disk, .. } if disk == "b.img"));
+            assert_eq!(e.code(), Some("base_changed"));
+            assert!(e.to_string().contains("full copy"), "{e}");
+        }
         other => panic!("{other:?}"),
     }
+    // Its clone gone: the base is unavailable.
     std::fs::remove_file(&s1.disks[1].path).unwrap();
-    assert!(matches!(
-        s.mgr.get("vm", &s2.id, &opts),
-        Err(SnapshotError::BaseChanged { .. })
-    ));
+    match s.mgr.get("vm", &s2.id, &opts) {
+        Err(e @ SnapshotError::BaseUnavailable { .. }) => {
+            assert_eq!(e.code(), Some("base_unavailable"))
+        }
+        other => panic!("{other:?}"),
+    }
     // Reconcile drops the damaged snapshot and its folder.
     let report = s.mgr.reconcile(&[s.repo()]).unwrap();
     assert!(

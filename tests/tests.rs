@@ -8,6 +8,7 @@
 //! `scripts/test.sh` runs them there and the rest on the host.
 
 mod api;
+mod catalog;
 mod common;
 mod datapath;
 mod e2e;

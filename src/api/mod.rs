@@ -59,6 +59,12 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     Unavailable(String),
+    /// `inner` with a machine-readable `code` in its error body.
+    #[error("{inner}")]
+    Coded {
+        code: &'static str,
+        inner: Box<ApiError>,
+    },
 }
 
 /// The one table from a failure's class to its answer: every layer's error
@@ -67,6 +73,10 @@ pub enum ApiError {
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         let class = e.class();
+        let code = match &e {
+            BackendError::Layer(l) => l.code(),
+            _ => None,
+        };
         let details = match e {
             BackendError::Layer(e) => crate::error::chain(&*e),
             BackendError::NotFound(m)
@@ -75,13 +85,20 @@ impl From<BackendError> for ApiError {
             | BackendError::Unavailable(m)
             | BackendError::Internal(m) => m,
         };
-        match class {
+        let e = match class {
             Class::NotFound => ApiError::NotFound(details),
             Class::Conflict => ApiError::Conflict(details),
             Class::BadRequest => ApiError::BadRequest(details),
             Class::Unavailable => ApiError::Unavailable(details),
             Class::Internal => ApiError::Internal(details),
             Class::InsufficientStorage => ApiError::InsufficientStorage(details),
+        };
+        match code {
+            Some(code) => ApiError::Coded {
+                code,
+                inner: Box::new(e),
+            },
+            None => e,
         }
     }
 }
@@ -111,6 +128,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Server error"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "Bad Gateway"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
+            ApiError::Coded { inner, .. } => inner.status(),
         }
     }
 
@@ -124,6 +142,10 @@ impl ApiError {
         let body = crate::wire::ErrorBody {
             error: short.to_owned(),
             details: self.to_string(),
+            code: match &self {
+                ApiError::Coded { code, .. } => Some((*code).to_owned()),
+                _ => None,
+            },
         };
         let mut resp = json_response(status, &body);
         let h = resp.headers_mut();

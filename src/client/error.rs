@@ -55,6 +55,18 @@ pub enum ClientError {
         short: String,
         details: String,
     },
+    /// The server refused a `compareTo` base with a code saying a full copy
+    /// is needed (`base_unavailable`, `base_changed`, `disk_replaced`).
+    #[error(
+        "{what}: the base snapshot cannot be used ({code}): {details}; make a full copy \
+         (download again with --full-if-needed, or without --diff-from)"
+    )]
+    BaseUnusable {
+        what: String,
+        status: u16,
+        code: String,
+        details: String,
+    },
     #[error("{what}: unexpected answer: {problem}")]
     Protocol { what: String, problem: String },
     #[error("{what}: the answer is not the expected JSON: {source}")]
@@ -99,12 +111,14 @@ impl ClientError {
         match self {
             ClientError::Usage(_) => exit::USAGE,
             ClientError::NoCredentials(_) => exit::AUTH,
-            ClientError::Http { status, .. } => match status {
-                401 | 403 => exit::AUTH,
-                404 => exit::NOT_FOUND,
-                409 => exit::CONFLICT,
-                _ => exit::ERROR,
-            },
+            ClientError::Http { status, .. } | ClientError::BaseUnusable { status, .. } => {
+                match status {
+                    401 | 403 => exit::AUTH,
+                    404 => exit::NOT_FOUND,
+                    409 => exit::CONFLICT,
+                    _ => exit::ERROR,
+                }
+            }
             ClientError::ReplicaConflict(_) => exit::CONFLICT,
             ClientError::VerifyMismatch(_) => exit::VERIFY_MISMATCH,
             _ => exit::ERROR,
@@ -114,9 +128,17 @@ impl ClientError {
     /// The HTTP status, when the server answered with an error.
     pub fn status(&self) -> Option<u16> {
         match self {
-            ClientError::Http { status, .. } => Some(*status),
+            ClientError::Http { status, .. } | ClientError::BaseUnusable { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
+    }
+
+    /// Whether the server said the diff's base cannot be used and a full
+    /// copy is needed.
+    pub fn needs_full_copy(&self) -> bool {
+        matches!(self, ClientError::BaseUnusable { .. })
     }
 
     /// The message with its chain of causes, for the one line printed.

@@ -436,6 +436,18 @@ pub fn check(what: &str, resp: Response<Body>) -> Result<Response<Body>> {
         .read_to_vec()
         .unwrap_or_default();
     let (short, details) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(ErrorBody {
+            details,
+            code: Some(code),
+            ..
+        }) if crate::wire::needs_full_copy(&code) => {
+            return Err(ClientError::BaseUnusable {
+                what: what.to_owned(),
+                status: status.as_u16(),
+                code,
+                details,
+            })
+        }
         Ok(e) => (e.error, e.details),
         Err(_) => (
             status.canonical_reason().unwrap_or("error").to_owned(),

@@ -199,6 +199,11 @@ pub struct DownloadArgs {
     /// Apply the diff from this older snapshot onto replicas of it in --out.
     #[arg(long, value_parser = parse_id)]
     pub diff_from: Option<String>,
+    /// With --diff-from: when the server says that base cannot be used (it
+    /// was deleted, its clone changed, or the disk was replaced), make a
+    /// full copy instead of failing.
+    #[arg(long, requires = "diff_from")]
+    pub full_if_needed: bool,
     /// Requests in flight.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
@@ -745,7 +750,20 @@ fn download_cmd(g: &Global, a: DownloadArgs) -> Result<()> {
         progress: !g.quiet,
         zstd: (a.compress == download::Compress::Zstd).then_some(a.compress_level),
     };
-    let mut report = s.call(g, |api| download::download(api, &o))?;
+    let mut report = match s.call(g, |api| download::download(api, &o)) {
+        Err(e) if a.full_if_needed && e.needs_full_copy() => {
+            eprintln!(
+                "warning: {}; making a full copy instead (--full-if-needed)",
+                e.chain()
+            );
+            let full = download::Options {
+                diff_from: None,
+                ..o.clone()
+            };
+            s.call(g, |api| download::download(api, &full))?
+        }
+        r => r?,
+    };
     // A verification that cannot run is reported after the download's own
     // report: the replicas are complete either way.
     let mut verify_error = None;

@@ -36,13 +36,30 @@ pub enum SnapshotError {
     BadRequest { reason: String },
     /// The base snapshot of a diff is no longer the one its extent maps
     /// describe: answering would risk a missed change (SEMANTICS.md §2).
-    #[error("base snapshot {id}: disk {disk} changed or vanished since it was recorded")]
+    #[error(
+        "base snapshot {id}: disk {disk} changed since it was recorded; a full copy is needed"
+    )]
     BaseChanged {
         id: String,
         disk: String,
         #[source]
         cause: Unverified,
     },
+    /// The base of a diff is not in the pool's catalog, or its clone is
+    /// gone (HTTP 404, code `base_unavailable`).
+    #[error("base snapshot {id} cannot be used: {reason}; a full copy is needed")]
+    BaseUnavailable { id: String, reason: String },
+    /// A disk of the snapshot is another file than the one the base cloned
+    /// (HTTP 409, code `disk_replaced`).
+    #[error("disk {disk} was replaced since base snapshot {id} was made; a full copy is needed")]
+    DiskReplaced { id: String, disk: String },
+    /// A create lost its half-made folder to another node's sweep (its
+    /// lease had expired): nothing was published (HTTP 503: retry).
+    #[error(
+        "snapshot {id}: its folder was claimed by another node before it was published \
+         (the create outlived its lease, `[store] lease_seconds`); nothing was made"
+    )]
+    LeaseLost { id: String },
     /// The snapshot itself is damaged on disk (file gone or changed).
     #[error("snapshot {id}: disk {disk} is damaged")]
     Damaged {
@@ -111,6 +128,10 @@ impl SnapshotError {
 }
 
 impl Classify for SnapshotError {
+    fn code(&self) -> Option<&'static str> {
+        SnapshotError::code(self)
+    }
+
     fn class(&self) -> Class {
         match self {
             SnapshotError::NotFound { .. } => Class::NotFound,
@@ -120,7 +141,11 @@ impl Classify for SnapshotError {
             }
             // The base of a diff is gone or changed: answering would risk a
             // missed change, and retrying will not help.
-            SnapshotError::BaseChanged { .. } => Class::Conflict,
+            SnapshotError::BaseChanged { .. } | SnapshotError::DiskReplaced { .. } => {
+                Class::Conflict
+            }
+            SnapshotError::BaseUnavailable { .. } => Class::NotFound,
+            SnapshotError::LeaseLost { .. } => Class::Unavailable,
             SnapshotError::Busy { .. } => Class::Conflict,
             SnapshotError::Store(s) => s.class(),
             SnapshotError::Inventory(e) => e.class(),
@@ -134,6 +159,19 @@ impl Classify for SnapshotError {
             | SnapshotError::Fiemap { .. }
             | SnapshotError::Io { .. }
             | SnapshotError::Refine { .. } => Class::Internal,
+        }
+    }
+}
+
+impl SnapshotError {
+    /// The stable machine-readable `code` of the error body, for the
+    /// failures a client can act on (API.md, docs/catalog.md).
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            SnapshotError::BaseUnavailable { .. } => Some(crate::wire::CODE_BASE_UNAVAILABLE),
+            SnapshotError::BaseChanged { .. } => Some(crate::wire::CODE_BASE_CHANGED),
+            SnapshotError::DiskReplaced { .. } => Some(crate::wire::CODE_DISK_REPLACED),
+            _ => None,
         }
     }
 }

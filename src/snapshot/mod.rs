@@ -35,6 +35,7 @@
 
 pub mod admin;
 mod cancel;
+pub mod catalog;
 pub mod error;
 pub mod exact;
 pub mod fault;
@@ -42,7 +43,7 @@ mod reconcile;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -106,6 +107,10 @@ pub struct StoreConfig {
     /// `OCFS2_IOC_REFLINK`) or `"ocfs2-reflink"` (OCFS2's only, as on
     /// UEK4; the tests use it to exercise that ioctl on a real OCFS2).
     pub clone: crate::sys::ClonePolicy,
+    /// A maker's lease on its half-made snapshot folders, in seconds: once
+    /// a folder has not changed for this long, any node of the pool may
+    /// remove it (docs/catalog.md). Default 1800.
+    pub lease_seconds: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -115,11 +120,19 @@ impl Default for StoreConfig {
             max_readers: crate::store::DEFAULT_MAX_READERS,
             owner: None,
             clone: crate::sys::ClonePolicy::Auto,
+            lease_seconds: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// The lease in force (at least one second).
+    pub fn lease(&self) -> std::time::Duration {
+        self.lease_seconds.map_or(catalog::DEFAULT_LEASE, |s| {
+            std::time::Duration::from_secs(s.max(1))
+        })
+    }
+
     /// The owner id in force: the configured one or the machine's.
     pub fn owner_id(&self) -> String {
         if let Some(o) = self
@@ -173,11 +186,13 @@ struct PlannedDisk {
     repo_mount: PathBuf,
 }
 
-/// A snapshot folder made by a create in progress.
+/// A snapshot folder made by a create in progress: staged under
+/// `.coriolis-staging-<id>` until published as `<id>`.
 struct Folder {
     repo_mount: PathBuf,
     snaps_dir: OwnedFd,
     dir: OwnedFd,
+    published: bool,
 }
 
 /// A handle on one VM's lock (see `Manager::vm_mutex`): lock it with
@@ -221,6 +236,10 @@ pub struct Manager {
     reconciling: RwLock<()>,
     /// When diffs are refined by content without `exact=` (`[diff] exact`).
     exact: ExactMode,
+    /// A maker's lease on its half-made folders (`[store] lease_seconds`).
+    lease: std::time::Duration,
+    /// What the cache holds of each repository (catalog.rs).
+    catalog: catalog::CatalogState,
     /// Held for the manager's life: a second process (e.g. an admin command
     /// while the service runs) is refused instead of reconciling away the
     /// service's creates in progress.
@@ -309,6 +328,8 @@ impl Manager {
             reconciling: RwLock::new(()),
             _process_lock: lock,
             exact: ExactMode::default(),
+            lease: config.lease(),
+            catalog: catalog::CatalogState::default(),
         })
     }
 
@@ -371,6 +392,8 @@ impl Manager {
         let m = self.vm_mutex(&vm.name);
         let _one_at_a_time = m.lock();
         if let Some(k) = key {
+            // A snapshot of that key deleted through another node is gone.
+            self.refresh()?;
             // Under the VM's lock: no create or delete of it runs now.
             if let Some(id) = self.store.idempotent(&vm.name, k, now_ns())? {
                 if let Some(rec) = self.store.get(&id)? {
@@ -385,7 +408,14 @@ impl Manager {
         let result = self.create_in(&vm, &plan, &id, &mut folders, key);
         if result.is_err() {
             for f in &folders {
-                if let Err(e) = path::remove_tree_flat(f.snaps_dir.as_fd(), &id) {
+                // Claimed first (renamed to trash): a folder of ours that a
+                // sweeper already claimed is simply gone.
+                let name = if f.published {
+                    id.clone()
+                } else {
+                    catalog::staging_name(&id)
+                };
+                if let Err(e) = catalog::claim_and_remove(f.snaps_dir.as_fd(), &name) {
                     // Reconcile removes it at the next start (owner mark).
                     tracing::error!(snapshot = %id, repo = %f.repo_mount.display(), error = %e,
                         "cannot remove the folder of a failed snapshot");
@@ -405,7 +435,10 @@ impl Manager {
         folders: &mut Vec<Folder>,
         key: Option<&str>,
     ) -> Result<(SnapshotRecord, Vec<ExtentMap>), SnapshotError> {
+        // (`folders` is the caller's so that it can clean up on failure.)
         let created_at_ns = now_ns();
+        let staging = catalog::staging_name(id);
+        self.know_repos(plan.iter().map(|d| d.repo_mount.as_path()));
         for d in plan {
             if folders.iter().any(|f| f.repo_mount == d.repo_mount) {
                 continue;
@@ -415,12 +448,13 @@ impl Manager {
                 .map_err(|e| SnapshotError::io("open the repository", what(), e))?;
             let (snaps_dir, _) = path::ensure_dir_at(repo.as_fd(), SNAPSHOTS_DIR)
                 .map_err(|e| SnapshotError::io("open CoriolisSnapshots", what(), e))?;
-            let dir = path::create_dir_at(snaps_dir.as_fd(), id)
+            let dir = path::create_dir_at(snaps_dir.as_fd(), &staging)
                 .map_err(|e| SnapshotError::io("create the snapshot folder", what(), e))?;
             folders.push(Folder {
                 repo_mount: d.repo_mount.clone(),
                 snaps_dir,
                 dir,
+                published: false,
             });
             let f = folders.last().expect("just pushed");
             path::write_new(f.dir.as_fd(), OWNER_MARK, self.owner.as_bytes())
@@ -430,6 +464,7 @@ impl Manager {
 
         let mut disks = Vec::with_capacity(plan.len());
         let mut maps = Vec::with_capacity(plan.len());
+        let mut renewed = std::time::Instant::now();
         for (i, d) in plan.iter().enumerate() {
             let folder = folders
                 .iter()
@@ -469,6 +504,24 @@ impl Manager {
             if i == 0 {
                 fault::point(fault::CREATE_AFTER_FIRST_CLONE);
             }
+            // The source's identity: a later snapshot whose disk is another
+            // file cannot be diffed against this one (`disk_replaced`).
+            let parent_ino = path::cname(&d.src_name)
+                .ok()
+                .and_then(|c| {
+                    rustix::fs::statat(
+                        src_dir.as_fd(),
+                        c.as_c_str(),
+                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .ok()
+                })
+                // Field widths differ between targets.
+                .map(|st| {
+                    #[allow(clippy::unnecessary_cast)]
+                    let ino = st.st_ino as u64;
+                    ino
+                });
             let clone = path::open_file_at(folder.dir.as_fd(), &d.name)
                 .map_err(|e| SnapshotError::io("open the clone", &d.name, e))?;
             // The record will say this clone exists: make it durable first.
@@ -489,8 +542,14 @@ impl Manager {
                 size: fingerprint.size,
                 fingerprint,
                 extents: map.len() as u64,
+                parent_ino,
             });
             maps.push(map);
+            // Renew the lease after each clone (one may take minutes).
+            if renewed.elapsed() >= self.lease / 8 {
+                self.renew_all(folders)?;
+                renewed = std::time::Instant::now();
+            }
         }
         for f in folders.iter() {
             path::fsync_dir(f.dir.as_fd()).map_err(|e| {
@@ -516,11 +575,64 @@ impl Manager {
             path::write_atomic(f.dir.as_fd(), MANIFEST_TMP, MANIFEST, &manifest)
                 .map_err(|e| SnapshotError::io("write the manifest", lossy(&f.repo_mount), e))?;
         }
+        // Publishing takes milliseconds; the lease must cover it whole.
+        self.renew_all(folders)?;
+
+        // Publish, record and tell the pool, with rescans of this node
+        // held off (a rescan would adopt what we are about to record).
+        let _catalog = self.catalog.lock.lock().unwrap_or_else(|e| e.into_inner());
+        for f in folders.iter_mut() {
+            let won = catalog::rename_in(f.snaps_dir.as_fd(), &staging, id).map_err(|e| {
+                SnapshotError::io("publish the snapshot folder", lossy(&f.repo_mount), e)
+            })?;
+            if !won {
+                return Err(SnapshotError::LeaseLost { id: id.to_owned() });
+            }
+            f.published = true;
+            path::fsync_dir(f.snaps_dir.as_fd()).map_err(|e| {
+                SnapshotError::io("sync CoriolisSnapshots", lossy(&f.repo_mount), e)
+            })?;
+        }
         fault::point(fault::CREATE_AFTER_MANIFEST);
+        // Every folder is still the one we made (not claimed and replaced).
+        for f in folders.iter() {
+            let same = path::open_dir_at(f.snaps_dir.as_fd(), id)
+                .and_then(|d| Ok((rustix::fs::fstat(&d)?, rustix::fs::fstat(&f.dir)?)))
+                .map(|(a, b)| a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+                .unwrap_or(false);
+            if !same {
+                return Err(SnapshotError::LeaseLost { id: id.to_owned() });
+            }
+        }
 
         self.store.insert_keyed(&mut record, &maps, key)?;
+        self.bump_all(
+            folders
+                .iter()
+                .map(|f| (f.snaps_dir.as_fd(), f.repo_mount.as_path())),
+        );
         fault::point(fault::CREATE_AFTER_COMMIT);
         Ok((record, maps))
+    }
+
+    /// Renews this maker's lease on every folder of a create.
+    fn renew_all(&self, folders: &[Folder]) -> Result<(), SnapshotError> {
+        for f in folders {
+            catalog::renew(f.dir.as_fd())
+                .map_err(|e| SnapshotError::io("renew the lease", lossy(&f.repo_mount), e))?;
+        }
+        Ok(())
+    }
+
+    /// Tells the pool the catalog of each repository changed. A failure is
+    /// logged: the change itself is made, and other nodes see it at their
+    /// next sweep or rescan.
+    fn bump_all<'a>(&self, snaps: impl IntoIterator<Item = (BorrowedFd<'a>, &'a Path)>) {
+        for (fd, mount) in snaps {
+            if let Err(e) = catalog::bump(fd) {
+                tracing::warn!(repo = %mount.display(), error = %e, "cannot renew the catalog token");
+            }
+        }
     }
 
     /// The manager with `[diff] exact` = `mode`.
@@ -564,28 +676,52 @@ impl Manager {
         options: &GetOptions,
         cancel: &Cancel,
     ) -> Result<Snapshot, SnapshotError> {
+        self.refresh()?;
         let rec = self.record_of(vm, snap)?;
         let maps = self.maps_of(&rec)?;
         let Some(base_id) = options.compare_to.as_deref() else {
             return Ok(info(&rec, &maps, options.squash));
         };
-        let base = self.record_of(vm, base_id)?;
-        if base.seq >= rec.seq {
+        let base = match self.store.get(base_id)? {
+            None => {
+                return Err(SnapshotError::BaseUnavailable {
+                    id: base_id.to_owned(),
+                    reason: "it is not in the repository's catalog (deleted, or never made)".into(),
+                })
+            }
+            Some(b) if b.vm != vm => {
+                return Err(SnapshotError::Conflict {
+                    what: format!("snapshot {base_id} belongs to another VM"),
+                })
+            }
+            Some(b) => b,
+        };
+        if order(&base) >= order(&rec) {
             return Err(SnapshotError::BadRequest {
                 reason: format!("compareTo snapshot {base_id} is not older than {snap}"),
             });
         }
+        // A disk that is another file than the one the base cloned: its
+        // base clone tells nothing about it.
+        for d in &rec.disks {
+            if options.only_disk.as_ref().is_some_and(|o| *o != d.name) {
+                continue;
+            }
+            let Some(b) = base.disks.iter().find(|b| b.name == d.name) else {
+                continue;
+            };
+            let other_inode = matches!((b.parent_ino, d.parent_ino), (Some(x), Some(y)) if x != y);
+            if b.parent_path != d.parent_path || other_inode {
+                return Err(SnapshotError::DiskReplaced {
+                    id: base.id.clone(),
+                    disk: d.name.clone(),
+                });
+            }
+        }
         // The maps must describe the files as they are: a base whose file
         // was replaced or removed may have had its blocks reused.
         verify(&base).map_err(|(disk, cause)| {
-            self.unless_deleted(
-                &base.id,
-                SnapshotError::BaseChanged {
-                    id: base.id.clone(),
-                    disk,
-                    cause,
-                },
-            )
+            self.unless_deleted(&base.id, base_error(&base.id, disk, cause))
         })?;
         verify(&rec).map_err(|(disk, cause)| {
             self.unless_deleted(
@@ -656,11 +792,7 @@ impl Manager {
         let damaged = |id: &str, disk: &str, cause: Unverified, base_side: bool| {
             let (id, disk) = (id.to_owned(), disk.to_owned());
             let e = if base_side {
-                SnapshotError::BaseChanged {
-                    id: id.clone(),
-                    disk,
-                    cause,
-                }
+                base_error(&id, disk, cause)
             } else {
                 SnapshotError::Damaged {
                     id: id.clone(),
@@ -714,11 +846,31 @@ impl Manager {
     /// record gone now means the snapshot is not found (a race with a
     /// delete, not damage).
     fn unless_deleted(&self, id: &str, err: SnapshotError) -> SnapshotError {
-        match self.store.get(id) {
-            Ok(None) => SnapshotError::NotFound {
+        // A local delete unpublishes and unrecords under this lock: past
+        // it, the record and the folders agree.
+        let _catalog = self.catalog.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let deleted = match self.store.get(id) {
+            Ok(None) => true,
+            // Unpublished by any node (its folder renamed away), whether or
+            // not this node's cache has seen it yet.
+            Ok(Some(rec)) => repo_mounts(&rec).into_iter().any(|m| {
+                matches!(open_snapshot_folder(m, id), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            }),
+            Err(_) => false,
+        };
+        if !deleted {
+            return err;
+        }
+        match err {
+            SnapshotError::BaseChanged { .. } | SnapshotError::BaseUnavailable { .. } => {
+                SnapshotError::BaseUnavailable {
+                    id: id.to_owned(),
+                    reason: "it was deleted".into(),
+                }
+            }
+            _ => SnapshotError::NotFound {
                 what: format!("snapshot {id}"),
             },
-            _ => err,
         }
     }
 
@@ -726,6 +878,7 @@ impl Manager {
     /// without snapshots is NotFound. A snapshot deleted while the list is
     /// read is left out, never failing the list.
     pub fn list(&self, vm: &str) -> Result<Vec<Snapshot>, SnapshotError> {
+        self.refresh()?;
         let recs = self.records_of_known_vm(vm)?;
         let mut out = Vec::with_capacity(recs.len());
         for r in &recs {
@@ -741,11 +894,16 @@ impl Manager {
     /// The ids of `vm`'s snapshots, oldest first (the VM JSON's
     /// `snapshots`); cheap, no extent map is read.
     pub fn ids(&self, vm: &str) -> Result<Vec<String>, SnapshotError> {
-        Ok(self.store.list_vm(vm)?.into_iter().map(|r| r.id).collect())
+        self.refresh()?;
+        let mut recs = self.store.list_vm(vm)?;
+        recs.sort_by(|a, b| order(a).cmp(&order(b)));
+        Ok(recs.into_iter().map(|r| r.id).collect())
     }
 
+    /// `vm`'s records, oldest first (the pool's order: creation time, id).
     fn records_of_known_vm(&self, vm: &str) -> Result<Vec<SnapshotRecord>, SnapshotError> {
-        let recs = self.store.list_vm(vm)?;
+        let mut recs = self.store.list_vm(vm)?;
+        recs.sort_by(|a, b| order(a).cmp(&order(b)));
         if recs.is_empty() && self.lookup_vm(vm)?.is_none() {
             return Err(SnapshotError::NotFound {
                 what: format!("VM {vm}"),
@@ -758,6 +916,7 @@ impl Manager {
     /// another VM is a Conflict. Open readers of its files keep reading.
     pub fn delete(&self, vm: &str, snap: &str) -> Result<(), SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
+        self.refresh()?;
         let m = self.vm_mutex(vm);
         let _one_at_a_time = m.lock();
         let Some(rec) = self.store.get(snap)? else {
@@ -774,6 +933,7 @@ impl Manager {
     /// Deletes every snapshot of `vm`; returns how many there were.
     pub fn purge(&self, vm: &str) -> Result<usize, SnapshotError> {
         let _shared = self.reconciling.read().unwrap_or_else(|e| e.into_inner());
+        self.refresh()?;
         let m = self.vm_mutex(vm);
         let _one_at_a_time = m.lock();
         let recs = self.records_of_known_vm(vm)?;
@@ -784,46 +944,55 @@ impl Manager {
     }
 
     fn delete_record(&self, rec: &SnapshotRecord) -> Result<(), SnapshotError> {
-        let mut folders = Vec::new();
-        for mount in repo_mounts(rec) {
-            match open_snapshot_folder(mount, &rec.id) {
-                Ok(f) => folders.push(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(SnapshotError::io(
-                        "open the snapshot folder",
-                        lossy(mount),
-                        e,
-                    ))
+        // Unpublish: each folder renamed to a trash name, atomically for
+        // every node (a crash from here on never brings it back, and a node
+        // deleting it at the same time finds it gone: fine, idempotent).
+        let mut trash: Vec<(OwnedFd, String, &Path)> = Vec::new();
+        let mut snaps_fds: Vec<(OwnedFd, &Path)> = Vec::new();
+        {
+            let _catalog = self.catalog.lock.lock().unwrap_or_else(|e| e.into_inner());
+            for mount in repo_mounts(rec) {
+                let snaps = match catalog::open_snaps(mount) {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(SnapshotError::io("open CoriolisSnapshots", lossy(mount), e))
+                    }
+                };
+                let name = catalog::trash_name();
+                let moved = catalog::rename_in(snaps.as_fd(), &rec.id, &name)
+                    .and_then(|moved| path::fsync_dir(snaps.as_fd()).map(|()| moved))
+                    .map_err(|e| SnapshotError::io("unpublish the snapshot", lossy(mount), e))?;
+                if moved {
+                    let again = snaps.try_clone().map_err(|e| {
+                        SnapshotError::io("open CoriolisSnapshots", lossy(mount), e)
+                    })?;
+                    trash.push((again, name, mount));
                 }
+                snaps_fds.push((snaps, mount));
             }
+            fault::point(fault::DELETE_AFTER_MANIFEST);
+            self.store.remove(&rec.id)?;
+            fault::point(fault::DELETE_AFTER_RECORD);
+            self.bump_all(snaps_fds.iter().map(|(fd, m)| (fd.as_fd(), *m)));
         }
-        // Without its manifest the folder is no snapshot: a crash from here
-        // on never brings it back, and reconcile finishes the removal.
-        for (snaps_dir, dir, mount) in &folders {
-            let _ = snaps_dir;
-            path::unlink_at(dir.as_fd(), MANIFEST)
-                .and_then(|()| path::fsync_dir(dir.as_fd()))
-                .map_err(|e| SnapshotError::io("remove the manifest", lossy(mount), e))?;
-        }
-        fault::point(fault::DELETE_AFTER_MANIFEST);
-        self.store.remove(&rec.id)?;
-        fault::point(fault::DELETE_AFTER_RECORD);
-        for (i, d) in rec.disks.iter().enumerate() {
-            if let Some((_, dir, _)) = folders
-                .iter()
-                .find(|(_, _, m)| *m == d.repo_mount.as_path())
-            {
+        let mut first = true;
+        for (snaps, name, mount) in &trash {
+            let dir = match path::open_dir_at(snaps.as_fd(), name) {
+                Ok(d) => d,
+                // Finished by a sweeper of another node.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SnapshotError::io("open the trash folder", lossy(mount), e)),
+            };
+            for d in rec.disks.iter().filter(|d| d.repo_mount == *mount) {
                 path::unlink_at(dir.as_fd(), &d.name)
                     .map_err(|e| SnapshotError::io("remove the disk clone", &d.name, e))?;
+                if std::mem::take(&mut first) {
+                    fault::point(fault::DELETE_AFTER_FIRST_FILE);
+                }
             }
-            if i == 0 {
-                fault::point(fault::DELETE_AFTER_FIRST_FILE);
-            }
-        }
-        for (snaps_dir, dir, mount) in folders {
             drop(dir);
-            path::remove_tree_flat(snaps_dir.as_fd(), &rec.id)
+            path::remove_tree_flat(snaps.as_fd(), name)
                 .map_err(|e| SnapshotError::io("remove the snapshot folder", lossy(mount), e))?;
         }
         tracing::info!(snapshot = %rec.id, vm = %rec.vm, "snapshot deleted");
@@ -839,6 +1008,7 @@ impl Manager {
         snap: &str,
         disk: &str,
     ) -> Result<(File, u64), SnapshotError> {
+        self.refresh()?;
         let rec = self.record_of(vm, snap)?;
         let d =
             rec.disks
@@ -867,6 +1037,30 @@ const _: fn() = || {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Manager>();
 };
+
+/// The pool's order of snapshots: creation time, then id (the same on
+/// every node; a store's sequence numbers are its own).
+fn order(rec: &SnapshotRecord) -> (u64, &str) {
+    (rec.created_at_ns, rec.id.as_str())
+}
+
+/// The error for a base whose file `disk` is not as recorded: gone
+/// (`base_unavailable`) or changed (`base_changed`).
+fn base_error(id: &str, disk: String, cause: Unverified) -> SnapshotError {
+    match &cause {
+        Unverified::Open(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            SnapshotError::BaseUnavailable {
+                id: id.to_owned(),
+                reason: format!("the clone of disk {disk} is gone"),
+            }
+        }
+        _ => SnapshotError::BaseChanged {
+            id: id.to_owned(),
+            disk,
+            cause,
+        },
+    }
+}
 
 /// The distinct repository mount points of a snapshot, in disk order.
 fn repo_mounts(rec: &SnapshotRecord) -> Vec<&Path> {

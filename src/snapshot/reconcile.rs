@@ -7,22 +7,28 @@
 //!   A record whose repository is not there at all (not mounted) is kept
 //!   with a warning: a missing mount is not a lost snapshot, and diffs
 //!   against it are refused anyway until its files are back.
-//! - A folder without a record that this exporter owns (owner mark or
-//!   manifest) is either complete (manifest, every disk present and
-//!   unchanged) and adopted back into the database, or half-made and
-//!   removed. An empty folder without an owner is removed; anything else
-//!   that is not ours (another node's, or unknown) is left alone.
+//! - A published folder without a record, whoever made it, is adopted when
+//!   complete (manifest, every disk present and unchanged): the database
+//!   is a cache of the pool's catalog (docs/catalog.md).
+//! - Half-made folders (a staging folder, an `<id>` folder without a
+//!   usable manifest, a published one that is incomplete) are removed when
+//!   this exporter made them (its owner mark: no create of ours runs while
+//!   we hold the database), and when another node made them only once
+//!   their lease expired. Removal always claims the folder first (renamed
+//!   to trash), so a maker publishing at that moment and the claim never
+//!   both win. Trash folders are removed. An empty folder without an owner
+//!   is removed; other unknown things are left alone.
 //!
 //! Rebuild is the same walk over an emptied database: every complete folder
-//! of ours is adopted, in creation order.
+//! is adopted, in creation order.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use uuid::Uuid;
 
+use super::catalog::{self, GENERATION, STAGING_PREFIX, TRASH_PREFIX};
 use super::{
     Manager, Manifest, SnapshotError, MANIFEST, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
     MAX_OWNER_BYTES, OWNER_MARK, RESERVED_PREFIX,
@@ -152,7 +158,7 @@ fn check_disk_file(id: &str, mount: &Path, name: &str, want: &Fingerprint) -> Re
 }
 
 /// Whether a manifest is one this build can adopt as the folder `name`.
-fn manifest_problem(m: &Manifest, name: &str) -> Option<String> {
+pub(super) fn manifest_problem(m: &Manifest, name: &str) -> Option<String> {
     if m.format != MANIFEST_FORMAT {
         return Some(format!("unknown manifest format {}", m.format));
     }
@@ -192,6 +198,7 @@ impl Manager {
     }
 
     fn reconcile_locked(&self, repos: &[PathBuf]) -> Result<ReconcileReport, SnapshotError> {
+        let _catalog = self.catalog.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = ReconcileReport::default();
         let records = self.store.list_all()?;
         let mut mounts: Vec<PathBuf> = Vec::new();
@@ -204,6 +211,17 @@ impl Manager {
                 mounts.push(m.clone());
             }
         }
+        self.know_repos(mounts.iter().map(PathBuf::as_path));
+        // The tokens before the walk: a change during it makes the next
+        // request rescan.
+        let tokens: Vec<(PathBuf, Option<Vec<u8>>)> = mounts
+            .iter()
+            .filter_map(|m| {
+                let snaps = catalog::open_snaps(m).ok()?;
+                let t = path::read_small(snaps.as_fd(), GENERATION, 256).ok()?;
+                Some((m.clone(), t))
+            })
+            .collect();
 
         // 1. Records: keep the complete ones, drop the broken ones.
         let mut known: HashSet<String> = HashSet::new();
@@ -233,8 +251,8 @@ impl Manager {
             }
         }
 
-        // 2. Folders without a record: adopt the complete ones of ours,
-        // remove the half-made ones of ours.
+        // 2. Folders without a record: adopt the complete ones, remove the
+        // half-made ones of ours and those whose lease expired.
         let mut candidates: BTreeMap<String, Manifest> = BTreeMap::new();
         let mut to_remove: Vec<(PathBuf, String, String)> = Vec::new();
         for mount in &mounts {
@@ -261,10 +279,48 @@ impl Manager {
             })?;
             for name in names {
                 let path = mount.join(SNAPSHOTS_DIR).join(&name);
-                let canonical = Uuid::parse_str(&name)
-                    .map(|u| u.hyphenated().to_string() == name)
-                    .unwrap_or(false);
-                if !canonical {
+                let expired = || catalog::age(snaps.as_fd(), &name).is_some_and(|a| a > self.lease);
+                if name == GENERATION {
+                    continue;
+                }
+                if name.starts_with(GENERATION) {
+                    // A token never renamed into place (a crash).
+                    if expired() {
+                        let _ = path::unlink_at(snaps.as_fd(), &name);
+                    }
+                    continue;
+                }
+                if name.starts_with(TRASH_PREFIX) {
+                    to_remove.push((
+                        mount.clone(),
+                        name,
+                        "trash of a delete or cleanup interrupted".into(),
+                    ));
+                    continue;
+                }
+                if name.starts_with(STAGING_PREFIX) {
+                    match catalog::owner_of(snaps.as_fd(), &name) {
+                        Some(o) if o == self.owner => to_remove.push((
+                            mount.clone(),
+                            name,
+                            "half-made (not published): create interrupted".into(),
+                        )),
+                        _ if expired() => to_remove.push((
+                            mount.clone(),
+                            name,
+                            "half-made by another exporter, lease expired".into(),
+                        )),
+                        o => report.push(Action::Skipped {
+                            path,
+                            reason: format!(
+                                "being made by another exporter ({}), lease not expired",
+                                o.unwrap_or_default()
+                            ),
+                        }),
+                    }
+                    continue;
+                }
+                if !catalog::is_snapshot_id(&name) {
                     report.push(Action::Skipped {
                         path,
                         reason: "not a snapshot id".into(),
@@ -298,13 +354,30 @@ impl Manager {
                     Some(Ok(m)) => Some(m.snapshot.owner.clone()),
                     _ => mark,
                 };
+                let problem = match manifest {
+                    Some(Ok(m)) => match manifest_problem(&m, &name) {
+                        None => {
+                            candidates.entry(name).or_insert(m);
+                            continue;
+                        }
+                        Some(p) => p,
+                    },
+                    Some(Err(e)) => format!("unreadable manifest: {e}"),
+                    None => "half-made (no manifest): create or delete interrupted".into(),
+                };
                 match owner {
-                    Some(o) if o != self.owner => {
-                        report.push(Action::Skipped {
-                            path,
-                            reason: format!("owned by another exporter ({o})"),
-                        });
-                    }
+                    Some(o) if o == self.owner => to_remove.push((mount.clone(), name, problem)),
+                    Some(o) if expired() => to_remove.push((
+                        mount.clone(),
+                        name,
+                        format!("{problem}; made by another exporter ({o}), lease expired"),
+                    )),
+                    Some(o) => report.push(Action::Skipped {
+                        path,
+                        reason: format!(
+                            "{problem}; owned by another exporter ({o}), lease not expired"
+                        ),
+                    }),
                     None => {
                         let empty = path::list(dir.as_fd())
                             .map(|l| l.is_empty())
@@ -318,24 +391,6 @@ impl Manager {
                             });
                         }
                     }
-                    Some(_) => match manifest {
-                        Some(Ok(m)) => match manifest_problem(&m, &name) {
-                            None => {
-                                candidates.entry(name).or_insert(m);
-                            }
-                            Some(p) => to_remove.push((mount.clone(), name, p)),
-                        },
-                        Some(Err(e)) => to_remove.push((
-                            mount.clone(),
-                            name,
-                            format!("unreadable manifest: {e}"),
-                        )),
-                        None => to_remove.push((
-                            mount.clone(),
-                            name,
-                            "half-made (no manifest): create or delete interrupted".into(),
-                        )),
-                    },
                 }
             }
         }
@@ -364,7 +419,21 @@ impl Manager {
                 }),
                 Err(AdoptError::Incomplete(reason)) => {
                     for mount in super::repo_mounts(&rec) {
-                        to_remove.push((mount.to_path_buf(), rec.id.clone(), reason.clone()));
+                        let expired = catalog::open_snaps(mount)
+                            .ok()
+                            .and_then(|s| catalog::age(s.as_fd(), &rec.id))
+                            .is_some_and(|a| a > self.lease);
+                        if rec.owner == self.owner || expired {
+                            to_remove.push((mount.to_path_buf(), rec.id.clone(), reason.clone()));
+                        } else {
+                            report.push(Action::Skipped {
+                                path: mount.join(SNAPSHOTS_DIR).join(&rec.id),
+                                reason: format!(
+                                    "{reason}; made by another exporter ({}), lease not expired",
+                                    rec.owner
+                                ),
+                            });
+                        }
                     }
                 }
                 Err(AdoptError::Fatal(e)) => return Err(e),
@@ -373,23 +442,35 @@ impl Manager {
 
         for (mount, name, reason) in to_remove {
             let path = mount.join(SNAPSHOTS_DIR).join(&name);
-            let removed = path::open_dir(&mount)
-                .and_then(|r| path::open_dir_at(r.as_fd(), SNAPSHOTS_DIR))
-                .and_then(|s| path::remove_tree_flat(s.as_fd(), &name));
+            let removed = catalog::open_snaps(&mount)
+                .and_then(|s| catalog::claim_and_remove(s.as_fd(), &name));
             match removed {
-                Ok(()) => report.push(Action::RemovedFolder { path, reason }),
+                Ok(true) => report.push(Action::RemovedFolder { path, reason }),
+                // Published or claimed by another node meanwhile.
+                Ok(false) => {}
                 Err(e) => report.push(Action::Skipped {
                     path,
                     reason: format!("should be removed ({reason}) but: {e}"),
                 }),
             }
         }
+        for (mount, token) in tokens {
+            self.set_token(&mount, token);
+        }
         Ok(report)
     }
 
     /// Records a complete folder again, re-reading its extent maps (the
     /// files are immutable, so FIEMAP now says what it said at create).
-    fn adopt(&self, mut rec: SnapshotRecord) -> Result<(), AdoptError> {
+    pub(super) fn adopt(&self, mut rec: SnapshotRecord) -> Result<(), AdoptError> {
+        if self
+            .store
+            .get(&rec.id)
+            .map_err(|e| AdoptError::Fatal(e.into()))?
+            .is_some()
+        {
+            return Ok(());
+        }
         let mut maps = Vec::with_capacity(rec.disks.len());
         for d in &rec.disks {
             let inc = |r: String| AdoptError::Incomplete(format!("disk {}: {r}", d.name));
@@ -413,7 +494,7 @@ impl Manager {
     }
 }
 
-enum AdoptError {
+pub(super) enum AdoptError {
     Incomplete(String),
     Fatal(SnapshotError),
 }

@@ -796,6 +796,20 @@ impl Store {
         let encoded: Vec<Vec<u8>> = maps.iter().map(codec::encode_map).collect();
         let mut staged = record.clone();
         let seq = self.write(|h, wtxn| {
+            // Recorded already (adopted by a rescan of the pool's catalog
+            // meanwhile): keep that record, add the key.
+            if let Some(existing) = h.get_in(wtxn, &id)? {
+                if let Some(k) = key {
+                    h.idem
+                        .put(
+                            wtxn,
+                            &(existing.vm.as_str(), k),
+                            &(id, staged.created_at_ns),
+                        )
+                        .map_err(|e| h.write_err("write idempotency key", e))?;
+                }
+                return Ok(existing.seq);
+            }
             let seq = h
                 .meta
                 .get(wtxn, KEY_NEXT_SEQ)

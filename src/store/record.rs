@@ -56,6 +56,12 @@ pub struct DiskRecord {
     pub fingerprint: Fingerprint,
     /// Number of extents in the recorded map (informative).
     pub extents: u64,
+    /// Inode number of the disk file cloned (`parent_path` when the
+    /// snapshot was made); absent in records and manifests of older
+    /// builds. A later snapshot whose disk has another inode is of a
+    /// replaced disk: no diff against this one (`disk_replaced`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_ino: Option<u64>,
 }
 
 /// One snapshot: every disk of one VM, cloned under one id.

@@ -48,6 +48,7 @@ fn record(vm: &str, disks: usize) -> SnapshotRecord {
                     ctime_nsec: 4,
                 },
                 extents: 2,
+                parent_ino: None,
             })
             .collect(),
     }

@@ -125,6 +125,26 @@ pub struct ErrorBody {
     /// The old service's short: `Not Found`, `Not Authorized`, ...
     pub error: String,
     pub details: String,
+    /// A stable machine-readable code for failures a client can act on
+    /// (`CODE_*`); absent otherwise. Old clients ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// `code`: the `compareTo` base is unknown to the repository's catalog, or
+/// its clone is gone. A full copy is needed.
+pub const CODE_BASE_UNAVAILABLE: &str = "base_unavailable";
+/// `code`: the base's clone changed since it was recorded. A full copy is
+/// needed.
+pub const CODE_BASE_CHANGED: &str = "base_changed";
+/// `code`: the VM's disk is another file than the one the base cloned. A
+/// full copy is needed.
+pub const CODE_DISK_REPLACED: &str = "disk_replaced";
+
+/// Whether an error body's `code` says the `compareTo` base cannot be used
+/// and a full copy is needed.
+pub fn needs_full_copy(code: &str) -> bool {
+    [CODE_BASE_UNAVAILABLE, CODE_BASE_CHANGED, CODE_DISK_REPLACED].contains(&code)
 }
 
 /// Answer of `GET /api/v1/health`: `status` is `ok` (HTTP 200) when every

@@ -20,7 +20,7 @@ pub mod stream;
 /// The `{start, length}` of `zeroed` ranges: the extent algebra's own type.
 pub use crate::extent::ByteRange;
 pub use json::{
-    Chunk, Disk, ErrorBody, Health, HealthCheck, LoginRequest, LoginResponse, Snapshot,
-    SnapshotDisk, Vm,
+    needs_full_copy, Chunk, Disk, ErrorBody, Health, HealthCheck, LoginRequest, LoginResponse,
+    Snapshot, SnapshotDisk, Vm, CODE_BASE_CHANGED, CODE_BASE_UNAVAILABLE, CODE_DISK_REPLACED,
 };
 pub use query::GetOptions;

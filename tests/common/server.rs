@@ -4,6 +4,7 @@
 //! client, as a binary or as the library's `Api`).
 
 use std::fs;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,6 +52,9 @@ pub struct Server {
     pub log: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    /// [`Server::restart`] returns when the new process is killed by a
+    /// fault point before it was seen up.
+    tolerate_death: bool,
 }
 
 impl Server {
@@ -114,6 +118,7 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tolerate_death: false,
         };
         s.restart();
         s
@@ -154,11 +159,42 @@ impl Server {
             );
             if let Some(c) = &mut self.child {
                 if let Ok(Some(status)) = c.try_wait() {
+                    // An armed fault point may kill it at its first
+                    // request, before this loop saw it up.
+                    if self.tolerate_death && status.signal() == Some(9) {
+                        return;
+                    }
                     panic!("server exited {status}:\n{}", self.log_text());
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// [`Server::restart`] that also returns when the new process is
+    /// killed (SIGKILL: a fault point armed with [`Server::set_env`]) before
+    /// it was seen up.
+    pub fn restart_tolerating_faults(&mut self) {
+        self.tolerate_death = true;
+        self.restart();
+        self.tolerate_death = false;
+    }
+
+    /// Whether the server process is running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Whether environment is set for its runs (e.g. a fault point).
+    pub fn has_env(&self) -> bool {
+        !self.env.is_empty()
+    }
+
+    /// The config file it runs with (for the admin subcommands).
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     /// Waits until the process ended by itself (a fault point killed it).
@@ -185,7 +221,7 @@ impl Server {
     }
 
     /// SIGTERM, and waits for the process to end.
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = rustix::process::kill_process(
                 rustix::process::Pid::from_child(&c),

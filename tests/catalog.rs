@@ -1,0 +1,665 @@
+//! Two nodes, one repository: the pool-wide catalog (docs/catalog.md).
+//!
+//! Two real exporters (the binary twice: own database, owner id, port and
+//! certificate) serve one repository on XFS and on btrfs. Whatever one
+//! makes, the other lists, diffs, serves and deletes; a client's
+//! incremental chain continues when it switches node between runs; a base
+//! that cannot be used answers a stable `code`; `rebuild-db` and
+//! `reconcile` work on the layout; a repository written in the format
+//! before the catalog is adopted whole; and creates, deletes and purges
+//! racing on both nodes with `kill -9` of either leave both listings equal
+//! to each other and to the disk, nothing complete lost, nothing half-made
+//! listed or left after the lease.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use coriolis_ovm_exporter::client::error::exit;
+use coriolis_ovm_exporter::client::http::{paths, read_json, Api};
+use coriolis_ovm_exporter::snapshot::fault;
+use serde_json::Value;
+
+use crate::common::server::{Server, Setup};
+use crate::common::{write_vm_cfg, Fs, Scratch};
+
+const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
+const VM: &str = "0004fb00000600000000000000ca7a01";
+const DISKS: [&str; 2] = [
+    "0004fb00001200000000000000ca7aaa.img",
+    "0004fb00001200000000000000ca7abb.img",
+];
+const DISK_SIZE: u64 = 4 << 20;
+const SNAPS: &str = "CoriolisSnapshots";
+
+/// A repository with one VM of two disks holding some random data.
+fn make_repo(repo: &Path) {
+    let disks = repo.join("VirtualDisks");
+    fs::create_dir_all(&disks).unwrap();
+    let mut rng = fastrand::Rng::with_seed(0xca7a);
+    let paths: Vec<PathBuf> = DISKS.iter().map(|d| disks.join(d)).collect();
+    for p in &paths {
+        let f = fs::File::create(p).unwrap();
+        f.set_len(DISK_SIZE).unwrap();
+        for k in 0..3u64 {
+            let mut b = vec![0u8; 256 << 10];
+            rng.fill(&mut b);
+            f.write_all_at(&b, k * (1 << 20)).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    write_vm_cfg(
+        repo,
+        VM,
+        "0004fb00-0006-0000-0000-0000000ca7a0",
+        "catalog",
+        &refs,
+    );
+}
+
+/// Writes a few random blocks into each disk of the VM.
+fn change_disks(repo: &Path, rng: &mut fastrand::Rng) {
+    for d in DISKS {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(repo.join("VirtualDisks").join(d))
+            .unwrap();
+        for _ in 0..4 {
+            let mut b = vec![0u8; 64 << 10];
+            rng.fill(&mut b);
+            f.write_all_at(&b, rng.u64(0..DISK_SIZE - (64 << 10)))
+                .unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+}
+
+/// One node of the pool: an exporter with its own folder (certificate,
+/// config, database) and owner id.
+struct Node {
+    server: Server,
+    dir: Scratch,
+    name: &'static str,
+}
+
+impl Node {
+    fn start(repo: &Path, name: &'static str, lease: u64) -> Node {
+        let dir = Scratch::temp(&format!("catalog-{name}"));
+        let extra = format!("[store]\nowner = \"{name}\"\nlease_seconds = {lease}\n");
+        let server = Server::start_with(
+            &dir.dir,
+            repo,
+            &mut fastrand::Rng::new(),
+            Setup {
+                extra: &extra,
+                ..Setup::default()
+            },
+        );
+        Node { server, dir, name }
+    }
+
+    /// The client binary against this node; its output.
+    fn client(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("client")
+            .args(args)
+            .env("XDG_CACHE_HOME", self.dir.path("cache"));
+        self.server.client_env(&mut cmd);
+        cmd.output().unwrap()
+    }
+
+    /// The client, expected to succeed.
+    fn client_ok(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert!(
+            out.status.success(),
+            "node {}: client {args:?}: {:?}\n{}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The admin subcommand `cmd` on this node's config (server stopped).
+    fn admin(&self, cmd: &str) -> String {
+        let out = Command::new(BIN)
+            .arg(cmd)
+            .arg("-config")
+            .arg(self.server.config_path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn create(api: &Api) -> Value {
+    api.post_json("create", &paths::snapshots(VM)).unwrap()
+}
+
+fn list(api: &Api) -> Value {
+    api.get_json("list", &paths::snapshots(VM)).unwrap()
+}
+
+fn ids(api: &Api) -> Vec<String> {
+    list(api)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn id_of(s: &Value) -> String {
+    s["id"].as_str().unwrap().to_owned()
+}
+
+/// `GET` a diff: (status, JSON answer or error body).
+fn diff(api: &Api, snap: &str, base: &str) -> (u16, Value) {
+    let r = api
+        .get(
+            "diff",
+            &format!("{}?compareTo={base}", paths::snapshot(VM, snap)),
+        )
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, read_json("diff", r).unwrap())
+}
+
+/// The clone of disk `d` of snapshot `snap` on the repository.
+fn clone_path(repo: &Path, snap: &str, d: &str) -> PathBuf {
+    repo.join(SNAPS).join(snap).join(d)
+}
+
+/// The replicas in `out` equal the clones of `snap`, byte for byte.
+fn assert_replica(repo: &Path, out: &Path, snap: &str) {
+    for d in DISKS {
+        let want = fs::read(clone_path(repo, snap, d)).unwrap();
+        let got = fs::read(out.join(d)).unwrap();
+        assert!(
+            got == want,
+            "replica of {d} differs from snapshot {snap} (cmp)"
+        );
+    }
+}
+
+/// The entries of `CoriolisSnapshots` other than the generation token.
+fn on_disk(repo: &Path) -> BTreeSet<String> {
+    match fs::read_dir(repo.join(SNAPS)) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".coriolis-generation")
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+fn two_nodes_serve_one_catalog(fs_kind: Fs) {
+    let scratch = fs_kind.scratch("catalog-two");
+    let repo = scratch.path("repo");
+    make_repo(&repo);
+    let a = Node::start(&repo, "node-a", 1800);
+    let mut b = Node::start(&repo, "node-b", 1800);
+    let (api_a, api_b) = (a.server.api(), b.server.api());
+    let mut rng = fastrand::Rng::with_seed(15);
+    let out = scratch.path("replica");
+    let out_s = out.to_str().unwrap();
+
+    // Made on A, listed the same on B (chunks and all); a full copy
+    // through B.
+    let s1 = id_of(&create(&api_a));
+    assert_eq!(ids(&api_b), vec![s1.clone()]);
+    assert_eq!(list(&api_a), list(&api_b));
+    b.client_ok(&["download", VM, &s1, "--out", out_s]);
+    assert_replica(&repo, &out, &s1);
+
+    // The chain continues on the other node: made on B, diffed against
+    // A's snapshot the same on both nodes, applied through A by the
+    // stream; then made on A, applied through B by ranges.
+    change_disks(&repo, &mut rng);
+    let s2 = id_of(&create(&api_b));
+    let (st, d_a) = diff(&api_a, &s2, &s1);
+    assert_eq!(st, 200, "{d_a}");
+    assert_eq!(diff(&api_b, &s2, &s1), (200, d_a));
+    a.client_ok(&[
+        "download",
+        VM,
+        &s2,
+        "--diff-from",
+        &s1,
+        "--out",
+        out_s,
+        "--transport",
+        "stream",
+    ]);
+    assert_replica(&repo, &out, &s2);
+    change_disks(&repo, &mut rng);
+    let s3 = id_of(&create(&api_a));
+    b.client_ok(&[
+        "download",
+        VM,
+        &s3,
+        "--diff-from",
+        &s2,
+        "--out",
+        out_s,
+        "--transport",
+        "ranges",
+        "--verify",
+    ]);
+    assert_replica(&repo, &out, &s3);
+    assert_eq!(ids(&api_a), vec![s1.clone(), s2.clone(), s3.clone()]);
+    assert_eq!(list(&api_a), list(&api_b));
+
+    // rebuild-db and reconcile on the new layout: B's database rebuilt
+    // from the repository adopts every snapshot, whoever made it.
+    b.server.stop();
+    let rebuilt = b.admin("rebuild-db");
+    assert_eq!(rebuilt.matches("adopted").count(), 3, "{rebuilt}");
+    let reconciled = b.admin("reconcile");
+    assert!(!reconciled.contains("removed"), "{reconciled}");
+    b.server.restart();
+    let api_b = b.server.api();
+    assert_eq!(list(&api_a), list(&api_b));
+
+    // Deleted on B (a snapshot A made), gone on A and on disk.
+    b.client_ok(&["snapshots", "delete", VM, &s1]);
+    assert_eq!(ids(&api_a), vec![s2.clone(), s3.clone()]);
+    assert!(!repo.join(SNAPS).join(&s1).exists());
+
+    // Lost bases, each with its code, the same on both nodes.
+    let (st, body) = diff(&api_a, &s3, &s1);
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (404, Some("base_unavailable")),
+        "{body}"
+    );
+    assert_eq!(diff(&api_b, &s3, &s1), (st, body.clone()));
+    assert!(
+        body["details"].as_str().unwrap().contains("full copy"),
+        "{body}"
+    );
+    // A base whose clone changed (a replica of it made before).
+    let fresh = scratch.path("fresh");
+    let fresh_s = fresh.to_str().unwrap();
+    a.client_ok(&["download", VM, &s2, "--out", fresh_s]);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(clone_path(&repo, &s2, DISKS[0]))
+        .unwrap();
+    f.write_all_at(b"tampered", 8192).unwrap();
+    drop(f);
+    for api in [&api_a, &api_b] {
+        let (st, body) = diff(api, &s3, &s2);
+        assert_eq!(
+            (st, body["code"].as_str()),
+            (409, Some("base_changed")),
+            "{body}"
+        );
+    }
+    // The client says a full copy is needed, and makes it when allowed.
+    let refused = a.client(&["download", VM, &s3, "--diff-from", &s2, "--out", out_s]);
+    assert_eq!(refused.status.code(), Some(exit::CONFLICT));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("base_changed") && stderr.contains("--full-if-needed"),
+        "{stderr}"
+    );
+    let err = a.client(&[
+        "download",
+        VM,
+        &s3,
+        "--diff-from",
+        &s2,
+        "--out",
+        fresh_s,
+        "--full-if-needed",
+    ]);
+    assert!(
+        err.status.success(),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    assert!(String::from_utf8_lossy(&err.stderr).contains("full copy"));
+    assert_replica(&repo, &fresh, &s3);
+    // A disk replaced by another file (a restore): no diff across it.
+    let disk = repo.join("VirtualDisks").join(DISKS[1]);
+    let copy = repo.join("VirtualDisks").join("restored.tmp");
+    fs::copy(&disk, &copy).unwrap();
+    fs::rename(&copy, &disk).unwrap();
+    let s4 = id_of(&create(&api_b));
+    for api in [&api_a, &api_b] {
+        let (st, body) = diff(api, &s4, &s3);
+        assert_eq!(
+            (st, body["code"].as_str()),
+            (409, Some("disk_replaced")),
+            "{body}"
+        );
+    }
+
+    // Purged on A: gone on B and on disk.
+    a.client_ok(&["snapshots", "purge", VM, "--yes"]);
+    assert!(ids(&api_b).is_empty());
+    assert_eq!(on_disk(&repo), BTreeSet::new());
+    drop((a, b));
+}
+
+#[test]
+fn two_nodes_serve_one_catalog_xfs() {
+    two_nodes_serve_one_catalog(Fs::Xfs);
+}
+
+#[test]
+fn two_nodes_serve_one_catalog_btrfs() {
+    two_nodes_serve_one_catalog(Fs::Btrfs);
+}
+
+/// Sets the mtime of `p` (file or folder) `ago` in the past.
+fn age_by(p: &Path, ago: Duration) {
+    fs::File::open(p)
+        .unwrap()
+        .set_modified(SystemTime::now() - ago)
+        .unwrap();
+}
+
+/// A repository as the exporter wrote it before the catalog (published
+/// folders with owner mark, clones and a manifest without `parent_ino`; no
+/// generation token; half-made folders without manifest) is adopted
+/// whole by new exporters with empty databases.
+#[test]
+fn a_repository_of_the_previous_format_is_adopted_without_loss() {
+    let scratch = Fs::Xfs.scratch("catalog-upgrade");
+    let repo = scratch.path("repo");
+    make_repo(&repo);
+    let mut rng = fastrand::Rng::with_seed(16);
+    let (s1, s2) = {
+        let old = Node::start(&repo, "old-node", 1800);
+        let api = old.server.api();
+        let s1 = id_of(&create(&api));
+        change_disks(&repo, &mut rng);
+        let s2 = id_of(&create(&api));
+        (s1, s2)
+    };
+    // Back to the previous format.
+    let snaps = repo.join(SNAPS);
+    fs::remove_file(snaps.join(".coriolis-generation")).unwrap();
+    for s in [&s1, &s2] {
+        let m = snaps.join(s).join(".coriolis-manifest.json");
+        let mut v: Value = serde_json::from_slice(&fs::read(&m).unwrap()).unwrap();
+        for d in v["disks"].as_array_mut().unwrap() {
+            d.as_object_mut().unwrap().remove("parent_ino").unwrap();
+        }
+        fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+    // A create of the old node interrupted long ago, and one just now.
+    let stale = uuid::Uuid::new_v4().to_string();
+    let recent = uuid::Uuid::new_v4().to_string();
+    for h in [&stale, &recent] {
+        fs::create_dir(snaps.join(h)).unwrap();
+        fs::write(snaps.join(h).join(".coriolis-owner"), "old-node\n").unwrap();
+        fs::write(snaps.join(h).join(DISKS[0]), "partial").unwrap();
+    }
+    for p in [
+        snaps.join(&stale).join(".coriolis-owner"),
+        snaps.join(&stale).join(DISKS[0]),
+        snaps.join(&stale),
+    ] {
+        age_by(&p, Duration::from_secs(7200));
+    }
+
+    let a = Node::start(&repo, "node-a", 1800);
+    let b = Node::start(&repo, "node-b", 1800);
+    let (api_a, api_b) = (a.server.api(), b.server.api());
+    assert_eq!(ids(&api_a), vec![s1.clone(), s2.clone()]);
+    assert_eq!(list(&api_a), list(&api_b));
+    // The old node's stale half-made folder went (lease expired); the
+    // recent one stays until its lease expires.
+    assert_eq!(
+        on_disk(&repo),
+        BTreeSet::from([s1.clone(), s2.clone(), recent.clone()])
+    );
+    // Nothing lost: a full copy of s1 and the diff to s2, byte-identical.
+    let out = scratch.path("replica");
+    let out_s = out.to_str().unwrap();
+    a.client_ok(&["download", VM, &s1, "--out", out_s]);
+    b.client_ok(&["download", VM, &s2, "--diff-from", &s1, "--out", out_s]);
+    assert_replica(&repo, &out, &s2);
+}
+
+/// One create, delete or purge sent to a node, and what came of it.
+#[derive(Debug, Clone)]
+struct Op {
+    node: usize,
+    kind: &'static str,
+    /// The id created or deleted (None for a purge, or a create without
+    /// answer).
+    id: Option<String>,
+    started: Instant,
+    ended: Instant,
+    answered: bool,
+}
+
+fn racing(fs_kind: Fs) {
+    const LEASE: u64 = 2;
+    const WORKERS_PER_NODE: usize = 2;
+    const OPS_PER_WORKER: usize = 70;
+    let scratch = fs_kind.scratch("catalog-race");
+    let repo = scratch.path("repo");
+    make_repo(&repo);
+    let nodes: Vec<Arc<Mutex<Node>>> = ["race-a", "race-b"]
+        .into_iter()
+        .map(|n| Arc::new(Mutex::new(Node::start(&repo, n, LEASE))))
+        .collect();
+    // Tokens stay valid across restarts (same JWT secret).
+    let apis: Vec<Arc<Api>> = nodes
+        .iter()
+        .map(|n| Arc::new(n.lock().unwrap().server.api()))
+        .collect();
+    let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // The killer: kill -9 one node, restart it, sometimes with a fault
+    // point armed so that it dies in the middle of its next create or
+    // delete.
+    let killer = {
+        let (nodes, done) = (nodes.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(0x9);
+            let mut kills = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(rng.u64(200..800)));
+                // Node B is killed only early on (and never armed): for the
+                // rest of the run its cache must follow A's changes alone.
+                let which = if kills < 3 { rng.usize(0..2) } else { 0 };
+                let mut n = nodes[which].lock().unwrap();
+                n.server.kill();
+                kills += 1;
+                if which == 0 && rng.bool() {
+                    let p = fault::POINTS[rng.usize(0..fault::POINTS.len())];
+                    n.server.set_env(&[(fault::ENV, p)]);
+                } else {
+                    n.server.set_env(&[]);
+                }
+                std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+                n.server.restart_tolerating_faults();
+            }
+            kills
+        })
+    };
+    let workers: Vec<_> = (0..2 * WORKERS_PER_NODE)
+        .map(|w| {
+            let (api, ops) = (apis[w % 2].clone(), ops.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(w as u64 + 100);
+                for _ in 0..OPS_PER_WORKER {
+                    let started = Instant::now();
+                    let roll = rng.u32(0..100);
+                    let listed: Vec<String> =
+                        match api.get_json::<Value>("list", &paths::snapshots(VM)) {
+                            Ok(v) => v
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|s| s["id"].as_str().unwrap().to_owned())
+                                .collect(),
+                            Err(_) => Vec::new(),
+                        };
+                    let op = if roll < 8 {
+                        let r = api.delete("purge", &paths::snapshots(VM));
+                        Op {
+                            node: w % 2,
+                            kind: "purge",
+                            id: None,
+                            started,
+                            ended: Instant::now(),
+                            answered: r.is_ok(),
+                        }
+                    } else if roll < 45 && !listed.is_empty() {
+                        let id = listed[rng.usize(0..listed.len())].clone();
+                        let r = api.delete("delete", &paths::snapshot(VM, &id));
+                        Op {
+                            node: w % 2,
+                            kind: "delete",
+                            id: Some(id),
+                            started,
+                            ended: Instant::now(),
+                            answered: r.is_ok(),
+                        }
+                    } else {
+                        let r = api.post_json::<Value>("create", &paths::snapshots(VM));
+                        let id = r.as_ref().ok().map(id_of);
+                        Op {
+                            node: w % 2,
+                            kind: "create",
+                            answered: id.is_some(),
+                            id,
+                            started,
+                            ended: Instant::now(),
+                        }
+                    };
+                    ops.lock().unwrap().push(op);
+                    if !ops.lock().unwrap().last().unwrap().answered {
+                        // The node is down: give the killer time to restart it.
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kills = killer.join().unwrap();
+    let ops = ops.lock().unwrap().clone();
+    let answered = ops.iter().filter(|o| o.answered).count();
+    let mut by_kind: HashMap<&str, (usize, usize)> = HashMap::new();
+    for o in &ops {
+        let e = by_kind.entry(o.kind).or_default();
+        e.0 += 1;
+        e.1 += usize::from(o.answered);
+    }
+    eprintln!("race on {fs_kind:?}: {} ops ({answered} answered), {kills} kills; by kind (sent, answered): {by_kind:?}", ops.len());
+    assert!(
+        ops.len() >= 200 && kills >= 3,
+        "{} ops, {kills} kills",
+        ops.len()
+    );
+
+    // A node that is down or has a fault point armed is restarted without
+    // one; a node that is up keeps running (its cache must have followed
+    // the other node's changes by itself). Past the lease every node's
+    // next request sweeps what the dead left half-made.
+    let mut restarted = 0;
+    for n in &nodes {
+        let mut n = n.lock().unwrap();
+        if !n.server.running() || n.server.has_env() {
+            n.server.set_env(&[]);
+            n.server.restart();
+            restarted += 1;
+        }
+    }
+    eprintln!("race on {fs_kind:?}: {restarted} node(s) restarted at the end");
+    std::thread::sleep(Duration::from_secs(LEASE * 2 + 1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (list_a, list_b, disk) = loop {
+        let list_a = list(&apis[0]);
+        let list_b = list(&apis[1]);
+        let disk = on_disk(&repo);
+        let listed: BTreeSet<String> = list_a.as_array().unwrap().iter().map(id_of).collect();
+        if list_a == list_b && disk == listed {
+            break (list_a, list_b, disk);
+        }
+        let ids_of =
+            |l: &Value| -> Vec<String> { l.as_array().unwrap().iter().map(id_of).collect() };
+        assert!(
+            Instant::now() < deadline,
+            "listings and disk never agreed:\nA {:?}\nB {:?}\ndisk {disk:?}",
+            ids_of(&list_a),
+            ids_of(&list_b)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(list_a, list_b);
+    // Nothing half-made listed: every listed snapshot is complete on disk.
+    for s in list_a.as_array().unwrap() {
+        let id = id_of(s);
+        for d in DISKS {
+            let p = clone_path(&repo, &id, d);
+            assert_eq!(
+                fs::metadata(&p).unwrap().len(),
+                DISK_SIZE,
+                "{}",
+                p.display()
+            );
+        }
+        assert!(repo
+            .join(SNAPS)
+            .join(&id)
+            .join(".coriolis-manifest.json")
+            .is_file());
+    }
+    // Nothing half-made left: no staging, trash or token debris.
+    assert!(disk.iter().all(|n| !n.starts_with('.')), "{disk:?}");
+    // Nothing complete lost: every snapshot answered as made is listed
+    // unless a delete named it or a purge still ran after it started.
+    for c in ops.iter().filter(|o| o.kind == "create" && o.answered) {
+        let id = c.id.as_deref().unwrap();
+        if disk.contains(id) {
+            continue;
+        }
+        let explained = ops.iter().any(|o| {
+            (o.kind == "delete" && o.id.as_deref() == Some(id))
+                || (o.kind == "purge" && o.ended >= c.started)
+        });
+        assert!(
+            explained,
+            "snapshot {id} (made on node {}) was lost",
+            c.node
+        );
+    }
+    // And deleted ones stay deleted.
+    for d in ops.iter().filter(|o| o.kind == "delete" && o.answered) {
+        assert!(!disk.contains(d.id.as_deref().unwrap()), "{d:?} is back");
+    }
+}
+
+#[test]
+fn racing_creates_deletes_and_purges_with_kills_xfs() {
+    racing(Fs::Xfs);
+}
+
+#[test]
+fn racing_creates_deletes_and_purges_with_kills_btrfs() {
+    racing(Fs::Btrfs);
+}

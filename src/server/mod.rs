@@ -207,6 +207,20 @@ pub async fn serve(
                 }
             });
             let idle = h2.then_some(limits.h2_idle);
+            // Streams the watchdog reset alone (HTTP/2 only: an HTTP/1.1
+            // connection has none, it is cut whole).
+            let on_reset = |n: usize| {
+                for _ in 0..n {
+                    state.metrics.stream_reset();
+                }
+                tracing::warn!(
+                    %peer,
+                    streams = n,
+                    timeout_secs = limits.send.as_secs_f64(),
+                    "HTTP/2 stream reset: the client took nothing of it for \
+                     api.send_timeout (the connection goes on)"
+                );
+            };
             let result = if h2 {
                 // Frames gathered into full TLS records ([`coalesce`]).
                 let io = TokioIo::new(watch::Watched::new(
@@ -226,18 +240,7 @@ pub async fn serve(
                     &activity,
                     &limits,
                     idle,
-                    |n| {
-                        for _ in 0..n {
-                            state.metrics.stream_reset();
-                        }
-                        tracing::warn!(
-                            %peer,
-                            streams = n,
-                            timeout_secs = limits.send.as_secs_f64(),
-                            "HTTP/2 stream reset: the client took nothing of it for \
-                             api.send_timeout (the connection goes on)"
-                        );
-                    },
+                    on_reset,
                 )
                 .await
             } else {
@@ -252,18 +255,7 @@ pub async fn serve(
                     &activity,
                     &limits,
                     idle,
-                    |n| {
-                        for _ in 0..n {
-                            state.metrics.stream_reset();
-                        }
-                        tracing::warn!(
-                            %peer,
-                            streams = n,
-                            timeout_secs = limits.send.as_secs_f64(),
-                            "HTTP/2 stream reset: the client took nothing of it for \
-                             api.send_timeout (the connection goes on)"
-                        );
-                    },
+                    on_reset,
                 )
                 .await
             };

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -17,7 +17,7 @@ use crate::common::exporter::{Client, Exporter, Options, LOCAL_PASS, LOCAL_USER}
 use crate::common::http::{http_request, read_answer, Answer};
 use crate::common::manager::{StandInManager, MGR_PASS, MGR_USER};
 use crate::common::pki::Pki;
-use crate::common::{Fs, WAIT};
+use crate::common::{Fs, Scratch, WAIT};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -79,15 +79,39 @@ fn start(pki: &Pki, extra: &str, disk: Option<(&Path, &Path)>) -> Exporter {
         let mut c = Exporter::config(pki, dir, port, &o);
         c = c.replace("\n[api]\n", &format!("\n[api]\n{LIMITS}"));
         if let Some((repo, disk)) = disk {
-            c += &format!(
-                "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-                 check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-                 mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
-                 disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-            );
+            c += &static_vm(repo, disk);
         }
         c + extra
     })
+}
+
+/// The config's static inventory of one VM, `vm-hostile`, whose disk is
+/// `disk` in repository `repo`.
+fn static_vm(repo: &Path, disk: &Path) -> String {
+    format!(
+        "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+         check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+         mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
+         disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+    )
+}
+
+/// A repository in `scratch` with one disk of `size` bytes, its first MiB
+/// written, the rest a hole: (repository, disk).
+fn sparse_disk(scratch: &Scratch, size: u64) -> (PathBuf, PathBuf) {
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(size).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
+    (repo, disk)
+}
+
+/// Creates a snapshot of `vm-hostile`: the path of its disk.
+fn snapshot_disk_url(ex: &Exporter, token: &str) -> String {
+    let (id, name, _) = ex.create_snapshot("vm-hostile", token);
+    format!("/api/v1/vms/vm-hostile/snapshots/{id}/disks/{name}")
 }
 
 /// The value of the first `/metrics` line starting with `prefix`, or 0.
@@ -179,26 +203,12 @@ fn half_sent_logins_from_one_address_leave_room_for_others() {
 #[test]
 fn a_reader_that_stops_is_cut_after_send_timeout() {
     let scratch = Fs::Xfs.scratch("hostile-stall");
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
     let size: u64 = 64 << 20;
-    {
-        let f = std::fs::File::create(&disk).unwrap();
-        f.set_len(size).unwrap();
-        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
-    }
+    let (repo, disk) = sparse_disk(&scratch, size);
     let pki = Pki::new();
     let ex = start(&pki, "", Some((&repo, &disk)));
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
-    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
-    assert_eq!(snap.status, 200, "{}", snap.text());
-    let v = snap.json();
-    let url = format!(
-        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
-        v["id"].as_str().unwrap(),
-        v["disks"][0]["name"].as_str().unwrap()
-    );
+    let url = snapshot_disk_url(&ex, &token);
     let mut tls = tls_over(
         &ex,
         tcp_from("127.0.0.5", ex.port, Some(4096)).unwrap(),
@@ -518,39 +528,19 @@ struct DiskSetup {
 
 fn disk_setup(tag: &str, size: u64, limits: &str, extra: &str) -> DiskSetup {
     let scratch = Fs::Xfs.scratch(tag);
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    {
-        let f = std::fs::File::create(&disk).unwrap();
-        f.set_len(size).unwrap();
-        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
-    }
+    let (repo, disk) = sparse_disk(&scratch, size);
     let pki = Pki::new();
     let o = Options {
         local_users: true,
         ..Options::default()
     };
     let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
-        let mut c = Exporter::config(&pki, dir, port, &o)
-            .replace("\n[api]\n", &format!("\n[api]\n{limits}"));
-        c += &format!(
-            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-             mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
-             disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-        );
-        c + extra
+        Exporter::config(&pki, dir, port, &o).replace("\n[api]\n", &format!("\n[api]\n{limits}"))
+            + &static_vm(&repo, &disk)
+            + extra
     });
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
-    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
-    assert_eq!(snap.status, 200, "{}", snap.text());
-    let v = snap.json();
-    let url = format!(
-        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
-        v["id"].as_str().unwrap(),
-        v["disks"][0]["name"].as_str().unwrap()
-    );
+    let url = snapshot_disk_url(&ex, &token);
     DiskSetup {
         _scratch: scratch,
         ex,
@@ -740,38 +730,18 @@ fn fds(ex: &Exporter) -> usize {
 #[test]
 fn a_read_error_mid_body_aborts_the_connection_and_nothing_leaks() {
     let scratch = Fs::Xfs.scratch("hostile-eio");
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
     let size: u64 = 32 << 20;
-    {
-        let f = std::fs::File::create(&disk).unwrap();
-        f.set_len(size).unwrap();
-        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
-    }
+    let (repo, disk) = sparse_disk(&scratch, size);
     let pki = Pki::new();
     let o = Options {
         local_users: true,
         ..Options::default()
     };
     let ex = start_faulty(&pki, "io-read-eio", |dir, port| {
-        Exporter::config(&pki, dir, port, &o)
-            + &format!(
-                "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-                 check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-                 mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
-                 disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-            )
+        Exporter::config(&pki, dir, port, &o) + &static_vm(&repo, &disk)
     });
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
-    let snap = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");
-    assert_eq!(snap.status, 200, "{}", snap.text());
-    let v = snap.json();
-    let url = format!(
-        "/api/v1/vms/vm-hostile/snapshots/{}/disks/{}",
-        v["id"].as_str().unwrap(),
-        v["disks"][0]["name"].as_str().unwrap()
-    );
+    let url = snapshot_disk_url(&ex, &token);
     // Small answers first, so the baseline has the connections' worth of
     // descriptors settled.
     let first = ex.raw(&http_request(

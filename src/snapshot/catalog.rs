@@ -38,8 +38,10 @@ use std::time::{Duration, Instant, SystemTime};
 use uuid::Uuid;
 
 use super::{
-    Manager, Manifest, SnapshotError, MANIFEST, MAX_MANIFEST_BYTES, MAX_OWNER_BYTES, OWNER_MARK,
+    Manager, Manifest, SnapshotError, MANIFEST, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
+    MAX_OWNER_BYTES, OWNER_MARK, RESERVED_PREFIX,
 };
+use crate::store::{Fingerprint, SnapshotRecord};
 use crate::sys::path::{self, SNAPSHOTS_DIR};
 
 /// Prefix of a create in progress: `.coriolis-staging-<id>`.
@@ -192,6 +194,28 @@ pub(super) fn renew(dir: BorrowedFd<'_>) -> std::io::Result<()> {
     f.set_modified(SystemTime::now())
 }
 
+/// Whether a manifest is one this build can adopt as the folder `name`.
+pub(super) fn manifest_problem(m: &Manifest, name: &str) -> Option<String> {
+    if m.format != MANIFEST_FORMAT {
+        return Some(format!("unknown manifest format {}", m.format));
+    }
+    if m.snapshot.id != name {
+        return Some(format!("manifest names snapshot {}", m.snapshot.id));
+    }
+    if m.snapshot.disks.is_empty() || m.snapshot.vm.len() > crate::store::MAX_VM_NAME {
+        return Some("manifest lists no disk or a bad VM name".into());
+    }
+    for d in &m.snapshot.disks {
+        if path::cname(&d.name).is_err() || d.name.starts_with(RESERVED_PREFIX) {
+            return Some(format!("manifest names a bad disk {:?}", d.name));
+        }
+        if !d.repo_mount.is_absolute() {
+            return Some("manifest names a relative repository".into());
+        }
+    }
+    None
+}
+
 impl Manager {
     /// Adds repositories to refresh (reconcile's, a create's).
     pub(super) fn know_repos<'a>(&self, mounts: impl IntoIterator<Item = &'a Path>) {
@@ -317,7 +341,7 @@ impl Manager {
                 },
                 _ => continue,
             };
-            if super::reconcile::manifest_problem(&m, id).is_some() {
+            if manifest_problem(&m, id).is_some() {
                 continue;
             }
             new.push(m);
@@ -330,10 +354,10 @@ impl Manager {
                 Ok(()) => {
                     tracing::info!(snapshot = %rec.id, vm = %rec.vm, owner = %rec.owner, "catalog: adopted")
                 }
-                Err(super::reconcile::AdoptError::Incomplete(reason)) => {
+                Err(AdoptError::Incomplete(reason)) => {
                     tracing::debug!(snapshot = %rec.id, reason, "catalog: published but incomplete; not listed")
                 }
-                Err(super::reconcile::AdoptError::Fatal(e)) => return Err(e),
+                Err(AdoptError::Fatal(e)) => return Err(e),
             }
         }
         Ok(())
@@ -385,4 +409,44 @@ impl Manager {
             }
         }
     }
+
+    /// Records a complete folder again, re-reading its extent maps (the
+    /// files are immutable, so FIEMAP now says what it said at create).
+    pub(super) fn adopt(&self, mut rec: SnapshotRecord) -> Result<(), AdoptError> {
+        if self
+            .store
+            .get(&rec.id)
+            .map_err(|e| AdoptError::Fatal(e.into()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut maps = Vec::with_capacity(rec.disks.len());
+        for d in &rec.disks {
+            let inc = |r: String| AdoptError::Incomplete(format!("disk {}: {r}", d.name));
+            let (_, dir, _) = super::open_snapshot_folder(&d.repo_mount, &rec.id)
+                .map_err(|e| inc(e.to_string()))?;
+            path::read_small(dir.as_fd(), MANIFEST, MAX_MANIFEST_BYTES)
+                .map_err(|e| inc(e.to_string()))?
+                .ok_or_else(|| inc("no manifest beside it".into()))?;
+            let f = path::open_file_at(dir.as_fd(), &d.name).map_err(|e| inc(e.to_string()))?;
+            let fp = Fingerprint::of(&f).map_err(|e| inc(e.to_string()))?;
+            if fp != d.fingerprint {
+                return Err(inc("changed since the manifest was written".into()));
+            }
+            let map = crate::sys::extent_map(&f, true).map_err(|e| inc(e.to_string()))?;
+            maps.push(map);
+        }
+        self.store
+            .insert(&mut rec, &maps)
+            .map_err(|e| AdoptError::Fatal(e.into()))?;
+        Ok(())
+    }
+}
+
+/// Why a folder could not be adopted: not (yet) complete, or the store
+/// failed.
+pub(super) enum AdoptError {
+    Incomplete(String),
+    Fatal(SnapshotError),
 }

@@ -393,6 +393,9 @@ fn zero_range(f: &File, off: u64, len: u64) {
 #[derive(Default, Debug, Clone, Copy)]
 struct Tally {
     reported: u64,
+    /// Of `reported`, the bytes of zeroed ranges (sent as zero records,
+    /// no data).
+    reported_zeroed: u64,
     changed_blocks_bytes: u64,
     changed_bytes: u64,
     encoded_extents: u64,
@@ -405,6 +408,7 @@ struct Tally {
 impl Tally {
     fn add(&mut self, o: Tally) {
         self.reported += o.reported;
+        self.reported_zeroed += o.reported_zeroed;
         self.changed_blocks_bytes += o.changed_blocks_bytes;
         self.changed_bytes += o.changed_bytes;
         self.encoded_extents += o.encoded_extents;
@@ -484,6 +488,9 @@ fn run_trial(dir: &Path, seed: u64, workload: Workload, policy: ClonePolicy, exa
     }
     for z in &d.zeroed {
         mark(z.start, z.length);
+        tally.reported_zeroed += (z.start + z.length)
+            .min(b.len() as u64)
+            .saturating_sub(z.start);
     }
     // A range reported as zeroed is written as zeros by the client (or left
     // a hole): B must read zero there, or the replica would get zeros where
@@ -608,13 +615,14 @@ fn property_with(target: Target, workload: Workload, exact: bool) {
     };
     println!(
         "diff property on {target:?}{}: {} seeds, 0 bytes missed; over-report by 4 KiB block: \
-         {:.3}x on {what} ({} reported / {} changed){remap_note}; {} bytes differed; {} encoded \
-         extents seen; {} candidate bytes read per snapshot, refined in {:.3} s ({:.1} s/GiB of \
-         candidates)",
+         {:.3}x on {what} ({} reported, {} of them zeroed ranges / {} changed){remap_note}; {} \
+         bytes differed; {} encoded extents seen; {} candidate bytes read per snapshot, refined \
+         in {:.3} s ({:.1} s/GiB of candidates)",
         if exact { " refined by content" } else { "" },
         seeds(target),
         plain.ratio(),
         plain.reported,
+        plain.reported_zeroed,
         plain.changed_blocks_bytes,
         all.changed_bytes,
         all.encoded_extents,
@@ -707,4 +715,14 @@ fn diff_random_4k_writes_xfs() {
 #[test]
 fn diff_random_4k_writes_btrfs() {
     property_random_4k(Target::Btrfs, false);
+}
+
+#[test]
+fn diff_exact_random_4k_writes_xfs() {
+    property_random_4k(Target::Xfs, true);
+}
+
+#[test]
+fn diff_exact_random_4k_writes_btrfs() {
+    property_random_4k(Target::Btrfs, true);
 }

@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
@@ -274,4 +275,27 @@ pub fn method_label(m: &http::Method) -> &'static str {
         http::Method::PATCH => "PATCH",
         _ => "OTHER",
     }
+}
+
+/// A JSON answer. Serialization of our own types cannot fail; if it ever
+/// did, the answer is a plain 500 rather than a panic.
+pub fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
+    let (status, bytes) = match serde_json::to_vec(value) {
+        Ok(mut v) => {
+            // Like the old service (Go's json.Encoder): a trailing newline.
+            v.push(b'\n');
+            (status, v)
+        }
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"error":"Server error","details":"cannot encode the answer"}"#.to_vec(),
+        ),
+    };
+    let mut resp = Response::new(ApiBody::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }

@@ -23,9 +23,10 @@ use std::path::PathBuf;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
+use super::backend::BackendError;
 use super::body::{error_chain, ApiBody};
+use super::error::ApiError;
 use super::framing::{V2Options, WireReads};
-use super::{ApiError, BackendError};
 use crate::io::{DiskFile, IoEngine};
 use crate::wire::digest::{self, Algorithm, DigestAnswer};
 use crate::wire::range::{self, Multipart};
@@ -757,7 +758,7 @@ mod tests {
             let crc32 = (0..blocks)
                 .map(|i| if (i + 1) * block <= size { full } else { tail })
                 .collect();
-            let built = crate::api::json_response(
+            let built = crate::api::body::json_response(
                 StatusCode::OK,
                 &Checksums {
                     size,

@@ -12,8 +12,10 @@ use super::login::login;
 use super::matcher::{compare_to_param, exact_param, query_param, squash_param, Params};
 use super::state::State;
 use super::table::{Handler, Route};
-use crate::api::body::ApiBody;
-use crate::api::{blocking, disk, json_response, ApiError, Backend};
+use crate::api::backend::{Backend, BackendError};
+use crate::api::body::{json_response, ApiBody};
+use crate::api::disk;
+use crate::api::error::ApiError;
 use crate::io::IoEngine;
 use crate::snapshot::Cancel;
 use crate::wire::GetOptions;
@@ -21,13 +23,25 @@ use crate::wire::GetOptions;
 /// Time a snapshot operation into the metrics.
 async fn timed<T, F>(state: &State, op: &'static str, f: F) -> Result<T, ApiError>
 where
-    F: FnOnce() -> Result<T, crate::api::BackendError> + Send + 'static,
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
     T: Send + 'static,
 {
     let start = Instant::now();
     let r = blocking(f).await;
     state.metrics.snapshot_op(op, r.is_ok(), start.elapsed());
     r
+}
+
+/// Run a blocking backend call on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::Internal(format!("backend task failed: {e}"))),
+    }
 }
 
 fn empty_ok() -> Response<ApiBody> {
@@ -237,7 +251,7 @@ fn snapshot_disk(
     snap: &str,
     disk: &str,
     diff: DiffAsked,
-) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), crate::api::BackendError> {
+) -> Result<(crate::wire::SnapshotDisk, crate::io::DiskFile), BackendError> {
     let options = GetOptions {
         squash: true,
         compare_to: diff.compare_to,
@@ -250,9 +264,7 @@ fn snapshot_disk(
         .disks
         .into_iter()
         .find(|d| d.name == disk)
-        .ok_or_else(|| {
-            crate::api::BackendError::NotFound(format!("disk {disk} of snapshot {snap}"))
-        })?;
+        .ok_or_else(|| BackendError::NotFound(format!("disk {disk} of snapshot {snap}")))?;
     let (file, size) = be.open_disk(vm, snap, disk)?;
     let file = disk::open(engine, file, size, &format!("{vm}/{snap}/{disk}"))?;
     Ok((d, file))

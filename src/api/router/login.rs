@@ -10,8 +10,9 @@ use http_body_util::BodyExt;
 
 use super::state::State;
 use crate::api::auth::Verdict;
+use crate::api::body::json_response;
 use crate::api::body::ApiBody;
-use crate::api::{json_response, ApiError};
+use crate::api::error::ApiError;
 use crate::wire::{LoginRequest, LoginResponse};
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are

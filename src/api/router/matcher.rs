@@ -5,7 +5,7 @@
 use http::Method;
 
 use super::table::{Route, ROUTES};
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 
 /// Longest accepted path id: VM ids are 32 hex, snapshot ids 36, disk file
 /// names about 40; room for static-inventory names, none for abuse.

@@ -15,7 +15,7 @@ use super::state::State;
 use super::table::Access;
 use crate::api::body::{AccessRecord, ApiBody};
 use crate::api::config::MetricsAuth;
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 
 /// Handle one request. Never fails: every error becomes an answer. The
 /// access-log line is written when the answer's body is done.

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use crate::api::auth::{Login, Tokens};
+use crate::api::backend::Backend;
 use crate::api::config::MetricsAuth;
 use crate::api::metrics::Metrics;
-use crate::api::Backend;
 use crate::io::IoEngine;
 
 /// Time for a client to send a request body (a login) once its headers are

@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use super::*;
 use crate::api::auth::{Login, LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
+use crate::api::backend::{Backend, BackendError};
 use crate::api::config::{LocalUser, MetricsAuth};
-use crate::api::{Backend, BackendError};
 use crate::snapshot::Cancel;
 use crate::wire::{ByteRange, Chunk, Disk, GetOptions, Snapshot, SnapshotDisk, Vm};
 

@@ -14,7 +14,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use super::router::State;
+use super::state::State;
 use crate::wire::{Health, HealthCheck};
 
 /// The io check's read must come back within this (a stuck io core is down).

@@ -17,6 +17,7 @@ pub mod framing;
 pub mod health;
 pub mod metrics;
 pub mod router;
+pub mod state;
 
 pub use auth::{Login, Tokens};
 pub use backend::{Backend, BackendError};
@@ -25,4 +26,5 @@ pub use config::{
     check_password_hash, AuthConfig, JwtConfig, LocalUser, ManagerConfig, MetricsAuth, SettingError,
 };
 pub use error::ApiError;
-pub use router::{handle, State};
+pub use router::handle;
+pub use state::State;

@@ -50,7 +50,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// at once uses a few connections per disk).
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
 /// Time for a client to send a request body (a login).
-pub const DEFAULT_BODY_READ_TIMEOUT: Duration = crate::api::router::DEFAULT_BODY_READ_TIMEOUT;
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = crate::api::state::DEFAULT_BODY_READ_TIMEOUT;
 /// Time a response may wait on a client that reads nothing before the
 /// connection is cut and its buffers returned.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(120);

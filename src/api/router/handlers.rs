@@ -10,12 +10,12 @@ use http::{header, Method, Request, Response, StatusCode};
 
 use super::login::login;
 use super::matcher::{compare_to_param, exact_param, query_param, squash_param, Params};
-use super::state::State;
 use super::table::{Handler, Route};
 use crate::api::backend::{Backend, BackendError};
 use crate::api::body::{json_response, ApiBody};
 use crate::api::disk;
 use crate::api::error::ApiError;
+use crate::api::state::State;
 use crate::io::IoEngine;
 use crate::snapshot::Cancel;
 use crate::wire::GetOptions;

@@ -8,11 +8,11 @@ use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use super::state::State;
 use crate::api::auth::Verdict;
 use crate::api::body::json_response;
 use crate::api::body::ApiBody;
 use crate::api::error::ApiError;
+use crate::api::state::State;
 use crate::wire::{LoginRequest, LoginResponse};
 
 /// Largest login body read. The real one is under 1 KiB; bigger ones are

@@ -12,13 +12,11 @@ mod handlers;
 mod login;
 mod matcher;
 mod pipeline;
-mod state;
 mod table;
 
 pub use login::MAX_LOGIN_BODY;
 pub use matcher::{decode_id, parse_go_bool, query_param, MAX_ID_LEN};
 pub use pipeline::handle;
-pub use state::{State, DEFAULT_BODY_READ_TIMEOUT};
 pub use table::{Access, Handler, Route, ROUTES};
 
 #[cfg(test)]

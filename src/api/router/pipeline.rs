@@ -11,11 +11,11 @@ use subtle::ConstantTimeEq;
 
 use super::handlers::dispatch;
 use super::matcher::{find, NoMatch};
-use super::state::State;
 use super::table::Access;
 use crate::api::body::{AccessRecord, ApiBody};
 use crate::api::config::MetricsAuth;
 use crate::api::error::ApiError;
+use crate::api::state::State;
 
 /// Handle one request. Never fails: every error becomes an answer. The
 /// access-log line is written when the answer's body is done.

@@ -20,6 +20,7 @@ use super::*;
 use crate::api::auth::{Login, LoginLimiter, Manager, Tokens, TOKEN_ISSUER};
 use crate::api::backend::{Backend, BackendError};
 use crate::api::config::{LocalUser, MetricsAuth};
+use crate::api::state::State;
 use crate::snapshot::Cancel;
 use crate::wire::{ByteRange, Chunk, Disk, GetOptions, Snapshot, SnapshotDisk, Vm};
 

@@ -11,7 +11,7 @@
 //! to each other and to the disk, nothing complete lost, nothing half-made
 //! listed or left after the lease.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,16 +28,16 @@ use crate::common::server::{Server, Setup};
 use crate::common::{write_vm_cfg, Fs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coriolis-ovm-exporter");
-const VM: &str = "0004fb00000600000000000000ca7a01";
-const DISKS: [&str; 2] = [
+pub(crate) const VM: &str = "0004fb00000600000000000000ca7a01";
+pub(crate) const DISKS: [&str; 2] = [
     "0004fb00001200000000000000ca7aaa.img",
     "0004fb00001200000000000000ca7abb.img",
 ];
-const DISK_SIZE: u64 = 4 << 20;
+pub(crate) const DISK_SIZE: u64 = 4 << 20;
 const SNAPS: &str = "CoriolisSnapshots";
 
 /// A repository with one VM of two disks holding some random data.
-fn make_repo(repo: &Path) {
+pub(crate) fn make_repo(repo: &Path) {
     let disks = repo.join("VirtualDisks");
     fs::create_dir_all(&disks).unwrap();
     let mut rng = fastrand::Rng::with_seed(0xca7a);
@@ -147,7 +147,7 @@ fn create(api: &Api) -> Value {
     api.post_json("create", &paths::snapshots(VM)).unwrap()
 }
 
-fn list(api: &Api) -> Value {
+pub(crate) fn list(api: &Api) -> Value {
     api.get_json("list", &paths::snapshots(VM)).unwrap()
 }
 
@@ -160,7 +160,7 @@ fn ids(api: &Api) -> Vec<String> {
         .collect()
 }
 
-fn id_of(s: &Value) -> String {
+pub(crate) fn id_of(s: &Value) -> String {
     s["id"].as_str().unwrap().to_owned()
 }
 
@@ -194,7 +194,7 @@ fn assert_replica(repo: &Path, out: &Path, snap: &str) {
 }
 
 /// The entries of `CoriolisSnapshots` other than the generation token.
-fn on_disk(repo: &Path) -> BTreeSet<String> {
+pub(crate) fn on_disk(repo: &Path) -> BTreeSet<String> {
     match fs::read_dir(repo.join(SNAPS)) {
         Ok(rd) => rd
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -436,17 +436,179 @@ fn a_repository_of_the_previous_format_is_adopted_without_loss() {
     assert_replica(&repo, &out, &s2);
 }
 
-/// One create, delete or purge sent to a node, and what came of it.
-#[derive(Debug, Clone)]
-struct Op {
+/// One create, delete or purge sent to a node, and what came of it. Times
+/// are wall-clock nanoseconds, so that logs of nodes in two guests compare.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Op {
     node: usize,
-    kind: &'static str,
+    kind: String,
     /// The id created or deleted (None for a purge, or a create without
     /// answer).
     id: Option<String>,
-    started: Instant,
-    ended: Instant,
+    started: u128,
+    ended: u128,
     answered: bool,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// `n` random operations on `api` (node `node`): creates, deletes of a
+/// listed snapshot, now and then a purge. After an op without answer (the
+/// node was killed) it waits until the node answers again.
+pub(crate) fn race_ops(api: &Api, node: usize, seed: u64, n: usize) -> Vec<Op> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(n);
+    let mut errors = 0;
+    for _ in 0..n {
+        let started = now_ns();
+        let roll = rng.u32(0..100);
+        let listed: Vec<String> = match api.get_json::<Value>("list", &paths::snapshots(VM)) {
+            Ok(v) => v.as_array().unwrap().iter().map(id_of).collect(),
+            Err(_) => Vec::new(),
+        };
+        let (kind, id, error) = if roll < 8 {
+            let r = api.delete("purge", &paths::snapshots(VM));
+            ("purge", None, r.err())
+        } else if roll < 45 && !listed.is_empty() {
+            let id = listed[rng.usize(0..listed.len())].clone();
+            let r = api.delete("delete", &paths::snapshot(VM, &id));
+            ("delete", Some(id), r.err())
+        } else {
+            match api.post_json::<Value>("create", &paths::snapshots(VM)) {
+                Ok(v) => ("create", Some(id_of(&v)), None),
+                Err(e) => ("create", None, Some(e)),
+            }
+        };
+        let answered = error.is_none();
+        if let Some(e) = &error {
+            if errors < 5 {
+                eprintln!("node {node}: {kind} failed: {}", e.chain());
+            }
+            errors += 1;
+        }
+        out.push(Op {
+            node,
+            kind: kind.into(),
+            id,
+            started,
+            ended: now_ns(),
+            answered,
+        });
+        if !answered {
+            // The node is down: wait until the killer restarted it.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(60)
+                && !api
+                    .get("health", "/health")
+                    .is_ok_and(|r| r.status().is_success())
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    out
+}
+
+/// The kill -9 loop of a race, until `done`: kills one of `nodes` (picked
+/// by `pick`, given the kills so far), restarts it, with a fault point
+/// armed when `arm` says so (it then dies in the middle of its next create
+/// or delete). Returns the number of kills.
+pub(crate) fn race_killer(
+    nodes: &[Arc<Mutex<Server>>],
+    done: &std::sync::atomic::AtomicBool,
+    seed: u64,
+    pause_ms: std::ops::Range<u64>,
+    pick: impl Fn(usize, &mut fastrand::Rng) -> (usize, bool),
+) -> usize {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut kills = 0;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(rng.u64(pause_ms.clone())));
+        let (which, arm) = pick(kills, &mut rng);
+        let mut n = nodes[which].lock().unwrap();
+        n.kill();
+        kills += 1;
+        if arm {
+            let p = fault::POINTS[rng.usize(0..fault::POINTS.len())];
+            n.set_env(&[(fault::ENV, p)]);
+        } else {
+            n.set_env(&[]);
+        }
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        n.restart_tolerating_faults();
+    }
+    kills
+}
+
+/// After a race, on a node whose listing (`listed`) equals the disk: every
+/// listed snapshot is complete, nothing half-made is left, every snapshot
+/// answered as made is listed unless a delete named it or a purge still
+/// ran after it started (`slack_ns` for clocks of two machines), and no
+/// snapshot answered as deleted is back.
+pub(crate) fn check_race(
+    repo: &Path,
+    disks: &[&str],
+    disk_size: u64,
+    listed: &BTreeSet<String>,
+    ops: &[Op],
+    slack_ns: u128,
+) {
+    let disk = on_disk(repo);
+    assert_eq!(&disk, listed, "the listing is not what is on disk");
+    for id in listed {
+        for d in disks {
+            let p = repo.join(SNAPS).join(id).join(d);
+            assert_eq!(
+                fs::metadata(&p).unwrap().len(),
+                disk_size,
+                "{}",
+                p.display()
+            );
+        }
+        assert!(repo
+            .join(SNAPS)
+            .join(id)
+            .join(".coriolis-manifest.json")
+            .is_file());
+    }
+    assert!(
+        disk.iter().all(|n| !n.starts_with('.')),
+        "half-made left: {disk:?}"
+    );
+    for c in ops.iter().filter(|o| o.kind == "create" && o.answered) {
+        let id = c.id.as_deref().unwrap();
+        if disk.contains(id) {
+            continue;
+        }
+        let explained = ops.iter().any(|o| {
+            (o.kind == "delete" && o.id.as_deref() == Some(id))
+                || (o.kind == "purge" && o.ended + slack_ns >= c.started)
+        });
+        assert!(
+            explained,
+            "snapshot {id} (made on node {}) was lost",
+            c.node
+        );
+    }
+    for d in ops.iter().filter(|o| o.kind == "delete" && o.answered) {
+        assert!(!disk.contains(d.id.as_deref().unwrap()), "{d:?} is back");
+    }
+}
+
+/// Counts of (sent, answered) per kind.
+pub(crate) fn op_counts(ops: &[Op]) -> std::collections::BTreeMap<String, (usize, usize)> {
+    let mut by_kind = std::collections::BTreeMap::new();
+    for o in ops {
+        let e: &mut (usize, usize) = by_kind.entry(o.kind.clone()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(o.answered);
+    }
+    by_kind
 }
 
 fn racing(fs_kind: Fs) {
@@ -456,120 +618,51 @@ fn racing(fs_kind: Fs) {
     let scratch = fs_kind.scratch("catalog-race");
     let repo = scratch.path("repo");
     make_repo(&repo);
-    let nodes: Vec<Arc<Mutex<Node>>> = ["race-a", "race-b"]
+    let nodes: Vec<Node> = ["race-a", "race-b"]
         .into_iter()
-        .map(|n| Arc::new(Mutex::new(Node::start(&repo, n, LEASE))))
+        .map(|n| Node::start(&repo, n, LEASE))
         .collect();
     // Tokens stay valid across restarts (same JWT secret).
-    let apis: Vec<Arc<Api>> = nodes
-        .iter()
-        .map(|n| Arc::new(n.lock().unwrap().server.api()))
-        .collect();
-    let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let apis: Vec<Arc<Api>> = nodes.iter().map(|n| Arc::new(n.server.api())).collect();
+    let (servers, _dirs): (Vec<Arc<Mutex<Server>>>, Vec<Scratch>) = nodes
+        .into_iter()
+        .map(|n| (Arc::new(Mutex::new(n.server)), n.dir))
+        .unzip();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
-    // The killer: kill -9 one node, restart it, sometimes with a fault
-    // point armed so that it dies in the middle of its next create or
-    // delete.
+    // Node B is killed only early on (and never armed): for the rest of
+    // the run its cache must follow A's changes alone.
     let killer = {
-        let (nodes, done) = (nodes.clone(), done.clone());
+        let (servers, done) = (servers.clone(), done.clone());
         std::thread::spawn(move || {
-            let mut rng = fastrand::Rng::with_seed(0x9);
-            let mut kills = 0;
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(rng.u64(200..800)));
-                // Node B is killed only early on (and never armed): for the
-                // rest of the run its cache must follow A's changes alone.
-                let which = if kills < 3 { rng.usize(0..2) } else { 0 };
-                let mut n = nodes[which].lock().unwrap();
-                n.server.kill();
-                kills += 1;
-                if which == 0 && rng.bool() {
-                    let p = fault::POINTS[rng.usize(0..fault::POINTS.len())];
-                    n.server.set_env(&[(fault::ENV, p)]);
+            race_killer(&servers, &done, 0x9, 200..800, |kills, rng| {
+                if kills < 3 {
+                    let which = rng.usize(0..2);
+                    (which, which == 0 && rng.bool())
                 } else {
-                    n.server.set_env(&[]);
+                    (0, rng.bool())
                 }
-                std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
-                n.server.restart_tolerating_faults();
-            }
-            kills
+            })
         })
     };
     let workers: Vec<_> = (0..2 * WORKERS_PER_NODE)
         .map(|w| {
-            let (api, ops) = (apis[w % 2].clone(), ops.clone());
-            std::thread::spawn(move || {
-                let mut rng = fastrand::Rng::with_seed(w as u64 + 100);
-                for _ in 0..OPS_PER_WORKER {
-                    let started = Instant::now();
-                    let roll = rng.u32(0..100);
-                    let listed: Vec<String> =
-                        match api.get_json::<Value>("list", &paths::snapshots(VM)) {
-                            Ok(v) => v
-                                .as_array()
-                                .unwrap()
-                                .iter()
-                                .map(|s| s["id"].as_str().unwrap().to_owned())
-                                .collect(),
-                            Err(_) => Vec::new(),
-                        };
-                    let op = if roll < 8 {
-                        let r = api.delete("purge", &paths::snapshots(VM));
-                        Op {
-                            node: w % 2,
-                            kind: "purge",
-                            id: None,
-                            started,
-                            ended: Instant::now(),
-                            answered: r.is_ok(),
-                        }
-                    } else if roll < 45 && !listed.is_empty() {
-                        let id = listed[rng.usize(0..listed.len())].clone();
-                        let r = api.delete("delete", &paths::snapshot(VM, &id));
-                        Op {
-                            node: w % 2,
-                            kind: "delete",
-                            id: Some(id),
-                            started,
-                            ended: Instant::now(),
-                            answered: r.is_ok(),
-                        }
-                    } else {
-                        let r = api.post_json::<Value>("create", &paths::snapshots(VM));
-                        let id = r.as_ref().ok().map(id_of);
-                        Op {
-                            node: w % 2,
-                            kind: "create",
-                            answered: id.is_some(),
-                            id,
-                            started,
-                            ended: Instant::now(),
-                        }
-                    };
-                    ops.lock().unwrap().push(op);
-                    if !ops.lock().unwrap().last().unwrap().answered {
-                        // The node is down: give the killer time to restart it.
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                }
-            })
+            let api = apis[w % 2].clone();
+            std::thread::spawn(move || race_ops(&api, w % 2, w as u64 + 100, OPS_PER_WORKER))
         })
         .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    let ops: Vec<Op> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let kills = killer.join().unwrap();
-    let ops = ops.lock().unwrap().clone();
     let answered = ops.iter().filter(|o| o.answered).count();
-    let mut by_kind: HashMap<&str, (usize, usize)> = HashMap::new();
-    for o in &ops {
-        let e = by_kind.entry(o.kind).or_default();
-        e.0 += 1;
-        e.1 += usize::from(o.answered);
-    }
-    eprintln!("race on {fs_kind:?}: {} ops ({answered} answered), {kills} kills; by kind (sent, answered): {by_kind:?}", ops.len());
+    eprintln!(
+        "race on {fs_kind:?}: {} ops ({answered} answered), {kills} kills; (sent, answered) by kind: {:?}",
+        ops.len(),
+        op_counts(&ops)
+    );
     assert!(
         ops.len() >= 200 && kills >= 3,
         "{} ops, {kills} kills",
@@ -581,77 +674,37 @@ fn racing(fs_kind: Fs) {
     // the other node's changes by itself). Past the lease every node's
     // next request sweeps what the dead left half-made.
     let mut restarted = 0;
-    for n in &nodes {
-        let mut n = n.lock().unwrap();
-        if !n.server.running() || n.server.has_env() {
-            n.server.set_env(&[]);
-            n.server.restart();
+    for s in &servers {
+        let mut s = s.lock().unwrap();
+        if !s.running() || s.has_env() {
+            s.set_env(&[]);
+            s.restart();
             restarted += 1;
         }
     }
     eprintln!("race on {fs_kind:?}: {restarted} node(s) restarted at the end");
     std::thread::sleep(Duration::from_secs(LEASE * 2 + 1));
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (list_a, list_b, disk) = loop {
-        let list_a = list(&apis[0]);
-        let list_b = list(&apis[1]);
-        let disk = on_disk(&repo);
+    let (list_a, list_b) = loop {
+        let (list_a, list_b) = (list(&apis[0]), list(&apis[1]));
         let listed: BTreeSet<String> = list_a.as_array().unwrap().iter().map(id_of).collect();
-        if list_a == list_b && disk == listed {
-            break (list_a, list_b, disk);
+        if list_a == list_b && on_disk(&repo) == listed {
+            break (list_a, list_b);
         }
         let ids_of =
             |l: &Value| -> Vec<String> { l.as_array().unwrap().iter().map(id_of).collect() };
         assert!(
             Instant::now() < deadline,
-            "listings and disk never agreed:\nA {:?}\nB {:?}\ndisk {disk:?}",
+            "listings and disk never agreed:\nA {:?}\nB {:?}\ndisk {:?}",
             ids_of(&list_a),
-            ids_of(&list_b)
+            ids_of(&list_b),
+            on_disk(&repo)
         );
         std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(list_a, list_b);
-    // Nothing half-made listed: every listed snapshot is complete on disk.
-    for s in list_a.as_array().unwrap() {
-        let id = id_of(s);
-        for d in DISKS {
-            let p = clone_path(&repo, &id, d);
-            assert_eq!(
-                fs::metadata(&p).unwrap().len(),
-                DISK_SIZE,
-                "{}",
-                p.display()
-            );
-        }
-        assert!(repo
-            .join(SNAPS)
-            .join(&id)
-            .join(".coriolis-manifest.json")
-            .is_file());
-    }
-    // Nothing half-made left: no staging, trash or token debris.
-    assert!(disk.iter().all(|n| !n.starts_with('.')), "{disk:?}");
-    // Nothing complete lost: every snapshot answered as made is listed
-    // unless a delete named it or a purge still ran after it started.
-    for c in ops.iter().filter(|o| o.kind == "create" && o.answered) {
-        let id = c.id.as_deref().unwrap();
-        if disk.contains(id) {
-            continue;
-        }
-        let explained = ops.iter().any(|o| {
-            (o.kind == "delete" && o.id.as_deref() == Some(id))
-                || (o.kind == "purge" && o.ended >= c.started)
-        });
-        assert!(
-            explained,
-            "snapshot {id} (made on node {}) was lost",
-            c.node
-        );
-    }
-    // And deleted ones stay deleted.
-    for d in ops.iter().filter(|o| o.kind == "delete" && o.answered) {
-        assert!(!disk.contains(d.id.as_deref().unwrap()), "{d:?} is back");
-    }
+    let listed: BTreeSet<String> = list_a.as_array().unwrap().iter().map(id_of).collect();
+    check_race(&repo, &DISKS, DISK_SIZE, &listed, &ops, 0);
 }
 
 #[test]

@@ -12,7 +12,11 @@
 //! differs between real nodes). Each snapshots its own VM; each lists and
 //! serves the other's snapshot too (the pool-wide catalog, docs/catalog.md),
 //! also after a restart, without changing the other's folder; each deletes
-//! its own, and the other sees it gone.
+//! its own, and the other sees it gone. Then both race creates, deletes
+//! and purges of one VM while each kills its own exporter with `kill -9`
+//! (sometimes at a fault point inside a create or delete) and restarts it:
+//! afterwards both listings equal each other and the disk, nothing complete
+//! is lost and nothing half-made is listed or left after the lease.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -241,4 +245,116 @@ fn two_exporters_share_one_catalog_and_serve_each_others_snapshots() {
     );
     drop(client);
     drop(server);
+}
+
+/// The race of `catalog::racing` across the two guests: each node drives
+/// and kills its own exporter over the shared repository; the op logs are
+/// exchanged through the filesystem for the final checks.
+#[test]
+fn two_exporters_race_creates_deletes_and_purges_with_kills() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use crate::catalog::{self, Op};
+
+    /// Short, so that the test waits little for debris to expire; far
+    /// longer than one create under TCG.
+    const LEASE: u64 = 10;
+    /// Few: under TCG an op takes about a second and a restart several
+    /// (the host runs the 280-op race, `catalog::racing_*`).
+    const OPS: usize = 20;
+    let node = this_node();
+    let other = 3 - node;
+    let root = Fs::Ocfs2.root().join("cluster-race");
+    let repo = root.join("repo");
+    if node == 1 {
+        fs::create_dir_all(&root).unwrap();
+        catalog::make_repo(&repo);
+        signal(&root, 1, "repo-ready", "");
+    } else {
+        let t = Instant::now();
+        while !root.is_dir() {
+            assert!(t.elapsed() < PEER_WAIT, "node 1 never made the repository");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        wait_for(&root, 1, "repo-ready");
+    }
+    let local = Scratch::temp("cluster-race");
+    let config = format!("[store]\nowner = \"race-node-{node}\"\nlease_seconds = {LEASE}\n");
+    let setup = Setup {
+        extra: &config,
+        ..Setup::default()
+    };
+    let mut rng = fastrand::Rng::with_seed(u64::from(node) + 50);
+    let server = Server::start_with(&local.dir, &repo, &mut rng, setup);
+    let api = Arc::new(server.api());
+    let servers = vec![Arc::new(Mutex::new(server))];
+    signal(&root, node, "up", "");
+    wait_for(&root, other, "up");
+
+    let done = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (servers, done) = (servers.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Under TCG a start takes seconds: kill less often, arm less.
+            catalog::race_killer(&servers, &done, u64::from(node), 4000..8000, |_, rng| {
+                (0, rng.u32(0..3) == 0)
+            })
+        })
+    };
+    let ops = catalog::race_ops(&api, node as usize, u64::from(node) + 7, OPS);
+    done.store(true, Ordering::SeqCst);
+    let kills = killer.join().unwrap();
+    eprintln!(
+        "node {node}: {} ops, {kills} kills; (sent, answered) by kind: {:?}",
+        ops.len(),
+        catalog::op_counts(&ops)
+    );
+    assert!(kills >= 2, "{kills} kills");
+    {
+        let mut s = servers[0].lock().unwrap();
+        if !s.running() || s.has_env() {
+            s.set_env(&[]);
+            s.restart();
+        }
+    }
+    signal(&root, node, "ops", &serde_json::to_string(&ops).unwrap());
+    let theirs: Vec<Op> = serde_json::from_str(&wait_for(&root, other, "ops")).unwrap();
+
+    // Both idle now: past the lease, the first requests sweep.
+    std::thread::sleep(Duration::from_secs(LEASE * 2 + 1));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listed = loop {
+        let l = catalog::list(&api);
+        let listed: std::collections::BTreeSet<String> =
+            l.as_array().unwrap().iter().map(catalog::id_of).collect();
+        let disk = catalog::on_disk(&repo);
+        if disk == listed && disk.iter().all(|n| !n.starts_with('.')) {
+            break listed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node}: listing {listed:?} never matched the disk {disk:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let all: Vec<Op> = ops.into_iter().chain(theirs).collect();
+    // The guests' clocks come from one host: a second of slack.
+    catalog::check_race(
+        &repo,
+        &catalog::DISKS,
+        catalog::DISK_SIZE,
+        &listed,
+        &all,
+        1_000_000_000,
+    );
+    signal(
+        &root,
+        node,
+        "listed",
+        &serde_json::to_string(&listed).unwrap(),
+    );
+    let their_list: std::collections::BTreeSet<String> =
+        serde_json::from_str(&wait_for(&root, other, "listed")).unwrap();
+    assert_eq!(listed, their_list, "the two nodes list different snapshots");
 }

@@ -5,7 +5,10 @@ exporter, and the figures that say whether honest clients were still served.
 Phases: first a quiet phase (only the probe), then the storm (every case at
 once, the probe still running). The probe is one honest client on its own
 address that asks for a 1 MiB range on a fresh TLS connection every
-PROBE_EVERY seconds; its times in each phase give p50/p99 and their ratio.
+PROBE_EVERY seconds, in a process of its own (the storm's threads would
+otherwise hold up its interpreter lock); its times in each phase give
+p50/p99 and their ratio, and its slow or failed requests are listed with
+the time each step took.
 
 Cases are plain functions in CASES, each run in its own thread(s) until the
 storm ends; each counts what happened in `stats` under "<case>:<class>".
@@ -19,6 +22,7 @@ Python 3.8+.
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import ssl
@@ -29,6 +33,8 @@ import time
 from collections import Counter
 
 PROBE_EVERY = 0.2
+# fork: the probe's process inherits the context (token, URL) as it is.
+mp = multiprocessing.get_context("fork")
 TCP_ESTABLISHED = 1
 HONEST_PREFIX = ("probe", "honest", "churn")
 
@@ -46,7 +52,9 @@ class Ctx:
         self.token = None
         self.url = None
         self.probe_times = {"quiet": [], "storm": []}
-        self.phase = "quiet"
+        # Probes that took 0.5 s or more or failed: (start, phase, outcome,
+        # time at the end of each step), printed at the end.
+        self.slow = []
         self.knobs = a
 
     def count(self, key, n=1):
@@ -124,32 +132,101 @@ def classify(e):
 # ---- honest cases ------------------------------------------------------------
 
 
-def one_mib(ctx, src, start):
+def one_mib(ctx, src, start, steps=None):
+    """One 1 MiB range on a fresh connection; `steps` gets the time at which
+    each step ended (tcp, tls, sent, first byte, body), to tell where a
+    slow one waited."""
     t = time.monotonic()
-    st, h, body = call(
-        ctx, src, "GET", ctx.url, ctx.token,
-        [("Range", f"bytes={start}-{start + (1 << 20) - 1}")],
-    )
+    steps = steps if steps is not None else {}
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((src, 0))
+        s.settimeout(30)
+        s.connect(("127.0.0.1", ctx.port))
+        steps["tcp"] = time.monotonic() - t
+        s = ctx.tls().wrap_socket(s, server_hostname="localhost")
+        steps["tls"] = time.monotonic() - t
+        s.sendall(request("GET", ctx.url, ctx.token, [("Range", f"bytes={start}-{start + (1 << 20) - 1}")]))
+        steps["sent"] = time.monotonic() - t
+        first = s.recv(1 << 20)
+        steps["first_byte"] = time.monotonic() - t
+        class Pre:
+            def __init__(self, first, s):
+                self.first, self.s = first, s
+            def recv(self, n):
+                if self.first:
+                    b, self.first = self.first, b""
+                    return b
+                return self.s.recv(n)
+        st, h, body = read_answer(Pre(first, s))
+        steps["body"] = time.monotonic() - t
+    finally:
+        s.close()
     took = time.monotonic() - t
     if st != 206 or len(body) != 1 << 20:
         raise RuntimeError(f"http_{st}_len_{len(body)}")
     return took
 
 
-def case_probe(ctx, stop):
-    """The measured honest client: a 1 MiB range on a fresh connection."""
+def case_probe(ctx, stop, out):
+    """The measured honest client: a 1 MiB range on a fresh connection.
+    Runs in a process of its own (see `Probe`); each result goes to `out`
+    as (start time, seconds or None, outcome, step times)."""
     i = 0
     while not stop.is_set():
         start = (i * (1 << 20)) % max(ctx.disk_size - (1 << 20), 1 << 20)
+        steps = {}
+        at = time.time()
         try:
-            took = one_mib(ctx, "127.0.0.2", start)
-            with ctx.lock:
-                ctx.probe_times[ctx.phase].append(took)
-            ctx.count("probe:ok")
+            took = one_mib(ctx, "127.0.0.2", start, steps)
+            out.put((at, took, "ok", steps))
         except Exception as e:  # noqa: BLE001 - every failure is a figure
-            ctx.count(f"probe:{classify(e) if not isinstance(e, RuntimeError) else e}")
+            out.put((at, None, classify(e) if not isinstance(e, RuntimeError) else str(e), steps))
         i += 1
         stop.wait(PROBE_EVERY)
+
+
+class Probe:
+    """The probe in a process of its own: the storm's clients are threads
+    of this one, and a probe sharing their interpreter lock would measure
+    how long it waited for it (seconds, with some 90 threads) as much as
+    the server. A thread here files its results by phase."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.stop = mp.Event()
+        self.out = mp.Queue()
+        self.proc = mp.Process(target=case_probe, args=(ctx, self.stop, self.out), daemon=True)
+        self.storm_at = None
+        self.collector = threading.Thread(target=self.collect, daemon=True)
+
+    def start(self):
+        self.proc.start()
+        self.collector.start()
+
+    def storm(self):
+        self.storm_at = time.time()
+
+    def collect(self):
+        ctx = self.ctx
+        while True:
+            item = self.out.get()
+            if item is None:
+                return
+            at, took, outcome, steps = item
+            phase = "storm" if self.storm_at is not None and at >= self.storm_at else "quiet"
+            with ctx.lock:
+                if took is not None:
+                    ctx.probe_times[phase].append(took)
+                ctx.stats[f"probe:{outcome}"] += 1
+                if took is None or took >= 0.5:
+                    ctx.slow.append((at, phase, outcome, steps))
+
+    def finish(self):
+        self.stop.set()
+        self.proc.join()
+        self.out.put(None)
+        self.collector.join()
 
 
 def case_honest(ctx, stop, n):
@@ -372,13 +449,26 @@ CASES = {
 
 
 def proc(pid):
-    rss = 0
+    """(RSS, descriptors, RSS by kind: anon, file, threads) of the server."""
+    rss, kinds = 0, {}
     with open(f"/proc/{pid}/status") as f:
         for l in f:
-            if l.startswith("VmRSS:"):
+            k = l.split(":")[0]
+            if k == "VmRSS":
                 rss = int(l.split()[1]) * 1024
+            elif k in ("RssAnon", "RssFile", "RssShmem"):
+                kinds[k] = int(l.split()[1]) * 1024
+            elif k == "Threads":
+                kinds[k] = int(l.split()[1])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return rss, fds
+    return rss, fds, kinds
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of the server so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(v, p):
@@ -404,6 +494,7 @@ def main():
     ap.add_argument("--half-sent", type=int, default=1024)
     ap.add_argument("--settle", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=10)
+    ap.add_argument("--warmup-storm", type=float, default=20)
     a = ap.parse_args()
     ctx = Ctx(a)
 
@@ -416,26 +507,38 @@ def main():
     snap = json.loads(b)
     ctx.url = f"/api/v1/vms/{a.vm}/snapshots/{snap['id']}/disks/{snap['disks'][0]['name']}"
 
-    # Warm-up: the honest downloads alone for a while, so the buffer pool
-    # and the allocator reach their steady state before the start figures
-    # (the end must be within 10% of them: growth there is a leak).
-    warm = threading.Event()
-    ws = [threading.Thread(target=fn, args=(warm,)) for _, fn in honest_cases(ctx)]
-    for t in ws:
-        t.start()
-    time.sleep(a.warmup)
-    warm.set()
-    for t in ws:
-        t.join(timeout=60)
+    # Warm-up: the honest downloads alone for a while, then a short storm
+    # (every case), then a settle, so that the buffer pool, the allocator
+    # and the runtime's tables have seen the storm's peak before the start
+    # figures: the end must be within 10% of them, and growth there is then
+    # a leak, not a first use.
+    def run_for(fns, seconds):
+        ev = threading.Event()
+        ts = [threading.Thread(target=fn, args=(ev,)) for fn in fns]
+        for t in ts:
+            t.start()
+        time.sleep(seconds)
+        ev.set()
+        for t in ts:
+            t.join(timeout=60)
+
+    run_for([fn for _, fn in honest_cases(ctx)], a.warmup)
+    if a.warmup_storm > 0:
+        run_for(
+            [lambda ev, fn=fn: fn(ctx, ev) for fn in CASES.values()] + [fn for _, fn in honest_cases(ctx)],
+            a.warmup_storm,
+        )
+        time.sleep(a.settle)
     ctx.stats.clear()
     time.sleep(2)
-    rss0, fds0 = proc(a.pid)
-    stop_probe = threading.Event()
-    probe = threading.Thread(target=case_probe, args=(ctx, stop_probe))
+    rss0, fds0, kinds0 = proc(a.pid)
+    load0 = os.getloadavg()
+    probe = Probe(ctx)
     probe.start()
     time.sleep(a.quiet_seconds)
 
-    ctx.phase = "storm"
+    probe.storm()
+    cpu0 = cpu_seconds(a.pid)
     stop = threading.Event()
     threads = []
     for name, fn in CASES.items():
@@ -452,13 +555,14 @@ def main():
         if mid is None and time.monotonic() - t0 > storm / 2:
             mid = proc(a.pid)
     stop.set()
+    cpu1 = cpu_seconds(a.pid)
+    load1 = os.getloadavg()
     for t in threads:
         t.join(timeout=60)
     # Let the server let go of the storm's connections before the end figures.
     time.sleep(a.settle)
-    stop_probe.set()
-    probe.join()
-    rss1, fds1 = proc(a.pid)
+    probe.finish()
+    rss1, fds1, kinds1 = proc(a.pid)
 
     q, s = ctx.probe_times["quiet"], ctx.probe_times["storm"]
     print("== soak figures ==")
@@ -468,9 +572,21 @@ def main():
     if q and s:
         print(f"storm/quiet ratio: p50 x{pct(s, 50) / pct(q, 50):.2f}, p99 x{pct(s, 99) / pct(q, 99):.2f}")
     print(f"storm ranges over 1 s: {sum(1 for t in s if t >= 1.0)}")
-    print(f"(start figures after a {a.warmup:.0f} s warm-up of the honest downloads alone)")
+    print(f"(start figures after a warm-up: {a.warmup:.0f} s of the honest downloads alone, {a.warmup_storm:.0f} s of the storm, {a.settle:.0f} s of settling)")
     print(f"server RSS: start {rss0 / 2**20:.1f} MiB, mid-storm {mid[0] / 2**20 if mid else float('nan'):.1f} MiB, end {rss1 / 2**20:.1f} MiB")
     print(f"server fds: start {fds0}, mid-storm {mid[1] if mid else 'n/a'}, end {fds1}")
+    grown = rss1 > rss0 * 1.1 or fds1 > fds0 * 1.1
+    print(f"end within 10% of start: RSS x{rss1 / rss0:.2f}, fds x{fds1 / fds0:.2f}: {'no' if grown else 'yes'}")
+    print(f"server CPU in the storm: {cpu1 - cpu0:.0f} s over {storm:.0f} s ({(cpu1 - cpu0) / storm:.2f} of {os.cpu_count()} cores)")
+    print(f"load average (1, 5, 15 min): at the start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, at the storm's end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    def kinds(k):
+        return ", ".join(f"{n} {v / 2**20:.1f} MiB" if n != "Threads" else f"{n} {v}" for n, v in k.items())
+    print(f"server RSS by kind: start {kinds(kinds0)}; mid-storm {kinds(mid[2]) if mid else 'n/a'}; end {kinds(kinds1)}")
+    if ctx.slow:
+        print("slow or failed probes (UTC start, phase, outcome, seconds at the end of each step):")
+        for at, phase, outcome, steps in ctx.slow:
+            st = " ".join(f"{k}={v:.3f}" for k, v in steps.items())
+            print(f"  {time.strftime('%H:%M:%S', time.gmtime(at))}.{int(at % 1 * 1000):03d} {phase} {outcome} {st}")
     print("events by case and class:")
     for k in sorted(ctx.stats):
         print(f"  {k}: {ctx.stats[k]}")
@@ -479,7 +595,7 @@ def main():
         if k.startswith(HONEST_PREFIX) and not k.endswith((":ok", ":pass", ":bytes"))
     }
     print(f"honest errors: {sum(honest_errors.values())} {dict(honest_errors) if honest_errors else ''}")
-    bad = bool(honest_errors) or any(t >= 1.0 for t in s)
+    bad = bool(honest_errors) or any(t >= 1.0 for t in s) or grown
     sys.exit(1 if bad else 0)
 
 

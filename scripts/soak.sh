@@ -14,16 +14,24 @@
 #                 SOAK_STALLED (64) stalled readers and SOAK_HALF_SENT (1024)
 #                 half-sent logins from one address each, bursts of 30
 #                 wrong-password logins, and HTTP/2 rapid resets
+# Before the quiet phase, a warm-up (10 s of the honest downloads, 20 s of
+# the storm, 10 s to settle) so that the start figures are taken after the
+# allocator and the runtime have seen a storm once.
 # Printed: the probe's p50/p99 quiet and in the storm (and the ratio), how
 # many storm ranges took 1 s or more, the server's RSS and descriptor count
-# at start, mid-storm and end, and every event by case and class. Exit
-# status 1 if an honest request failed or a storm range took 1 s or more.
+# at start, mid-storm and end (by kind: anon, file), its CPU in the storm,
+# the load average, the probes that took 0.5 s or more with the time of each
+# step, and every event by case and class. Exit status 1 if an honest
+# request failed, a storm range took 1 s or more, or the server's RSS or
+# descriptors at the end are over 1.1x the start.
 #
 # Knobs (environment): SOAK_DIR (/tmp/coe-soak), SOAK_PORT (25644),
 # SOAK_DISK_MIB (256), SOAK_QUIET_SECONDS (min(60, a fifth of the run)),
-# SOAK_HONEST, SOAK_STALLED, SOAK_HALF_SENT, SOAK_SEND_TIMEOUT (the server's
-# api.send_timeout, default its own 120s), BIN (the binary; built with
-# `cargo build --release` when missing).
+# SOAK_HONEST, SOAK_STALLED, SOAK_HALF_SENT, SOAK_WARMUP_STORM (seconds of
+# storm in the warm-up before the start figures, 20), SOAK_SEND_TIMEOUT (the server's
+# api.send_timeout, default its own 120s), SOAK_KEEP_LOGS (a folder to keep
+# the server's logs in), BIN (the binary; built with `cargo build --release`
+# when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,6 +56,9 @@ cleanup() {
 	set +e
 	[ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
 	if mountpoint -q "$DIR/fs"; then umount "$DIR/fs" 2>/dev/null || umount -l "$DIR/fs"; fi
+	if [ -n "${SOAK_KEEP_LOGS:-}" ]; then
+		mkdir -p "$SOAK_KEEP_LOGS" && cp "$DIR"/exporter.log "$DIR"/stderr.log "$SOAK_KEEP_LOGS"/ 2>/dev/null
+	fi
 	rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
@@ -125,6 +136,6 @@ python3 "$ROOT/scripts/soak.py" --port "$PORT" --ca "$DIR/ca.pem" --pid "$server
 	--user "$USER_NAME" --password "$USER_PASS" --vm "$VM" \
 	--disk-size $((DISK_MIB << 20)) --seconds "$SECONDS_TOTAL" --quiet-seconds "$QUIET" \
 	--honest "${SOAK_HONEST:-16}" --stalled "${SOAK_STALLED:-64}" \
-	--half-sent "${SOAK_HALF_SENT:-1024}" || status=$?
+	--half-sent "${SOAK_HALF_SENT:-1024}" --warmup-storm "${SOAK_WARMUP_STORM:-20}" || status=$?
 echo "# server log lines by level: $(grep -oE '^[^ ]+ +(INFO|WARN|ERROR)' "$DIR/exporter.log" | awk '{print $2}' | sort | uniq -c | tr '\n' ' ')"
 exit $status

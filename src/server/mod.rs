@@ -74,6 +74,11 @@ const WATCHDOG_TICK: Duration = Duration::from_secs(1);
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and the like) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How often the memory trimmer looks at the connection count.
+const TRIM_TICK: Duration = Duration::from_secs(5);
+/// Connections that must have closed since the last peak before the
+/// allocator is trimmed ([`crate::sys::memory::trim`]).
+const TRIM_AFTER_CLOSED: i64 = 64;
 /// Time the runtime gives blocking tasks (disk readers) at exit; they stop
 /// on their own once their answer is dropped.
 const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
@@ -138,6 +143,7 @@ pub async fn serve(
         per_address: config.api.max_connections_per_address,
         reserved: config.api.reserved_connections,
     });
+    tokio::spawn(trim_after_bursts(state.clone()));
     let mut last_refusal_log: Option<std::time::Instant> = None;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -299,6 +305,33 @@ pub async fn serve(
         tracing::warn!("grace period over: cutting the remaining connections");
     }
     Ok(())
+}
+
+/// Hands the allocator's free memory back to the kernel once a burst of
+/// connections has gone: when at least [`TRIM_AFTER_CLOSED`] connections
+/// closed since the highest count seen, and the count is below half of
+/// it. The memory their TLS and HTTP state used is otherwise kept resident
+/// by glibc (`sys::memory`). Ends with the runtime.
+async fn trim_after_bursts(state: Arc<api::State>) {
+    let mut tick = tokio::time::interval(TRIM_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut peak = 0i64;
+    loop {
+        tick.tick().await;
+        let open = state.metrics.connections_open();
+        peak = peak.max(open);
+        if peak - open >= TRIM_AFTER_CLOSED && open * 2 <= peak {
+            peak = open;
+            let released = tokio::task::spawn_blocking(crate::sys::memory::trim)
+                .await
+                .unwrap_or(false);
+            tracing::debug!(
+                open,
+                released,
+                "allocator trimmed after a burst of connections"
+            );
+        }
+    }
 }
 
 /// Run a connection beside its watchdog: `Err` when the watchdog cut it

@@ -22,7 +22,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Manager, ReconcileReport, SnapshotError, StoreConfig, VmLookup};
+use super::config::StoreConfig;
+use super::error::SnapshotError;
+use super::manager::{Manager, VmLookup};
+use super::reconcile::ReconcileReport;
 use crate::ovm::{Disk, InventoryError, Repository, Vm};
 use crate::wire::GetOptions;
 

@@ -28,12 +28,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::catalog::{
-    self, manifest_problem, AdoptError, GENERATION, STAGING_PREFIX, TRASH_PREFIX,
-};
-use super::{
-    Manager, Manifest, SnapshotError, MANIFEST, MAX_MANIFEST_BYTES, MAX_OWNER_BYTES, OWNER_MARK,
-};
+use super::cache::AdoptError;
+use super::catalog::{self, manifest_problem, GENERATION, STAGING_PREFIX, TRASH_PREFIX};
+use super::error::SnapshotError;
+use super::manager::{open_snapshot_folder, repo_mounts, Manager};
+use super::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES, MAX_OWNER_BYTES, OWNER_MARK};
 use crate::store::{Fingerprint, SnapshotRecord};
 use crate::sys::path::{self, SNAPSHOTS_DIR};
 
@@ -106,7 +105,7 @@ enum Health {
 }
 
 fn check_record(rec: &SnapshotRecord) -> Health {
-    for mount in super::repo_mounts(rec) {
+    for mount in repo_mounts(rec) {
         let repo = match path::open_dir(mount) {
             Ok(r) => r,
             Err(e) => {
@@ -149,7 +148,7 @@ fn check_record(rec: &SnapshotRecord) -> Health {
 }
 
 fn check_disk_file(id: &str, mount: &Path, name: &str, want: &Fingerprint) -> Result<(), String> {
-    let (_, dir, _) = super::open_snapshot_folder(mount, id).map_err(|e| e.to_string())?;
+    let (_, dir, _) = open_snapshot_folder(mount, id).map_err(|e| e.to_string())?;
     let f = path::open_file_at(dir.as_fd(), name).map_err(|e| e.to_string())?;
     let fp = Fingerprint::of(&f).map_err(|e| e.to_string())?;
     if &fp != want {
@@ -380,7 +379,7 @@ impl Manager {
         ordered.sort_by_key(|m| (m.snapshot.created_at_ns, m.snapshot.id.clone()));
         for m in ordered {
             let rec = m.snapshot;
-            let outside: Vec<&Path> = super::repo_mounts(&rec)
+            let outside: Vec<&Path> = repo_mounts(&rec)
                 .into_iter()
                 .filter(|p| !mounts.iter().any(|m| m == p))
                 .collect();
@@ -397,7 +396,7 @@ impl Manager {
                     vm: rec.vm.clone(),
                 }),
                 Err(AdoptError::Incomplete(reason)) => {
-                    for mount in super::repo_mounts(&rec) {
+                    for mount in repo_mounts(&rec) {
                         let expired = catalog::open_snaps(mount)
                             .ok()
                             .and_then(|s| catalog::age(s.as_fd(), &rec.id))

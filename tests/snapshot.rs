@@ -232,6 +232,17 @@ fn apply(mgr: &Manager, vm: &str, diff: &Snapshot, replicas: &Path, zero_separat
     }
 }
 
+/// The two sides of a disk's diff: the bytes of disk `name` in `snap`
+/// (none when it had no such disk), and of the disk's file `now`.
+fn before_and_after(snap: &Snapshot, name: &str, now: &Path) -> (Vec<u8>, Vec<u8>) {
+    let before = snap
+        .disks
+        .iter()
+        .find(|x| x.name == name)
+        .map_or(PathBuf::from("/dev/null"), |x| PathBuf::from(&x.path));
+    (std::fs::read(before).unwrap(), std::fs::read(now).unwrap())
+}
+
 /// Bytes in 4 KiB blocks that differ between two contents (beyond the end
 /// reads as zeros): what a perfect diff at block granularity would report.
 fn changed_block_bytes(a: &[u8], b: &[u8]) -> u64 {
@@ -313,14 +324,7 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
                 .unwrap();
             if exact.is_some() {
                 for (d, dd) in vm2.disks.iter().zip(&diff.disks) {
-                    let before = std::fs::read(
-                        s1.disks
-                            .iter()
-                            .find(|x| x.name == d.name)
-                            .map_or(PathBuf::from("/dev/null"), |x| PathBuf::from(&x.path)),
-                    )
-                    .unwrap();
-                    let after = std::fs::read(&d.path).unwrap();
+                    let (before, after) = before_and_after(&s1, &d.name, &d.path);
                     exact_changed += changed_block_bytes(&before, &after);
                     exact_reported += dd.chunks.iter().map(|c| c.length).sum::<u64>()
                         + dd.zeroed.iter().flatten().map(|z| z.length).sum::<u64>();
@@ -350,14 +354,7 @@ fn diff_reproduces_the_newer_snapshot(fs: Fs) {
             }
             if !zero_separately && exact.is_none() {
                 for (d, dd) in vm2.disks.iter().zip(&diff.disks) {
-                    let before = std::fs::read(
-                        s1.disks
-                            .iter()
-                            .find(|x| x.name == d.name)
-                            .map_or(PathBuf::from("/dev/null"), |x| PathBuf::from(&x.path)),
-                    )
-                    .unwrap();
-                    let after = std::fs::read(&d.path).unwrap();
+                    let (before, after) = before_and_after(&s1, &d.name, &d.path);
                     changed_total += changed_block_bytes(&before, &after);
                     reported_total += dd.chunks.iter().map(|c| c.length).sum::<u64>();
                 }

@@ -343,6 +343,11 @@ impl Answer {
     }
 }
 
+/// `GET uri` with bearer `token`.
+async fn fetch(st: &Arc<State>, uri: &str, token: &str) -> Answer {
+    call(st, Method::GET, uri, Some(token), &[], "").await
+}
+
 async fn call(
     st: &Arc<State>,
     method: Method,
@@ -616,7 +621,7 @@ async fn every_route_answers_with_and_without_trailing_slash() {
 async fn vm_json_has_the_old_shape() {
     let st = state(TestNode::new("vmjson"), MetricsAuth::None);
     let t = token(&st).await;
-    let a = call(&st, Method::GET, "/api/v1/vms", Some(&t), &[], "").await;
+    let a = fetch(&st, "/api/v1/vms", &t).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header(header::CONTENT_TYPE), "application/json");
     let v = a.json();
@@ -638,27 +643,11 @@ async fn vm_json_has_the_old_shape() {
     );
     assert_eq!(v[0]["snapshots"], serde_json::json!([SNAP_OLD, SNAP_NEW]));
 
-    let one = call(
-        &st,
-        Method::GET,
-        &format!("/api/v1/vms/{VM1}"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .json();
+    let one = fetch(&st, &format!("/api/v1/vms/{VM1}"), &t).await.json();
     assert_eq!(one["name"], VM1);
-    call(
-        &st,
-        Method::GET,
-        "/api/v1/vms/0004fb00000600000000000000000000",
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::NOT_FOUND, "Not Found");
+    fetch(&st, "/api/v1/vms/0004fb00000600000000000000000000", &t)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "Not Found");
 }
 
 #[tokio::test]
@@ -683,7 +672,7 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
         ("?squashChunks=tRuE", false),
     ];
     for (q, squash) in cases {
-        let a = call(&st, Method::GET, &format!("{base}{q}"), Some(&t), &[], "").await;
+        let a = fetch(&st, &format!("{base}{q}"), &t).await;
         assert_eq!(a.status, StatusCode::OK, "{q}");
         let v = a.json();
         assert_eq!(
@@ -714,13 +703,10 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
         );
     }
 
-    let diff = call(
+    let diff = fetch(
         &st,
-        Method::GET,
         &format!("{base}?compareTo={SNAP_OLD}&squashChunks=false"),
-        Some(&t),
-        &[],
-        "",
+        &t,
     )
     .await;
     assert_eq!(diff.status, StatusCode::OK);
@@ -741,13 +727,10 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
             false
         )
     );
-    let sep = call(
+    let sep = fetch(
         &st,
-        Method::GET,
         &format!("{base}?compareTo={SNAP_OLD}&zeroed=separate"),
-        Some(&t),
-        &[],
-        "",
+        &t,
     )
     .await
     .json();
@@ -817,16 +800,9 @@ async fn snapshot_routes_pass_squash_compare_and_zeroed() {
     expect_refused(&st, Some(&t), &rows).await;
 
     // List (squashed by default), create, delete (idempotent), purge.
-    let list = call(
-        &st,
-        Method::GET,
-        &format!("/api/v1/vms/{VM1}/snapshots"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .json();
+    let list = fetch(&st, &format!("/api/v1/vms/{VM1}/snapshots"), &t)
+        .await
+        .json();
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert_eq!(list[0]["id"], SNAP_OLD);
     assert_eq!(node.calls().last().unwrap(), &Call::List(VM1.into(), true));
@@ -935,13 +911,10 @@ async fn disk_bytes_whole_ranges_and_head() {
     assert_eq!(head.header(header::ACCEPT_RANGES), "bytes");
     assert!(head.body.is_empty());
 
-    call(
+    fetch(
         &st,
-        Method::GET,
         &format!("/api/v1/vms/{VM1}/snapshots/{SNAP_NEW}/disks/other.img"),
-        Some(&t),
-        &[],
-        "",
+        &t,
     )
     .await
     .assert_error(StatusCode::NOT_FOUND, "Not Found");
@@ -1005,16 +978,9 @@ async fn unknown_routes_bad_methods_and_bad_ids() {
     );
     // The longest allowed id does reach it.
     let ok_len = "a".repeat(MAX_ID_LEN);
-    call(
-        &st,
-        Method::GET,
-        &format!("/api/v1/vms/{ok_len}"),
-        Some(&t),
-        &[],
-        "",
-    )
-    .await
-    .assert_error(StatusCode::NOT_FOUND, "Not Found");
+    fetch(&st, &format!("/api/v1/vms/{ok_len}"), &t)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "Not Found");
 }
 
 /// A flood of `/health` (public) runs one check at a time: 32 requests at

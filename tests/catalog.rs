@@ -436,6 +436,70 @@ fn a_repository_of_the_previous_format_is_adopted_without_loss() {
     assert_replica(&repo, &out, &s2);
 }
 
+/// Half-made folders are removed only by their maker (at its start) or,
+/// once their lease expired, by any node; a fresh one of another node is
+/// left alone. Never is a published snapshot touched.
+#[test]
+fn debris_goes_only_by_its_maker_or_after_the_lease() {
+    const LEASE: u64 = 3;
+    let scratch = Fs::Xfs.scratch("catalog-debris");
+    let repo = scratch.path("repo");
+    make_repo(&repo);
+    let a = Node::start(&repo, "node-a", LEASE);
+    let api_a = a.server.api();
+    let kept = id_of(&create(&api_a));
+    let snaps = repo.join(SNAPS);
+    let half = |name: &str, owner: &str| {
+        fs::create_dir(snaps.join(name)).unwrap();
+        fs::write(snaps.join(name).join(".coriolis-owner"), owner).unwrap();
+        fs::write(snaps.join(name).join(DISKS[0]), "partial").unwrap();
+    };
+    let id = || uuid::Uuid::new_v4().to_string();
+    let (mine, theirs, trash) = (
+        format!(".coriolis-staging-{}", id()),
+        format!(".coriolis-staging-{}", id()),
+        format!(".coriolis-trash-{}", id()),
+    );
+    half(&mine, "node-b\n");
+    half(&theirs, "node-x\n");
+    half(&trash, "node-x\n");
+    // Node B starts: its own half-made folder goes at once (no create of
+    // its own can be running), another maker's and the trash stay.
+    let b = Node::start(&repo, "node-b", LEASE);
+    let api_b = b.server.api();
+    assert!(!snaps.join(&mine).exists(), "node B kept its own debris");
+    assert!(
+        snaps.join(&theirs).exists(),
+        "node-x's folder went within its lease"
+    );
+    assert_eq!(ids(&api_b), vec![kept.clone()]);
+    // Renewed (touched) by its maker, it stays past the first lease.
+    std::thread::sleep(Duration::from_secs(LEASE - 1));
+    fs::File::open(snaps.join(&theirs).join(".coriolis-owner"))
+        .unwrap()
+        .set_modified(SystemTime::now())
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ids(&api_a), vec![kept.clone()]);
+    assert!(
+        snaps.join(&theirs).exists(),
+        "a renewed lease was not honoured"
+    );
+    // Once the lease expired, any node's next request removes it; the
+    // snapshot stays.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while on_disk(&repo) != BTreeSet::from([kept.clone()]) {
+        assert!(
+            Instant::now() < deadline,
+            "debris never went: {:?}",
+            on_disk(&repo)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(ids(&api_b), vec![kept.clone()]);
+    }
+    assert_eq!(ids(&api_a), vec![kept]);
+}
+
 /// One create, delete or purge sent to a node, and what came of it. Times
 /// are wall-clock nanoseconds, so that logs of nodes in two guests compare.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -517,22 +581,23 @@ pub(crate) fn race_ops(api: &Api, node: usize, seed: u64, n: usize) -> Vec<Op> {
 /// The kill -9 loop of a race, until `done`: kills one of `nodes` (picked
 /// by `pick`, given the kills so far), restarts it, with a fault point
 /// armed when `arm` says so (it then dies in the middle of its next create
-/// or delete). Returns the number of kills.
+/// or delete). Counts the kills in `kills`.
 pub(crate) fn race_killer(
     nodes: &[Arc<Mutex<Server>>],
     done: &std::sync::atomic::AtomicBool,
+    kills: &std::sync::atomic::AtomicUsize,
     seed: u64,
     pause_ms: std::ops::Range<u64>,
     pick: impl Fn(usize, &mut fastrand::Rng) -> (usize, bool),
-) -> usize {
+) {
+    use std::sync::atomic::Ordering::SeqCst;
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut kills = 0;
-    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+    while !done.load(SeqCst) {
         std::thread::sleep(Duration::from_millis(rng.u64(pause_ms.clone())));
-        let (which, arm) = pick(kills, &mut rng);
+        let (which, arm) = pick(kills.load(SeqCst), &mut rng);
         let mut n = nodes[which].lock().unwrap();
         n.kill();
-        kills += 1;
+        kills.fetch_add(1, SeqCst);
         if arm {
             let p = fault::POINTS[rng.usize(0..fault::POINTS.len())];
             n.set_env(&[(fault::ENV, p)]);
@@ -542,7 +607,28 @@ pub(crate) fn race_killer(
         std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
         n.restart_tolerating_faults();
     }
-    kills
+}
+
+/// More ops on `api` until the killer killed `min` times (a fast machine
+/// may finish the planned ones first); at most two minutes.
+pub(crate) fn race_until_killed(
+    api: &Api,
+    node: usize,
+    kills: &std::sync::atomic::AtomicUsize,
+    min: usize,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let t = Instant::now();
+    let mut seed = 1000;
+    while kills.load(std::sync::atomic::Ordering::SeqCst) < min {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the killer is stuck"
+        );
+        ops.extend(race_ops(api, node, seed, 2));
+        seed += 1;
+    }
+    ops
 }
 
 /// After a race, on a node whose listing (`listed`) equals the disk: every
@@ -629,13 +715,14 @@ fn racing(fs_kind: Fs) {
         .map(|n| (Arc::new(Mutex::new(n.server)), n.dir))
         .unzip();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kills = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     // Node B is killed only early on (and never armed): for the rest of
     // the run its cache must follow A's changes alone.
     let killer = {
-        let (servers, done) = (servers.clone(), done.clone());
+        let (servers, done, kills) = (servers.clone(), done.clone(), kills.clone());
         std::thread::spawn(move || {
-            race_killer(&servers, &done, 0x9, 200..800, |kills, rng| {
+            race_killer(&servers, &done, &kills, 0x9, 200..800, |kills, rng| {
                 if kills < 3 {
                     let which = rng.usize(0..2);
                     (which, which == 0 && rng.bool())
@@ -651,12 +738,14 @@ fn racing(fs_kind: Fs) {
             std::thread::spawn(move || race_ops(&api, w % 2, w as u64 + 100, OPS_PER_WORKER))
         })
         .collect();
-    let ops: Vec<Op> = workers
+    let mut ops: Vec<Op> = workers
         .into_iter()
         .flat_map(|w| w.join().unwrap())
         .collect();
+    ops.extend(race_until_killed(&apis[0], 0, &kills, 3));
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let kills = killer.join().unwrap();
+    killer.join().unwrap();
+    let kills = kills.load(std::sync::atomic::Ordering::SeqCst);
     let answered = ops.iter().filter(|o| o.answered).count();
     eprintln!(
         "race on {fs_kind:?}: {} ops ({answered} answered), {kills} kills; (sent, answered) by kind: {:?}",

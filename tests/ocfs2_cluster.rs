@@ -252,17 +252,17 @@ fn two_exporters_share_one_catalog_and_serve_each_others_snapshots() {
 /// exchanged through the filesystem for the final checks.
 #[test]
 fn two_exporters_race_creates_deletes_and_purges_with_kills() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use crate::catalog::{self, Op};
 
     /// Short, so that the test waits little for debris to expire; far
     /// longer than one create under TCG.
-    const LEASE: u64 = 10;
+    const LEASE: u64 = 6;
     /// Few: under TCG an op takes about a second and a restart several
     /// (the host runs the 280-op race, `catalog::racing_*`).
-    const OPS: usize = 20;
+    const OPS: usize = 12;
     let node = this_node();
     let other = 3 - node;
     let root = Fs::Ocfs2.root().join("cluster-race");
@@ -293,18 +293,26 @@ fn two_exporters_race_creates_deletes_and_purges_with_kills() {
     wait_for(&root, other, "up");
 
     let done = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicUsize::new(0));
     let killer = {
-        let (servers, done) = (servers.clone(), done.clone());
+        let (servers, done, kills) = (servers.clone(), done.clone(), kills.clone());
         std::thread::spawn(move || {
             // Under TCG a start takes seconds: kill less often, arm less.
-            catalog::race_killer(&servers, &done, u64::from(node), 4000..8000, |_, rng| {
-                (0, rng.u32(0..3) == 0)
-            })
+            catalog::race_killer(
+                &servers,
+                &done,
+                &kills,
+                u64::from(node),
+                6000..12000,
+                |_, rng| (0, rng.u32(0..3) == 0),
+            )
         })
     };
-    let ops = catalog::race_ops(&api, node as usize, u64::from(node) + 7, OPS);
+    let mut ops = catalog::race_ops(&api, node as usize, u64::from(node) + 7, OPS);
+    ops.extend(catalog::race_until_killed(&api, node as usize, &kills, 2));
     done.store(true, Ordering::SeqCst);
-    let kills = killer.join().unwrap();
+    killer.join().unwrap();
+    let kills = kills.load(Ordering::SeqCst);
     eprintln!(
         "node {node}: {} ops, {kills} kills; (sent, answered) by kind: {:?}",
         ops.len(),

@@ -26,7 +26,8 @@
 # refinement's own time and bytes from the coe_exact_* counters of /metrics.
 #
 # Knobs: EXACT_SEEDS (default 16) trials per filesystem and mode;
-# EXACT_PARTS (default "1 2").
+# EXACT_PARTS (default "1 2"); EXACT_BIN, the binary part 2 runs (default:
+# target/release/coriolis-ovm-exporter, built here), to compare two builds.
 # Needs root (loop mounts), xfsprogs, btrfs-progs and curl (scripts/deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -133,8 +134,12 @@ PY
 
 part2() {
   echo "== exact deltas: cost in a release build ($(nproc) cores, $(load))"
-  cargo build --release --locked --bin coriolis-ovm-exporter 2>&1 | tail -1
-  local bin=target/release/coriolis-ovm-exporter
+  local bin=${EXACT_BIN:-}
+  if [ -z "$bin" ]; then
+    cargo build --release --locked --bin coriolis-ovm-exporter 2>&1 | tail -1
+    bin=target/release/coriolis-ovm-exporter
+  fi
+  echo "  binary: $bin"
   mkdir -p "$work/cost"
   truncate -s 4G "$work/cost.img"
   mkfs.xfs -q -m reflink=1 "$work/cost.img"

@@ -16,12 +16,15 @@
 //! buffered reads where it does not), in windows of [`WINDOW`] bytes into two
 //! aligned buffers: memory is bounded per diff whatever the disk size. The
 //! work runs on the caller's thread (the API calls the manager on the
-//! blocking pool) and checks its [`Cancel`] between windows, so a diff whose
-//! client went away stops within one window.
+//! blocking pool), with one scoped helper thread reading the newer side of
+//! each window while the caller reads the older side (the two reads wait on
+//! the disk at once), and checks its [`Cancel`] between windows, so a diff
+//! whose client went away stops within one window.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -34,7 +37,8 @@ use crate::io::buffer::AlignedBuf;
 pub const WINDOW: usize = 1 << 20;
 
 /// Diffs refined at once in the whole process. Each holds two [`WINDOW`]
-/// buffers and a blocking-pool thread reading the disk, so a client
+/// buffers, a blocking-pool thread and a helper thread reading the disk
+/// (one side each), so a client
 /// sending many `exact=true` requests in parallel waits for a slot instead
 /// of making the process hold `2 * WINDOW` per request: refinement memory
 /// is at most `MAX_REFINING * 2 * WINDOW` (8 MiB), and the disk is not
@@ -276,32 +280,75 @@ pub fn refine_diff(
     let started = Instant::now();
     direct(old);
     direct(new);
-    let (mut bo, mut bn) = (AlignedBuf::new(WINDOW), AlignedBuf::new(WINDOW));
     let mut refined = Diff::default();
-    let mut read = 0u64;
-    for c in &candidates {
-        let mut pos = c.logical;
-        while pos < c.end() {
-            if cancel.is_cancelled() {
-                return Err(RefineError::Cancelled);
+    // The newer side is read by a helper thread while this one reads the
+    // older side: the two reads of a window wait on the disk at once.
+    let read = std::thread::scope(|scope| {
+        let (to_reader, jobs) = mpsc::sync_channel::<(AlignedBuf, u64, usize)>(1);
+        let (to_main, results) = mpsc::sync_channel(1);
+        // A thread the system cannot make fails this diff, not the process.
+        std::thread::Builder::new()
+            .name("coe-refine".into())
+            .spawn_scoped(scope, move || {
+                for (mut buf, base, len) in jobs {
+                    let r = read_window(
+                        new,
+                        new_size,
+                        &mut buf.as_mut_slice()[..len],
+                        base,
+                        "the newer",
+                    );
+                    if to_main.send((buf, r)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| RefineError::Read {
+                which: "the newer",
+                offset: 0,
+                source,
+            })?;
+        let mut bo = AlignedBuf::new(WINDOW);
+        let mut bn = Some(AlignedBuf::new(WINDOW));
+        let mut read = 0u64;
+        for c in &candidates {
+            let mut pos = c.logical;
+            while pos < c.end() {
+                if cancel.is_cancelled() {
+                    return Err(RefineError::Cancelled);
+                }
+                let base = pos / REFINE_BLOCK * REFINE_BLOCK;
+                let end = (base + WINDOW as u64).min(c.end().div_ceil(REFINE_BLOCK) * REFINE_BLOCK);
+                let len = (end - base) as usize;
+                let reader_gone = || RefineError::Read {
+                    which: "the newer",
+                    offset: base,
+                    source: std::io::Error::other("the reading thread ended"),
+                };
+                if let Some(b) = bn.take() {
+                    to_reader.send((b, base, len)).map_err(|_| reader_gone())?;
+                }
+                let o = &mut bo.as_mut_slice()[..len];
+                let old_read = read_window(old, old_size, o, base, "the older");
+                // The newer buffer comes back before any error returns, so
+                // the helper never outlives a read of this window.
+                let (b, new_read) = results.recv().map_err(|_| reader_gone())?;
+                old_read?;
+                new_read?;
+                let n = &bn.insert(b).as_slice()[..len];
+                read += len as u64;
+                let piece = extent::Extent {
+                    logical: pos,
+                    physical: c.physical + (pos - c.logical),
+                    length: end.min(c.end()) - pos,
+                    flags: c.flags,
+                };
+                extent::refine(&piece, base, o, n, &mut refined);
+                pos = end.min(c.end());
             }
-            let base = pos / REFINE_BLOCK * REFINE_BLOCK;
-            let end = (base + WINDOW as u64).min(c.end().div_ceil(REFINE_BLOCK) * REFINE_BLOCK);
-            let len = (end - base) as usize;
-            let (o, n) = (&mut bo.as_mut_slice()[..len], &mut bn.as_mut_slice()[..len]);
-            read_window(old, old_size, o, base, "the older")?;
-            read_window(new, new_size, n, base, "the newer")?;
-            read += len as u64;
-            let piece = extent::Extent {
-                logical: pos,
-                physical: c.physical + (pos - c.logical),
-                length: end.min(c.end()) - pos,
-                flags: c.flags,
-            };
-            extent::refine(&piece, base, o, n, &mut refined);
-            pos = end.min(c.end());
         }
-    }
+        Ok(read)
+    })?;
     let kept = extent::subtract(&d.changed, &candidates);
     let out = Diff {
         changed: extent::merge_extents(&kept, &refined.changed),

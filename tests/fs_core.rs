@@ -726,3 +726,10 @@ fn diff_exact_random_4k_writes_xfs() {
 fn diff_exact_random_4k_writes_btrfs() {
     property_random_4k(Target::Btrfs, true);
 }
+
+/// Compressed extents are reported whole by the maps (1.5x allowed);
+/// refined by content, block rounding only.
+#[test]
+fn diff_exact_never_misses_a_changed_byte_btrfs_compressed() {
+    property_exact(Target::BtrfsCompressed);
+}

@@ -66,6 +66,8 @@ part1() {
     fs_core::diff_never_misses_a_changed_byte_btrfs \
     fs_core::diff_exact_never_misses_a_changed_byte_xfs \
     fs_core::diff_exact_never_misses_a_changed_byte_btrfs \
+    fs_core::diff_never_misses_a_changed_byte_btrfs_compressed \
+    fs_core::diff_exact_never_misses_a_changed_byte_btrfs_compressed \
     fs_core::diff_random_4k_writes_xfs \
     fs_core::diff_random_4k_writes_btrfs \
     fs_core::diff_exact_random_4k_writes_xfs \

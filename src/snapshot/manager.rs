@@ -292,6 +292,15 @@ impl Manager {
                         "cannot remove the folder of a failed snapshot");
                 }
             }
+            // Published, then failed (the record could not be written): a
+            // node that adopted it meanwhile (this one too) drops it at its
+            // next request.
+            self.bump_all(
+                folders
+                    .iter()
+                    .filter(|f| f.published)
+                    .map(|f| (f.snaps_dir.as_fd(), f.repo_mount.as_path())),
+            );
         }
         let (record, maps) = result?;
         tracing::info!(snapshot = %record.id, vm = %record.vm, disks = record.disks.len(), "snapshot created");

@@ -20,7 +20,8 @@ use crate::common::{
 const SIZE: u64 = (12 << 20) + 5_000;
 const VM: &str = "vm-wan-01";
 
-fn config(pki: &Pki, dir: &Scratch, port: u16, repo: &Path, disk: &Path) -> String {
+/// `io`: extra `[io]` settings (empty: the defaults).
+fn config(pki: &Pki, dir: &Scratch, port: u16, repo: &Path, disk: &Path, io: &str) -> String {
     let o = Options {
         local_users: true,
         ..Options::default()
@@ -30,20 +31,22 @@ fn config(pki: &Pki, dir: &Scratch, port: u16, repo: &Path, disk: &Path) -> Stri
         "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
          check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
          mount_point = {repo:?}\n\n[[inventory.vms]]\nname = {VM:?}\n\
-         disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
+         disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n\n[io]\n{io}\n"
     );
     c
 }
 
-fn start(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
-    Exporter::start_with(pki, 0o600, |dir, port| config(pki, dir, port, repo, disk))
+fn start(pki: &Pki, repo: &Path, disk: &Path, io: &str) -> Exporter {
+    Exporter::start_with(pki, 0o600, |dir, port| {
+        config(pki, dir, port, repo, disk, io)
+    })
 }
 
 /// The exporter with `COE_FAULT=io-read-eio`: the first disk read at or
 /// past 8 MiB fails (EIO), once, and aborts the body it was for.
 fn start_faulty(pki: &Pki, repo: &Path, disk: &Path) -> Exporter {
     Exporter::start_with_env(pki, 0o600, &[("COE_FAULT", "io-read-eio")], |dir, port| {
-        config(pki, dir, port, repo, disk)
+        config(pki, dir, port, repo, disk, "")
     })
 }
 
@@ -151,7 +154,61 @@ fn records(body: &[u8]) -> &[u8] {
     &body[stream::HEADER_LEN_2..body.len() - stream::RECORD_LEN]
 }
 
-fn run(fs: Fs) {
+/// The incremental at `url` (a query included) cut at random points and
+/// resumed with `from`: the rest is the uninterrupted stream's records, bit
+/// for bit, and the replica (a copy of snapshot 1 at `path1`) ends
+/// identical to snapshot 2 (`path2`). Then three shards of it: contiguous
+/// spans, each applied on its own, together snapshot 2.
+fn resume_and_shards(
+    ex: &Exporter,
+    token: &str,
+    scratch: &Scratch,
+    url: &str,
+    path1: &Path,
+    path2: &Path,
+    rng: &mut fastrand::Rng,
+) {
+    let whole = get(ex, url, token, &[]);
+    assert_eq!(whole.status, 200, "{url}: {}", whole.text());
+    for cut in 0..3 {
+        let at = rng.usize(stream::HEADER_LEN_2..whole.body.len() - 1);
+        let replica = scratch.path(&format!("resume-{cut}.img"));
+        std::fs::copy(path1, &replica).unwrap();
+        let mut r = Replica::new(&replica);
+        assert!(
+            r.apply(&whole.body[..at]).is_err(),
+            "a cut body is not complete"
+        );
+        let from = r.resume_at;
+        let rest = get(ex, &format!("{url}&from={from}"), token, &[]);
+        assert_eq!(rest.status, 200);
+        let tail = records(&rest.body);
+        let all = records(&whole.body);
+        assert!(
+            all.ends_with(tail),
+            "{url}: cut at byte {at}, resumed at {from}: not the rest of the stream"
+        );
+        r.apply(&rest.body).unwrap();
+        assert_ne!(r.header.unwrap().flags & stream::FLAG_RESUMED, 0);
+        same_file(&replica, path2);
+    }
+    let replica = scratch.path("shards.img");
+    std::fs::copy(path1, &replica).unwrap();
+    let mut r = Replica::new(&replica);
+    let mut next = 0;
+    for i in 0..3 {
+        let a = get(ex, &format!("{url}&shard={i}&shards=3"), token, &[]);
+        assert_eq!(a.status, 200, "{}", a.text());
+        r.apply(&a.body).unwrap();
+        let h = r.header.unwrap();
+        assert_eq!((h.shard, h.shards, h.start), (i, 3, next));
+        next = h.end;
+    }
+    assert_eq!(next, SIZE);
+    same_file(&replica, path2);
+}
+
+fn run(fs: Fs, io: &str) {
     let scratch = fs.scratch("stream-wan");
     let repo = scratch.path("repo");
     let disk = repo.join("VirtualDisks/disk01.img");
@@ -169,7 +226,7 @@ fn run(fs: Fs) {
         f.sync_all().unwrap();
     }
     let pki = Pki::new();
-    let ex = start(&pki, &repo, &disk);
+    let ex = start(&pki, &repo, &disk, io);
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
     let create = || ex.create_snapshot(VM, &token);
@@ -252,6 +309,11 @@ fn run(fs: Fs) {
         snap_blocks * 512
     );
     let raw = get(&ex, &inc("?version=2"), &token, &[]);
+    assert_eq!(raw.status, 200, "{}", raw.text());
+    let fresh_raw = scratch.path("fresh-raw.img");
+    File::create(&fresh_raw).unwrap();
+    Replica::new(&fresh_raw).apply(&raw.body).unwrap();
+    same_file(&fresh_raw, &path2);
     assert!(
         full.body.len() * 10 < raw.body.len() * 8,
         "zstd sent {} bytes, raw {}",
@@ -259,51 +321,14 @@ fn run(fs: Fs) {
         raw.body.len()
     );
 
-    // The incremental, cut at random points and resumed with `from`: the
-    // rest is the uninterrupted stream's records, bit for bit, and the
-    // replica (a copy of snapshot 1) ends identical to snapshot 2.
-    let q2 = format!("?compareTo={snap1}&compress=zstd&level=1");
-    let whole = get(&ex, &inc(&q2), &token, &[]);
-    assert_eq!(whole.status, 200);
-    for cut in 0..3 {
-        let at = rng.usize(stream::HEADER_LEN_2..whole.body.len() - 1);
-        let replica = scratch.path(&format!("resume-{cut}.img"));
-        std::fs::copy(&path1, &replica).unwrap();
-        let mut r = Replica::new(&replica);
-        assert!(
-            r.apply(&whole.body[..at]).is_err(),
-            "a cut body is not complete"
-        );
-        let from = r.resume_at;
-        let rest = get(&ex, &inc(&format!("{q2}&from={from}")), &token, &[]);
-        assert_eq!(rest.status, 200);
-        let tail = records(&rest.body);
-        let all = records(&whole.body);
-        assert!(
-            all.ends_with(tail),
-            "cut at byte {at}, resumed at {from}: not the rest of the stream"
-        );
-        r.apply(&rest.body).unwrap();
-        assert_ne!(r.header.unwrap().flags & stream::FLAG_RESUMED, 0);
-        same_file(&replica, &path2);
+    // The incremental cut, resumed and sharded, with zstd records and with
+    // raw ones (their data passed on in the io core's buffers).
+    for q2 in [
+        format!("?compareTo={snap1}&compress=zstd&level=1"),
+        format!("?compareTo={snap1}&version=2"),
+    ] {
+        resume_and_shards(&ex, &token, &scratch, &inc(&q2), &path1, &path2, &mut rng);
     }
-
-    // Three shards of the incremental: contiguous spans, each applied on
-    // its own, together snapshot 2.
-    let replica = scratch.path("shards.img");
-    std::fs::copy(&path1, &replica).unwrap();
-    let mut r = Replica::new(&replica);
-    let mut next = 0;
-    for i in 0..3 {
-        let a = get(&ex, &inc(&format!("{q2}&shard={i}&shards=3")), &token, &[]);
-        assert_eq!(a.status, 200, "{}", a.text());
-        r.apply(&a.body).unwrap();
-        let h = r.header.unwrap();
-        assert_eq!((h.shard, h.shards, h.start), (i, 3, next));
-        next = h.end;
-    }
-    assert_eq!(next, SIZE);
-    same_file(&replica, &path2);
 
     // The whole-disk digest, recomputed here by the documented
     // construction from the snapshot file (hole blocks included).
@@ -429,10 +454,18 @@ fn stream_v2_client_resumes_a_broken_stream_btrfs() {
 
 #[test]
 fn stream_v2_resume_zero_blocks_zstd_shards_xfs() {
-    run(Fs::Xfs);
+    run(Fs::Xfs, "");
 }
 
 #[test]
 fn stream_v2_resume_zero_blocks_zstd_shards_btrfs() {
-    run(Fs::Btrfs);
+    run(Fs::Btrfs, "");
+}
+
+/// One 64 KiB read-ahead buffer per stream: a raw record piece (1 MiB) spans
+/// many of the io core's buffers, so the producer must not hold them while
+/// it waits for the next read (it would wait forever).
+#[test]
+fn stream_v2_with_one_small_read_ahead_buffer_xfs() {
+    run(Fs::Xfs, "read_ahead = 1\nbuffer_size = 65536");
 }

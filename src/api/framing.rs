@@ -9,17 +9,27 @@
 //! Format version 2 of the incremental stream ([`incremental_v2`]) is not a
 //! framing: its records depend on the data (zero blocks, compression). The
 //! io core reads the data ranges plainly; a producer task cuts them into
-//! the format's pieces (at most [`stream::RECORD_MAX`] each), has each piece
-//! encoded on the blocking pool (zero detection, zstd, CRC: never on the
-//! network threads), several at once, and sends the results in order.
+//! the format's pieces (at most [`stream::RECORD_MAX`] each). With zstd it
+//! has each piece encoded on the blocking pool (zero detection, zstd, CRC:
+//! never on the network threads), several at once, and sends the results
+//! in order. Without zstd a piece is a scan for zero blocks and a CRC, the
+//! work version 1's framing does: the producer does it itself and passes
+//! the data on as slices of the io core's buffers
+//! ([`stream::encode_piece_raw`]), so version 2 moves no more bytes than
+//! version 1 (copying each piece twice and a hop to the blocking pool made
+//! it about half as fast on loopback). Small parts (record headers,
+//! trailers, zero records) are glued into frames of up to 256 KiB.
 //!
 //! Memory of one version 2 stream, beyond the io core's own `read_ahead`
-//! buffers: at most [`ENCODE_AHEAD`] pieces being encoded or waiting to be
-//! sent (each its input, at most 1 MiB, and its output, at most 1 MiB plus
-//! 40 bytes per 4 KiB of zero blocks), plus [`OUT_SLOTS`] encoded pieces in
-//! the channel to hyper: under 13 MiB. Encoding in the whole process runs
-//! on at most as many blocking threads as there are cores
-//! ([`encode_slots`]); a stream that waits for one holds only its bound.
+//! buffers: with zstd, at most [`ENCODE_AHEAD`] pieces being encoded or
+//! waiting to be sent (each its input, at most 1 MiB, and its output, at
+//! most 1 MiB plus 40 bytes per 4 KiB of zero blocks), plus [`OUT_SLOTS`]
+//! encoded pieces in the channel to hyper and 256 KiB of glued parts: under
+//! 14 MiB. Without zstd, the data in flight are the io core's buffers (held
+//! until hyper has written them, as in version 1) and 256 KiB of glued
+//! parts. Encoding in the whole process runs on at most as many blocking
+//! threads as there are cores ([`encode_slots`]); a stream that waits for
+//! one holds only its bound.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -252,6 +262,7 @@ pub fn incremental_v2(
         tx,
         reads,
         carry: Bytes::new(),
+        acc: BytesMut::new(),
         zstd: o.zstd,
         records: 0,
         data_bytes: 0,
@@ -271,10 +282,19 @@ struct V2Producer {
     reads: Option<ReadStream>,
     /// Read bytes not yet given to a piece.
     carry: Bytes,
+    /// Small parts (record headers, trailers, zero records, short data)
+    /// glued together before they go to hyper (see [`COALESCE_MAX`]).
+    acc: BytesMut,
     zstd: Option<i32>,
     records: u64,
     data_bytes: u64,
 }
+
+/// Parts at most this long are copied into [`V2Producer::acc`] instead of
+/// being sent alone (each would be a chunk, and a TLS record, of its own).
+const COALESCE_MAX: usize = 16 << 10;
+/// Size at which the glued small parts are sent.
+const COALESCE_TARGET: usize = 256 << 10;
 
 /// Why the producer stopped early.
 enum Stop {
@@ -291,12 +311,34 @@ impl V2Producer {
             }
             Err(Stop::Gone) => {}
             Err(Stop::Failed(e)) => {
-                let _ = self.tx.send(Chunk::Fail(e)).await;
+                // The records before the failure go first: the client
+                // resumes from the last one it got whole.
+                if self.flush().await.is_ok() {
+                    let _ = self.tx.send(Chunk::Fail(e)).await;
+                }
             }
         }
     }
 
+    /// Sends `b` after the parts before it, gluing it to them when small.
     async fn send(&mut self, b: Bytes) -> Result<(), Stop> {
+        if b.len() <= COALESCE_MAX {
+            self.acc.extend_from_slice(&b);
+            if self.acc.len() >= COALESCE_TARGET {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        self.flush().await?;
+        self.tx.send(Chunk::Data(b)).await.map_err(|_| Stop::Gone)
+    }
+
+    /// Sends the glued small parts.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.acc.is_empty() {
+            return Ok(());
+        }
+        let b = self.acc.split().freeze();
         self.tx.send(Chunk::Data(b)).await.map_err(|_| Stop::Gone)
     }
 
@@ -317,21 +359,54 @@ impl V2Producer {
         self.send(b).await
     }
 
-    /// The next `len` bytes of the reads.
+    /// The next `len` bytes of the reads, as slices of the io core's
+    /// buffers, except that what a piece holds when it must wait for the
+    /// next read is copied first: the io core's buffers carry its stream's
+    /// read-ahead permits, and a piece that held them while waiting for a
+    /// read could wait forever (with small buffers or `read_ahead = 1`).
+    async fn take_segments(&mut self, len: usize) -> Result<Vec<Bytes>, Stop> {
+        let mut segs: Vec<Bytes> = Vec::with_capacity(2);
+        let mut got = 0;
+        while got < len {
+            if self.carry.is_empty() {
+                if !segs.is_empty() {
+                    let mut own = BytesMut::with_capacity(len);
+                    for s in segs.drain(..) {
+                        own.extend_from_slice(&s);
+                    }
+                    segs.push(own.freeze());
+                }
+                self.refill().await?;
+            }
+            let n = (len - got).min(self.carry.len());
+            segs.push(self.carry.split_to(n));
+            got += n;
+        }
+        Ok(segs)
+    }
+
+    /// The next bytes of the reads into `carry`.
+    async fn refill(&mut self) -> Result<(), Stop> {
+        let reads = self.reads.as_mut().expect("data pieces have reads");
+        self.carry = match reads.next().await {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => return Err(Stop::Failed(std::io::Error::other(e))),
+            None => {
+                return Err(Stop::Failed(std::io::Error::other(
+                    "disk read ended before the stream's data",
+                )))
+            }
+        };
+        Ok(())
+    }
+
+    /// The next `len` bytes of the reads, copied (the io core's buffers
+    /// go back to it while the copy waits for an encoding slot).
     async fn take(&mut self, len: usize) -> Result<Vec<u8>, Stop> {
         let mut buf = Vec::with_capacity(len);
         while buf.len() < len {
             if self.carry.is_empty() {
-                let reads = self.reads.as_mut().expect("data pieces have reads");
-                self.carry = match reads.next().await {
-                    Some(Ok(b)) => b,
-                    Some(Err(e)) => return Err(Stop::Failed(std::io::Error::other(e))),
-                    None => {
-                        return Err(Stop::Failed(std::io::Error::other(
-                            "disk read ended before the stream's data",
-                        )))
-                    }
-                };
+                self.refill().await?;
             }
             let n = (len - buf.len()).min(self.carry.len());
             buf.extend_from_slice(&self.carry.split_to(n));
@@ -340,7 +415,13 @@ impl V2Producer {
     }
 
     async fn pump(&mut self, head: Bytes, pieces: Vec<Change>) -> Result<(), Stop> {
+        // The header at once: a sharding client reads it before it opens
+        // the other shards.
         self.send(head).await?;
+        self.flush().await?;
+        if self.zstd.is_none() {
+            return self.pump_raw(pieces).await;
+        }
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let slots = encode_slots();
         for p in pieces {
@@ -378,6 +459,34 @@ impl V2Producer {
             self.send_front(&mut pending).await?;
         }
         let end = stream::end_record(self.records, self.data_bytes);
-        self.send(end).await
+        self.send(end).await?;
+        self.flush().await
+    }
+
+    /// Without zstd, a piece costs a scan for zero blocks and a CRC (the
+    /// work of version 1's framing): done here, in order, and the data go
+    /// to hyper as slices of the io core's buffers, as in version 1.
+    async fn pump_raw(&mut self, pieces: Vec<Change>) -> Result<(), Stop> {
+        for p in pieces {
+            match p.kind {
+                ChangeKind::Zero => {
+                    self.records += 1;
+                    self.send(stream::zero_record(p.offset, p.len)).await?;
+                }
+                ChangeKind::Data => {
+                    let segs = self.take_segments(p.len as usize).await?;
+                    let e = stream::encode_piece_raw(p.offset, &segs);
+                    drop(segs);
+                    self.records += e.records;
+                    self.data_bytes += e.data_bytes;
+                    for b in e.parts {
+                        self.send(b).await?;
+                    }
+                }
+            }
+        }
+        let end = stream::end_record(self.records, self.data_bytes);
+        self.send(end).await?;
+        self.flush().await
     }
 }

@@ -663,6 +663,90 @@ pub fn encode_piece(offset: u64, data: &[u8], level: Option<i32>) -> EncodedPiec
     out
 }
 
+/// The records of one version 2 data piece without compression, its data
+/// left in the input's buffers ([`encode_piece_raw`]).
+#[derive(Debug, Default)]
+pub struct RawPiece {
+    /// The body bytes in order: record headers and trailers (small, new)
+    /// and data (slices of the input segments, not copied).
+    pub parts: Vec<Bytes>,
+    pub records: u64,
+    /// Uncompressed data bytes (zero blocks excluded).
+    pub data_bytes: u64,
+}
+
+/// Version 2 without zstd: the records of the data piece at `offset` whose
+/// bytes are `segs` in order (as read, cut anywhere): the same body bytes
+/// as [`encode_piece`] with no level, but the data records' bytes are
+/// slices of `segs` (shared, never copied), so a raw stream moves no more
+/// bytes than version 1 does.
+pub fn encode_piece_raw(offset: u64, segs: &[Bytes]) -> RawPiece {
+    static ZEROS: [u8; ZERO_BLOCK as usize] = [0; ZERO_BLOCK as usize];
+    let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
+    let end = offset + len;
+    // Segment `i` holds disk bytes [starts[i], starts[i + 1]).
+    let mut starts = Vec::with_capacity(segs.len() + 1);
+    let mut at = offset;
+    for s in segs {
+        starts.push(at);
+        at += s.len() as u64;
+    }
+    starts.push(at);
+    // The slices of the segments covering disk bytes [s, e), in order.
+    let starts = &starts[..];
+    let slices = |s: u64, e: u64| {
+        let first = starts.partition_point(|&x| x <= s).saturating_sub(1);
+        (first..segs.len())
+            .take_while(move |&i| starts[i] < e)
+            .filter_map(move |i| {
+                let a = s.max(starts[i]) - starts[i];
+                let b = e.min(starts[i + 1]) - starts[i];
+                (a < b).then(|| segs[i].slice(a as usize..b as usize))
+            })
+    };
+    let mut out = RawPiece::default();
+    let mut runs: Vec<(bool, u64, u64)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let block_end = ((pos / ZERO_BLOCK + 1) * ZERO_BLOCK).min(end);
+        let whole = pos % ZERO_BLOCK == 0 && block_end - pos == ZERO_BLOCK;
+        let zero = whole && slices(pos, block_end).all(|b| b[..] == ZEROS[..b.len()]);
+        match runs.last_mut() {
+            Some(last) if last.0 == zero && last.2 == pos => last.2 = block_end,
+            _ => runs.push((zero, pos, block_end)),
+        }
+        pos = block_end;
+    }
+    for (zero, s, e) in runs {
+        out.records += 1;
+        if zero {
+            out.parts.push(Bytes::copy_from_slice(&encode_record_v2(
+                KIND_ZERO,
+                0,
+                s,
+                e - s,
+            )));
+            continue;
+        }
+        out.data_bytes += e - s;
+        out.parts.push(Bytes::copy_from_slice(&encode_record_v2(
+            KIND_DATA,
+            0,
+            s,
+            e - s,
+        )));
+        let mut h = crc32fast::Hasher::new();
+        for b in slices(s, e) {
+            h.update(&b);
+            out.parts.push(b);
+        }
+        let mut t = [0u8; TRAILER_LEN];
+        t[..4].copy_from_slice(&h.finalize().to_le_bytes());
+        out.parts.push(Bytes::copy_from_slice(&t));
+    }
+    out
+}
+
 /// Version 2: a whole body in memory (tests, fuzzing, the bench): the
 /// records of `changes` (a plan, see [`plan_changes`]) over `disk` inside
 /// `span`, header and end record included.
@@ -1558,6 +1642,37 @@ mod tests {
             let mut replica = vec![0u8; data.len()];
             apply(&mut replica, &decode_all(&body, 100_000).unwrap());
             assert!(&replica == data);
+        }
+    }
+
+    #[test]
+    fn v2_raw_pieces_from_segments_are_the_bytes_of_encode_piece() {
+        let mut rng = fastrand::Rng::with_seed(21);
+        for trial in 0..200 {
+            let len = rng.usize(1..=RECORD_MAX as usize / 4);
+            let offset = rng.u64(0..1 << 30) / if trial % 2 == 0 { 1 } else { 4096 };
+            let mut data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            // Zero runs of any length at any place, some aligned blocks.
+            for _ in 0..rng.usize(0..6) {
+                let a = rng.usize(0..len);
+                let b = (a + rng.usize(0..20_000)).min(len);
+                data[a..b].fill(0);
+            }
+            // Cut anywhere, empty segments included.
+            let mut cuts: Vec<usize> = (0..rng.usize(0..6)).map(|_| rng.usize(0..=len)).collect();
+            cuts.extend([0, len]);
+            cuts.sort_unstable();
+            let segs: Vec<Bytes> = cuts
+                .windows(2)
+                .map(|w| Bytes::copy_from_slice(&data[w[0]..w[1]]))
+                .collect();
+            let want = encode_piece(offset, &data, None);
+            let got = encode_piece_raw(offset, &segs);
+            assert!(got.parts.concat() == want.bytes, "trial {trial}");
+            assert_eq!(
+                (got.records, got.data_bytes),
+                (want.records, want.data_bytes)
+            );
         }
     }
 

@@ -102,6 +102,7 @@ fn bench_load(c: &mut Criterion) {
         seq: 0,
         created_at_ns: 0,
         owner: "bench".into(),
+        idempotency_key: None,
         disks: vec![DiskRecord {
             name: "0004fb000012000005bcf25e906ce843.img".into(),
             parent_path: "/OVS/Repositories/r/VirtualDisks/d.img".into(),

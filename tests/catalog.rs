@@ -436,6 +436,52 @@ fn a_repository_of_the_previous_format_is_adopted_without_loss() {
     assert_replica(&repo, &out, &s2);
 }
 
+/// A create's `Idempotency-Key` travels in its manifest: a retry through
+/// another node (the first one died before answering, or the endpoint
+/// moved) answers the same snapshot, and so does a database rebuilt from
+/// the manifests.
+#[test]
+fn an_idempotency_key_is_honoured_by_every_node() {
+    use coriolis_ovm_exporter::snapshot::{Manager, StoreConfig};
+
+    let scratch = Fs::Xfs.scratch("catalog-idem");
+    let repo = scratch.path("repo");
+    let inv = Arc::new(crate::snapshot::Inventory::default());
+    let vm = crate::snapshot::vm_with(&repo, "vm", &["a.img"]);
+    fs::write(&vm.disks[0].path, vec![7u8; 1 << 20]).unwrap();
+    inv.set(vm);
+    let open = |name: &str| {
+        let cfg = StoreConfig {
+            owner: Some(name.into()),
+            ..StoreConfig::default()
+        };
+        let m = Manager::open(
+            &scratch.path(&format!("{name}/exporter.db")),
+            &cfg,
+            inv.clone(),
+        )
+        .unwrap();
+        m.reconcile(std::slice::from_ref(&repo)).unwrap();
+        m
+    };
+    let (a, b) = (open("node-a"), open("node-b"));
+    let (made, replayed) = a.create_keyed("vm", Some("key-1")).unwrap();
+    assert!(!replayed);
+    let (again, replayed) = b.create_keyed("vm", Some("key-1")).unwrap();
+    assert!(replayed, "node B made another snapshot for the same key");
+    assert_eq!(again.id, made.id);
+    assert_eq!(b.ids("vm").unwrap(), vec![made.id.clone()]);
+    // Another key makes another snapshot.
+    let (other, replayed) = b.create_keyed("vm", Some("key-2")).unwrap();
+    assert!(!replayed && other.id != made.id);
+    // A rebuilt database still knows the keys.
+    b.rebuild(std::slice::from_ref(&repo)).unwrap();
+    let (third, replayed) = b.create_keyed("vm", Some("key-2")).unwrap();
+    assert!(replayed);
+    assert_eq!(third.id, other.id);
+    assert_eq!(a.ids("vm").unwrap(), vec![made.id, other.id]);
+}
+
 /// Half-made folders are removed only by their maker (at its start) or,
 /// once their lease expired, by any node; a fresh one of another node is
 /// left alone. Never is a published snapshot touched.

@@ -241,8 +241,14 @@ impl Manager {
             let map = crate::sys::extent_map(&f, true).map_err(|e| inc(e.to_string()))?;
             maps.push(map);
         }
+        // Its maker's idempotency key, so that a retry through this node
+        // answers it (a key this build would refuse is not recorded).
+        let key = rec
+            .idempotency_key
+            .clone()
+            .filter(|k| !k.is_empty() && k.len() <= crate::store::MAX_IDEMPOTENCY_KEY);
         self.store
-            .insert(&mut rec, &maps)
+            .insert_keyed(&mut rec, &maps, key.as_deref())
             .map_err(|e| AdoptError::Fatal(e.into()))?;
         Ok(())
     }

@@ -445,6 +445,7 @@ impl Manager {
             created_at_ns,
             owner: self.owner.clone(),
             disks,
+            idempotency_key: key.map(str::to_owned),
         };
         let manifest = serde_json::to_vec_pretty(&Manifest {
             format: MANIFEST_FORMAT,

@@ -81,6 +81,11 @@ pub struct SnapshotRecord {
     /// Which exporter made it (see `StoreConfig::owner`).
     pub owner: String,
     pub disks: Vec<DiskRecord>,
+    /// The `Idempotency-Key` of the create that made it, if any. In the
+    /// manifest too, so that any node of the pool (and a database rebuilt
+    /// from the manifests) answers a retry with this snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl SnapshotRecord {

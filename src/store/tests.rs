@@ -33,6 +33,7 @@ fn record(vm: &str, disks: usize) -> SnapshotRecord {
         seq: 0,
         created_at_ns: 1,
         owner: "test".into(),
+        idempotency_key: None,
         disks: (0..disks)
             .map(|i| DiskRecord {
                 name: format!("d{i}.img"),

@@ -582,6 +582,66 @@ async fn incremental_plan_is_checked() {
     }
 }
 
+/// A real backend that counts the batches it is given.
+struct Counted(Box<dyn ReadBackend>, Arc<std::sync::atomic::AtomicUsize>);
+
+impl ReadBackend for Counted {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn submit(&self, batch: Batch) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.submit(batch);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_reads_of_cached_bytes_skip_the_backend() {
+    let dir = Fs::Xfs.scratch("io-cached");
+    let path = dir.path("disk.img");
+    let size = 6 << 20;
+    let data = random_file(&path, size, 21);
+    let cfg = IoConfig {
+        direct_io: false,
+        buffer_size: 256 << 10,
+        ..IoConfig::default()
+    };
+    let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Box::new(UringBackend::start(1, 64, true).unwrap());
+    let e = IoEngine::with_backend(&cfg, Box::new(Counted(backend, Arc::clone(&batches)))).unwrap();
+    let count = || batches.load(std::sync::atomic::Ordering::Relaxed);
+    let file = open(&e, &path, false);
+    let range = 5..size as u64 - 7;
+    // Not in the page cache: every batch goes to the backend, which
+    // waits for the disk.
+    drop_cache(&path);
+    let got = e
+        .read(&file, range.clone())
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert!(got == data[5..size - 7], "bytes read through the backend");
+    assert!(count() > 0, "uncached reads went to the backend");
+    // Now cached (that read filled the page cache): read on the stream's
+    // task, the backend sees none of it.
+    let before = count();
+    let got = e
+        .read(&file, range.clone())
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert!(got == data[5..size - 7], "bytes read from the page cache");
+    assert_eq!(count(), before, "cached reads skip the backend");
+    // A file cut short under a cached read still ends the stream with an
+    // error, not a short body.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(3 << 20).unwrap();
+    let err = e.read(&file, range).unwrap().collect().await.unwrap_err();
+    assert!(matches!(err, IoError::ShortRead { .. }), "{err}");
+}
+
 /// A real backend behind a filter that answers every read on an `O_DIRECT`
 /// descriptor with EINVAL, as a filesystem or device that accepts the open
 /// but refuses direct reads does (none of the test filesystems does so on

@@ -284,6 +284,7 @@ impl IoEngine {
         }
         let producer = Producer {
             engine: Arc::clone(&self.inner),
+            skip_cached: 0,
             file: file.clone(),
             planner: Planner::new(ranges, self.inner.cfg.buffer_size),
             permits,

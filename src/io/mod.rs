@@ -13,6 +13,10 @@
 //!  ReadStream (a `Stream` of `Result<Bytes, IoError>`) ──► hyper body
 //! ```
 //!
+//! A buffered batch whose bytes are all in the page cache skips the
+//! backend: the producer copies it itself with `preadv2(RWF_NOWAIT)`, no
+//! thread hop and no wakeup (see `producer.rs`).
+//!
 //! Two backends implement [`ReadBackend`]: [`uring`] (the `io-uring` crate
 //! driven by dedicated ring threads that complete into channels, so it works
 //! under a multi-thread tokio network runtime) and [`threads`] (`pread` on a

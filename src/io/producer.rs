@@ -1,15 +1,29 @@
 //! The producer of one body: submits planned batches with bounded
 //! read-ahead, slices completed buffers into frames (coalescing small ones)
 //! and sends them with the framing bytes, in order.
+//!
+//! A batch of the buffered descriptor whose bytes are all in the page cache
+//! is read here, on the producer's own task, with `preadv2(RWF_NOWAIT)`
+//! ([`read_cached`]), and not handed to the backend: the kernel copies the
+//! same bytes either way, but through the backend every 1 MiB batch costs
+//! an eventfd write, a wakeup of the ring thread, one of an io-wq worker
+//! (the ring punts reads, `uring_async`), one of the ring thread again and
+//! one of this task (about four context switches per MiB, a fifth of the
+//! exporter's CPU on a download from the page cache). `RWF_NOWAIT` never
+//! waits for the disk: a batch that is not cached whole goes to the
+//! backend as before, and after such a miss the next few batches go there
+//! straight away ([`CACHED_RETRY`]). `O_DIRECT` reads always go to the
+//! backend (they wait for the device).
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::backend::{Batch, BatchDone};
+use super::backend::{Batch, BatchDone, Segment};
 use super::buffer::PooledBuf;
 use super::error::IoError;
 use super::file::DiskFile;
@@ -72,8 +86,16 @@ impl Out {
     }
 }
 
+/// Batches sent straight to the backend after one was not all in the page
+/// cache: a stream read from the disk does not try (and partly copy) every
+/// batch twice.
+const CACHED_RETRY: u32 = 8;
+
 pub(super) struct Producer {
     pub(super) engine: Arc<EngineInner>,
+    /// Batches still to send to the backend without trying the page cache
+    /// first (see the module doc).
+    pub(super) skip_cached: u32,
     pub(super) file: DiskFile,
     pub(super) planner: Planner,
     /// The stream's read-ahead bound (see the module doc).
@@ -232,10 +254,11 @@ impl Producer {
         let Some(seq) = self.seq.take() else {
             return;
         };
-        let parking = &self.engine.parking;
+        let engine = Arc::clone(&self.engine);
+        let parking = &engine.parking;
         let key = self.file.inner.key;
         let size = self.file.size();
-        let cfg = &self.engine.cfg;
+        let cfg = &engine.cfg;
         let window = (seq.end - seq.start).min((cfg.read_ahead * cfg.buffer_size) as u64);
         let next = seq.end..(seq.end + window).min(size);
         if !seq.continues || next.is_empty() {
@@ -269,12 +292,23 @@ impl Producer {
     }
 
     fn submit(
-        &self,
+        &mut self,
         (file, direct): (Arc<File>, bool),
-        buf: PooledBuf,
+        mut buf: PooledBuf,
         plan: &Plan,
     ) -> oneshot::Receiver<BatchDone> {
         let (reply, rx) = oneshot::channel();
+        if !direct {
+            if self.skip_cached > 0 {
+                self.skip_cached -= 1;
+            } else if let Some(results) = read_cached(&file, &mut buf, &plan.segments) {
+                // Nobody waits on `rx` yet: no wakeup.
+                let _ = reply.send(BatchDone { buf, results });
+                return rx;
+            } else {
+                self.skip_cached = CACHED_RETRY;
+            }
+        }
         self.engine.backend.submit(Batch {
             file,
             direct,
@@ -298,7 +332,8 @@ impl Producer {
             if job.direct {
                 if let Some(e) = einval {
                     self.file.give_up_direct(e);
-                    job.rx = self.submit(self.file.reader(), done.buf, &job.plan);
+                    let reader = self.file.reader();
+                    job.rx = self.submit(reader, done.buf, &job.plan);
                     job.direct = false;
                     continue;
                 }
@@ -353,4 +388,37 @@ impl Producer {
             return Ok((buf.freeze(), job.plan));
         }
     }
+}
+
+/// Reads every segment of a batch from the page cache without waiting
+/// (`preadv2` with `RWF_NOWAIT`), each until full or end of file: the
+/// results a backend would give. `None` when any part is not cached (the
+/// kernel answers `EAGAIN`), or on any error, which the backend then meets
+/// and reports itself; what was copied is read again there.
+fn read_cached(
+    file: &File,
+    buf: &mut PooledBuf,
+    segments: &[Segment],
+) -> Option<Vec<std::io::Result<usize>>> {
+    let mem = buf.as_mut_slice();
+    let mut results = Vec::with_capacity(segments.len());
+    for s in segments {
+        let dst = &mut mem[s.buf_offset..s.buf_offset + s.len];
+        let mut done = 0;
+        while done < dst.len() {
+            match rustix::io::preadv2(
+                file,
+                &mut [IoSliceMut::new(&mut dst[done..])],
+                s.file_offset + done as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return None,
+            }
+        }
+        results.push(Ok(done));
+    }
+    Some(results)
 }

@@ -627,3 +627,97 @@ fn incremental_after_random_4k_writes_xfs() {
     assert!(refined <= unrefined);
     assert!(changed > 0);
 }
+
+/// A refinement stops when its client goes away (#19): a 384 MiB disk
+/// rewritten with its own bytes (every block moves, none changes: 384 MiB
+/// of candidates to read from both snapshots), a diff asked with
+/// `exact=true` over a connection closed once the refinement runs
+/// (`coe_exact_refining`). The
+/// refinement ends as cancelled (`coe_exact_cancelled_total`) and never
+/// completes (`coe_exact_diffs_total` unchanged); the same diff asked and
+/// waited for then completes, with nothing left to copy.
+#[test]
+fn refinement_stops_when_its_client_goes_away_xfs() {
+    const BIG: u64 = 384 << 20;
+    let scratch = Fs::Xfs.scratch("datapath-cancel");
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let fill = |path: &Path| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let block = vec![0x5au8; 1 << 20];
+        for i in 0..BIG >> 20 {
+            f.write_all_at(&block, i << 20).unwrap();
+        }
+        f.sync_all().unwrap();
+    };
+    fill(&disk);
+    let pki = Pki::new();
+    let ex = start(&pki, &repo, &disk, "threads");
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let snaps = format!("/api/v1/vms/{VM}/snapshots");
+    let create = || {
+        let a = ex.request("POST", &snaps, Some(&token), "");
+        assert_eq!(a.status, 200, "create: {}\n{}", a.text(), ex.log());
+        a.json()["id"].as_str().unwrap().to_owned()
+    };
+    let snap1 = create();
+    fill(&disk);
+    let snap2 = create();
+    let metric = |name: &str| {
+        let text = get(&ex, "/metrics", &token, &[]).text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    };
+    let (diffs, cancelled) = (
+        metric("coe_exact_diffs_total"),
+        metric("coe_exact_cancelled_total"),
+    );
+    let diff = format!("{snaps}/{snap2}?compareTo={snap1}&exact=true");
+    {
+        let mut tls = ex.connect();
+        tls.write_all(&http_request("GET", &diff, Some(&token), &[], ""))
+            .unwrap();
+        tls.flush().unwrap();
+        // Closed once the refinement runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while metric("coe_exact_refining") == 0 {
+            assert!(
+                metric("coe_exact_diffs_total") == diffs,
+                "the refinement completed before it was seen running: make the disk bigger"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refinement did not start within 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while metric("coe_exact_cancelled_total") == cancelled {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refinement was not cancelled within 120 s (diffs {} -> {})",
+            diffs,
+            metric("coe_exact_diffs_total")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric("coe_exact_diffs_total"),
+        diffs,
+        "the cancelled refinement completed"
+    );
+    let a = get(&ex, &diff, &token, &[]);
+    assert_eq!(a.status, 200, "{}", a.text());
+    let chunks = a.json()["disks"][0]["chunks"].as_array().unwrap().len();
+    assert_eq!(chunks, 0, "the rewritten disk has nothing to copy");
+    assert_eq!(metric("coe_exact_diffs_total"), diffs + 1);
+}

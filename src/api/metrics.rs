@@ -288,11 +288,22 @@ fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> s
 /// Refinement by content of diffs (exact deltas, `snapshot::exact`): what
 /// it read, what it cost and the data bytes it took out of the answers.
 fn render_exact(out: &mut String, e: crate::snapshot::exact::ExactStats) -> std::fmt::Result {
+    writeln!(
+        out,
+        "# HELP coe_exact_refining Diffs being refined by content now (4 at most)."
+    )?;
+    writeln!(out, "# TYPE coe_exact_refining gauge")?;
+    writeln!(out, "coe_exact_refining {}", e.refining)?;
     for (name, help, v) in [
         (
             "coe_exact_diffs_total",
             "Disk diffs refined by content (exact deltas).",
             e.diffs.to_string(),
+        ),
+        (
+            "coe_exact_cancelled_total",
+            "Refinements stopped because their client went away.",
+            e.cancelled.to_string(),
         ),
         (
             "coe_exact_candidate_bytes_total",
@@ -382,6 +393,8 @@ mod tests {
             },
             crate::snapshot::exact::ExactStats {
                 diffs: 2,
+                cancelled: 1,
+                refining: 1,
                 candidate_bytes: 1 << 20,
                 bytes_saved: 917_504,
                 seconds: 0.25,
@@ -404,6 +417,8 @@ mod tests {
         assert!(text.contains("# TYPE coe_io_prefetch_buffers gauge\ncoe_io_prefetch_buffers 3\n"));
         assert!(text.contains("coe_up 1\n"), "{text}");
         assert!(text.contains("coe_exact_diffs_total 2\n"));
+        assert!(text.contains("coe_exact_cancelled_total 1\n"));
+        assert!(text.contains("# TYPE coe_exact_refining gauge\ncoe_exact_refining 1\n"));
         assert!(text.contains("coe_exact_candidate_bytes_total 1048576\n"));
         assert!(text.contains(
             "# TYPE coe_exact_bytes_saved_total counter\ncoe_exact_bytes_saved_total 917504\n"

@@ -50,6 +50,7 @@ static SLOTS: Slots = Slots::new(MAX_REFINING);
 /// What refinement did in this process, for `/metrics`.
 static STATS: Counters = Counters {
     diffs: AtomicU64::new(0),
+    cancelled: AtomicU64::new(0),
     candidate_bytes: AtomicU64::new(0),
     bytes_saved: AtomicU64::new(0),
     nanos: AtomicU64::new(0),
@@ -57,6 +58,7 @@ static STATS: Counters = Counters {
 
 struct Counters {
     diffs: AtomicU64,
+    cancelled: AtomicU64,
     candidate_bytes: AtomicU64,
     bytes_saved: AtomicU64,
     nanos: AtomicU64,
@@ -68,6 +70,10 @@ struct Counters {
 pub struct ExactStats {
     /// Diffs refined by content (each disk of a snapshot diff counts once).
     pub diffs: u64,
+    /// Refinements stopped because their client went away (not in `diffs`).
+    pub cancelled: u64,
+    /// Diffs being refined now (slots taken, at most [`MAX_REFINING`]).
+    pub refining: u64,
     /// Bytes of candidate ranges compared; each was read from both
     /// snapshots (the older side only up to its end).
     pub candidate_bytes: u64,
@@ -83,6 +89,9 @@ pub struct ExactStats {
 pub fn stats() -> ExactStats {
     ExactStats {
         diffs: STATS.diffs.load(Ordering::Relaxed),
+        cancelled: STATS.cancelled.load(Ordering::Relaxed),
+        refining: MAX_REFINING.saturating_sub(*SLOTS.free.lock().unwrap_or_else(|e| e.into_inner()))
+            as u64,
         candidate_bytes: STATS.candidate_bytes.load(Ordering::Relaxed),
         bytes_saved: STATS.bytes_saved.load(Ordering::Relaxed),
         seconds: STATS.nanos.load(Ordering::Relaxed) as f64 / 1e9,
@@ -239,10 +248,25 @@ fn read_window(
     Ok(())
 }
 
-/// Refines `d`, the diff of `old` and `new`, by content: see the module essay. Both files are switched to
-/// `O_DIRECT` reads where possible. Returns the refined diff and the number
-/// of candidate bytes read from each snapshot.
+/// Refines `d`, the diff of `old` and `new`, by content: see the module
+/// essay. Both files are switched to `O_DIRECT` reads where possible.
+/// Returns the refined diff and the number of candidate bytes read from
+/// each snapshot. A refinement stopped by `cancel` is counted
+/// (`coe_exact_cancelled_total`).
 pub fn refine_diff(
+    old: &File,
+    new: &File,
+    d: Diff,
+    cancel: &Cancel,
+) -> Result<(Diff, u64), RefineError> {
+    let r = refine_uncounted(old, new, d, cancel);
+    if matches!(r, Err(RefineError::Cancelled)) {
+        STATS.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+fn refine_uncounted(
     old: &File,
     new: &File,
     d: Diff,
@@ -493,9 +517,11 @@ mod tests {
         );
         let cancel = Cancel::default();
         cancel.cancel();
+        let before = stats();
         assert!(matches!(
             refine_diff(&fo, &fn_, d, &cancel),
             Err(RefineError::Cancelled)
         ));
+        assert!(stats().cancelled > before.cancelled);
     }
 }

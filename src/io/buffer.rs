@@ -195,18 +195,36 @@ impl BufferPool {
 
     /// The buffer of a stream that holds none: a free shared one (the
     /// reserved share included), else an overflow buffer, else the first
-    /// shared one to come back. It waits only when the pool and the overflow
-    /// are both used up.
+    /// shared *or overflow* one to come back. It waits only when the pool
+    /// and the overflow are both used up, and then in both queues (FIFO):
+    /// when stalled streams hold every shared buffer until `send_timeout`,
+    /// the overflow buffers that streams still moving give back go to the
+    /// waiters in turn, not only to the streams that ask without waiting
+    /// (issue 11's soak: a new range waited 30 s and more while 16 busy
+    /// downloads kept taking the overflow and 64 stalled ones held the pool).
     pub async fn get_first(&self) -> PooledBuf {
         if let Some(b) = self.try_get() {
             return b;
         }
         if let Ok(permit) = Arc::clone(&self.inner.overflow).try_acquire_owned() {
-            let mut b = self.make(permit, false);
-            b.overflow = true;
-            return b;
+            return self.make_overflow(permit);
         }
-        self.get().await
+        // A permit granted to the losing acquire is given back when it is
+        // dropped (tokio's semaphore), so none is lost.
+        tokio::select! {
+            shared = Arc::clone(&self.inner.permits).acquire_owned() => {
+                self.take(shared.expect("the pool semaphore is never closed"))
+            }
+            overflow = Arc::clone(&self.inner.overflow).acquire_owned() => {
+                self.make_overflow(overflow.expect("the overflow semaphore is never closed"))
+            }
+        }
+    }
+
+    fn make_overflow(&self, permit: OwnedSemaphorePermit) -> PooledBuf {
+        let mut b = self.make(permit, false);
+        b.overflow = true;
+        b
     }
 
     /// Waits for a free buffer.
@@ -379,7 +397,7 @@ mod tests {
         drop((o1, o2));
         assert_eq!(pool.overflow_in_use(), 0);
         assert_eq!(pool.inner.free.lock().unwrap().len(), 0);
-        // With both used up, a first buffer waits for a shared one.
+        // With both used up, a first buffer waits for a shared one...
         let _o: Vec<_> = (0..2)
             .map(|_| {
                 Arc::clone(&pool.inner.overflow)
@@ -396,6 +414,38 @@ mod tests {
         drop(first);
         assert_eq!(waiter.await.unwrap(), ALIGN);
         drop(extras);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_first_buffer_gets_an_overflow_one_that_comes_back() {
+        // The shared buffer is held by a stalled stream; the overflow one
+        // cycles among busy streams.
+        let pool = BufferPool::with_shares(ALIGN, 1, 0, 1);
+        let stalled = pool.get_first().await;
+        let busy = pool.get_first().await;
+        assert_eq!((pool.in_use(), pool.overflow_in_use()), (1, 1));
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get_first().await.overflow }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        // The busy stream's frame is sent, and it asks again at once: the
+        // overflow buffer goes to the one that waited.
+        drop(busy);
+        assert!(pool.try_get().is_none());
+        assert!(Arc::clone(&pool.inner.overflow)
+            .try_acquire_owned()
+            .is_err());
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), waiter)
+            .await
+            .expect("the waiter got the overflow buffer that came back")
+            .unwrap();
+        assert!(got);
+        // Neither permit was lost to the acquire that lost the race.
+        assert_eq!((pool.in_use(), pool.overflow_in_use()), (1, 0));
+        drop(stalled);
+        assert_eq!(pool.in_use(), 0);
     }
 
     #[test]

@@ -62,12 +62,13 @@
 //! reserve or the overflow: it waits for a buffer above the reserve or for
 //! its own frames to go, whichever comes first. The admission cannot
 //! deadlock: a stream that waits either holds nothing (and is served by the
-//! reserve, the overflow, or the first buffer any stream gives back) or
-//! waits on its own client. With the defaults, about 75 clients must stall
-//! at once before a new stream waits at all, and then it waits for the
-//! first stalled response that `api.send_timeout` cuts (the server's
-//! watchdog drops the connection, and with it the frames and their
-//! buffers). Reads started ahead for a following request ([`prefetch`])
+//! reserve, the overflow, or the first shared or overflow buffer any stream
+//! gives back, waiting in both queues in turn) or waits on its own client.
+//! With the defaults, about 75 clients must stall at once before a new
+//! stream waits at all, and then it waits for the next buffer a moving
+//! stream gives back, or at worst for the first stalled response that
+//! `api.send_timeout` cuts (the server's watchdog drops the connection, and
+//! with it the frames and their buffers). Reads started ahead for a following request ([`prefetch`])
 //! take buffers above the reserve only.
 //!
 //! The io core knows no wire format: a [`Framing`] given by the caller

@@ -483,56 +483,74 @@ fn an_idempotency_key_is_honoured_by_every_node() {
 }
 
 /// Half-made folders are removed only by their maker (at its start) or,
-/// once their lease expired, by any node; a fresh one of another node is
-/// left alone. Never is a published snapshot touched.
+/// once their lease expired, by any node; a fresh or renewed one of another
+/// node is left alone. Never is a published snapshot touched. Ages are set
+/// on the files (no test waits for a lease to pass).
 #[test]
 fn debris_goes_only_by_its_maker_or_after_the_lease() {
-    const LEASE: u64 = 3;
     let scratch = Fs::Xfs.scratch("catalog-debris");
     let repo = scratch.path("repo");
     make_repo(&repo);
-    let a = Node::start(&repo, "node-a", LEASE);
+    // Node A sweeps every half second (lease 1 s): only aged debris is
+    // put where it looks.
+    let a = Node::start(&repo, "node-a", 1);
     let api_a = a.server.api();
     let kept = id_of(&create(&api_a));
     let snaps = repo.join(SNAPS);
-    let half = |name: &str, owner: &str| {
-        fs::create_dir(snaps.join(name)).unwrap();
-        fs::write(snaps.join(name).join(".coriolis-owner"), owner).unwrap();
-        fs::write(snaps.join(name).join(DISKS[0]), "partial").unwrap();
+    let half = |name: &str, owner: &str, age: Option<Duration>| {
+        let dir = snaps.join(name);
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join(".coriolis-owner"), owner).unwrap();
+        fs::write(dir.join(DISKS[0]), "partial").unwrap();
+        if let Some(ago) = age {
+            for p in [dir.join(DISKS[0]), dir.join(".coriolis-owner"), dir] {
+                age_by(&p, ago);
+            }
+        }
     };
     let id = || uuid::Uuid::new_v4().to_string();
-    let (mine, theirs, trash) = (
+    let long_ago = Some(Duration::from_secs(7200));
+    let (mine, fresh, renewed, expired, trash, old_format) = (
+        format!(".coriolis-staging-{}", id()),
+        format!(".coriolis-staging-{}", id()),
         format!(".coriolis-staging-{}", id()),
         format!(".coriolis-staging-{}", id()),
         format!(".coriolis-trash-{}", id()),
+        id(),
     );
-    half(&mine, "node-b\n");
-    half(&theirs, "node-x\n");
-    half(&trash, "node-x\n");
-    // Node B starts: its own half-made folder goes at once (no create of
-    // its own can be running), another maker's and the trash stay.
-    let b = Node::start(&repo, "node-b", LEASE);
-    let api_b = b.server.api();
-    assert!(!snaps.join(&mine).exists(), "node B kept its own debris");
-    assert!(
-        snaps.join(&theirs).exists(),
-        "node-x's folder went within its lease"
-    );
-    assert_eq!(ids(&api_b), vec![kept.clone()]);
-    // Renewed (touched) by its maker, it stays past the first lease.
-    std::thread::sleep(Duration::from_secs(LEASE - 1));
-    fs::File::open(snaps.join(&theirs).join(".coriolis-owner"))
+    half(&mine, "node-b\n", long_ago);
+    half(&fresh, "node-x\n", None);
+    half(&renewed, "node-x\n", long_ago);
+    // Its maker renewed the lease: the owner mark touched now.
+    fs::File::open(snaps.join(&renewed).join(".coriolis-owner"))
         .unwrap()
         .set_modified(SystemTime::now())
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(ids(&api_a), vec![kept.clone()]);
-    assert!(
-        snaps.join(&theirs).exists(),
-        "a renewed lease was not honoured"
+    half(&expired, "node-x\n", long_ago);
+    half(&trash, "node-x\n", long_ago);
+    half(&old_format, "node-x\n", long_ago);
+    // Node B (lease 1800 s) starts: its own half-made folder goes (no
+    // create of its own can be running), so do the expired ones, the trash
+    // and an old-format folder without manifest whose lease expired; the
+    // fresh and the renewed ones of another maker stay.
+    let b = Node::start(&repo, "node-b", 1800);
+    let api_b = b.server.api();
+    assert_eq!(ids(&api_b), vec![kept.clone()]);
+    assert_eq!(
+        on_disk(&repo),
+        BTreeSet::from([kept.clone(), fresh.clone(), renewed.clone()])
     );
-    // Once the lease expired, any node's next request removes it; the
-    // snapshot stays.
+    // Once they are past the lease, a running node's next requests remove
+    // them; the snapshot stays.
+    for name in [&fresh, &renewed] {
+        for p in [
+            snaps.join(name).join(DISKS[0]),
+            snaps.join(name).join(".coriolis-owner"),
+            snaps.join(name),
+        ] {
+            age_by(&p, Duration::from_secs(7200));
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while on_disk(&repo) != BTreeSet::from([kept.clone()]) {
         assert!(
@@ -540,10 +558,10 @@ fn debris_goes_only_by_its_maker_or_after_the_lease() {
             "debris never went: {:?}",
             on_disk(&repo)
         );
-        std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(ids(&api_b), vec![kept.clone()]);
+        assert_eq!(ids(&api_a), vec![kept.clone()]);
+        std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(ids(&api_a), vec![kept]);
+    assert_eq!(ids(&api_b), vec![kept]);
 }
 
 /// One create, delete or purge sent to a node, and what came of it. Times

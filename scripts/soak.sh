@@ -83,40 +83,13 @@ USER_HASH=$(printf %s "$USER_PASS" | argon2 "$(openssl rand -hex 8)" -id -t 1 -m
 
 SEND_LINE=
 [ -n "${SOAK_SEND_TIMEOUT:-}" ] && SEND_LINE="send_timeout = \"$SOAK_SEND_TIMEOUT\""
-cat >"$DIR/config.toml" <<EOF
-db_file = "$DIR/exporter.db"
-log_file = "$DIR/exporter.log"
-
-[jwt]
-secret = "$(openssl rand -base64 48)"
-
-[api]
-bind = "127.0.0.1"
-port = $PORT
-$SEND_LINE
-
-[api.tls]
-certificate = "$DIR/srv.pem"
-key = "$DIR/srv.key"
-
-[[auth.users]]
-username = "$USER_NAME"
-password_hash = "$USER_HASH"
-
-[inventory]
-source = "static"
-ovs_agent_db_dir = "/nonexistent/db"
-check_mounted = false
-
-[[inventory.repositories]]
-id = "repo"
-mount_point = "$DIR/fs/repo"
-
-[[inventory.vms]]
-name = "$VM"
-disks = [ { path = "$DIR/fs/repo/VirtualDisks/disk01.img", device_name = "xvda" } ]
-EOF
-chmod 600 "$DIR/config.toml"
+. "$ROOT/scripts/lib/exporter-config.sh"
+write_exporter_config "$DIR/config.toml" \
+	db_file="$DIR/exporter.db" log_file="$DIR/exporter.log" \
+	secret="$(openssl rand -base64 48)" port="$PORT" api_lines="$SEND_LINE" \
+	certificate="$DIR/srv.pem" key="$DIR/srv.key" \
+	user="$USER_NAME" password_hash="$USER_HASH" \
+	repo="$DIR/fs/repo" vm="$VM" disk="$DIR/fs/repo/VirtualDisks/disk01.img"
 
 # ---- the server ----------------------------------------------------------------------
 # Enough descriptors for the storm (the systemd unit sets 65536).

@@ -51,6 +51,9 @@ use_proto() {
 
 VM=bench-vm
 
+# write_exporter_config: the exporter's config, shared with the soak runs.
+. "$ROOT/scripts/lib/exporter-config.sh"
+
 log() { echo "# $*" >&2; }
 
 need_root() {
@@ -121,34 +124,12 @@ start_exporter() {
 	stop_exporter
 	bench_user
 	mkdir -p "$BENCH_DIR/exp"
-	cat >"$BENCH_DIR/exp/config.toml" <<CONF
-db_file = "$BENCH_DIR/fs/exporter.db"
-log_file = "$BENCH_DIR/exp/exporter.log"
-[jwt]
-secret = "bench-secret-0123456789abcdef0123456789"
-[api]
-bind = "127.0.0.1"
-port = $EXP_PORT
-[api.tls]
-certificate = "$BENCH_DIR/srv.pem"
-key = "$BENCH_DIR/srv.key"
-[[auth.users]]
-username = "bench"
-password_hash = "$USER_HASH"
-[inventory]
-source = "static"
-ovs_agent_db_dir = "/nonexistent"
-check_mounted = false
-[[inventory.repositories]]
-id = "repo"
-mount_point = "$BENCH_DIR/fs/repo"
-[[inventory.vms]]
-name = "$VM"
-disks = [ { path = "$disk", device_name = "xvda" } ]
-[io]
-$io
-CONF
-	chmod 600 "$BENCH_DIR/exp/config.toml"
+	write_exporter_config "$BENCH_DIR/exp/config.toml" \
+		db_file="$BENCH_DIR/fs/exporter.db" log_file="$BENCH_DIR/exp/exporter.log" \
+		secret=bench-secret-0123456789abcdef0123456789 port="$EXP_PORT" \
+		certificate="$BENCH_DIR/srv.pem" key="$BENCH_DIR/srv.key" \
+		user=bench password_hash="$USER_HASH" \
+		repo="$BENCH_DIR/fs/repo" vm="$VM" disk="$disk" io_lines="$io"
 	"$BIN" -config "$BENCH_DIR/exp/config.toml" 2>"$BENCH_DIR/exp/stderr.log" &
 	EXP_PID=$!
 	for _ in $(seq 100); do

@@ -147,32 +147,12 @@ SRV_PID=
 start_server() {
 	local disk=$1
 	bench_user
-	cat >"$WAN_DIR/config.toml" <<CONF
-db_file = "$BENCH_DIR/fs/wan-exporter.db"
-log_file = "$WAN_DIR/exporter.log"
-[jwt]
-secret = "wan-bench-secret-0123456789abcdef0123456789"
-[api]
-bind = "$SRV_IP"
-port = $EXP_PORT
-[api.tls]
-certificate = "$WAN_DIR/srv.pem"
-key = "$WAN_DIR/srv.key"
-[[auth.users]]
-username = "bench"
-password_hash = "$USER_HASH"
-[inventory]
-source = "static"
-ovs_agent_db_dir = "/nonexistent"
-check_mounted = false
-[[inventory.repositories]]
-id = "repo"
-mount_point = "$BENCH_DIR/fs/repo"
-[[inventory.vms]]
-name = "$VM"
-disks = [ { path = "$disk", device_name = "xvda" } ]
-CONF
-	chmod 600 "$WAN_DIR/config.toml"
+	write_exporter_config "$WAN_DIR/config.toml" \
+		db_file="$BENCH_DIR/fs/wan-exporter.db" log_file="$WAN_DIR/exporter.log" \
+		secret=wan-bench-secret-0123456789abcdef0123456789 bind="$SRV_IP" port="$EXP_PORT" \
+		certificate="$WAN_DIR/srv.pem" key="$WAN_DIR/srv.key" \
+		user=bench password_hash="$USER_HASH" \
+		repo="$BENCH_DIR/fs/repo" vm="$VM" disk="$disk"
 	ip netns exec $NS_S "$BIN" -config "$WAN_DIR/config.toml" 2>"$WAN_DIR/stderr.log" &
 	SRV_PID=$!
 	for _ in $(seq 100); do

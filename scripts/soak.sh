@@ -72,18 +72,12 @@ mkdir -p "$DIR/fs/repo/VirtualDisks"
 (openssl enc -aes-128-ctr -pass pass:soak -nosalt -pbkdf2 </dev/zero 2>/dev/null || true) |
 	head -c $((DISK_MIB << 20)) >"$DIR/fs/repo/VirtualDisks/disk01.img"
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-	-keyout "$DIR/ca.key" -out "$DIR/ca.pem" -days 2 -subj /CN=soak-ca 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-	-keyout "$DIR/srv.key" -out "$DIR/srv.csr" -subj /CN=localhost 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$DIR/ext.cnf"
-openssl x509 -req -in "$DIR/srv.csr" -CA "$DIR/ca.pem" -CAkey "$DIR/ca.key" \
-	-CAcreateserial -out "$DIR/srv.pem" -days 2 -extfile "$DIR/ext.cnf" 2>/dev/null
+. "$ROOT/scripts/lib/exporter-config.sh"
+make_exporter_certs "$DIR" soak-ca localhost DNS:localhost,IP:127.0.0.1
 USER_HASH=$(printf %s "$USER_PASS" | argon2 "$(openssl rand -hex 8)" -id -t 1 -m 12 -p 1 -e)
 
 SEND_LINE=
 [ -n "${SOAK_SEND_TIMEOUT:-}" ] && SEND_LINE="send_timeout = \"$SOAK_SEND_TIMEOUT\""
-. "$ROOT/scripts/lib/exporter-config.sh"
 write_exporter_config "$DIR/config.toml" \
 	db_file="$DIR/exporter.db" log_file="$DIR/exporter.log" \
 	secret="$(openssl rand -base64 48)" port="$PORT" api_lines="$SEND_LINE" \

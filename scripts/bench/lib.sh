@@ -51,7 +51,7 @@ use_proto() {
 
 VM=bench-vm
 
-# write_exporter_config: the exporter's config, shared with the soak runs.
+# write_exporter_config, make_exporter_certs: shared with the soak runs.
 . "$ROOT/scripts/lib/exporter-config.sh"
 
 log() { echo "# $*" >&2; }
@@ -86,13 +86,7 @@ setup_fs() {
 
 certs() {
 	[ -f "$BENCH_DIR/srv.pem" ] && return
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-		-keyout "$BENCH_DIR/ca.key" -out "$BENCH_DIR/ca.pem" -days 2 -subj /CN=bench-ca 2>/dev/null
-	openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-		-keyout "$BENCH_DIR/srv.key" -out "$BENCH_DIR/srv.csr" -subj /CN=localhost 2>/dev/null
-	printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$BENCH_DIR/ext.cnf"
-	openssl x509 -req -in "$BENCH_DIR/srv.csr" -CA "$BENCH_DIR/ca.pem" -CAkey "$BENCH_DIR/ca.key" \
-		-CAcreateserial -out "$BENCH_DIR/srv.pem" -days 2 -extfile "$BENCH_DIR/ext.cnf" 2>/dev/null
+	make_exporter_certs "$BENCH_DIR" bench-ca localhost DNS:localhost,IP:127.0.0.1
 }
 
 # A disk of $2 MiB of data (not holes) at $BENCH_DIR/fs/repo/VirtualDisks/$1.

@@ -134,13 +134,7 @@ shape() {
 
 certs_wan() {
 	[ -f "$WAN_DIR/srv.pem" ] && return
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-		-keyout "$WAN_DIR/ca.key" -out "$WAN_DIR/ca.pem" -days 2 -subj /CN=wan-ca 2>/dev/null
-	openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-		-keyout "$WAN_DIR/srv.key" -out "$WAN_DIR/srv.csr" -subj /CN=wan 2>/dev/null
-	printf 'subjectAltName=IP:%s\n' $SRV_IP >"$WAN_DIR/ext.cnf"
-	openssl x509 -req -in "$WAN_DIR/srv.csr" -CA "$WAN_DIR/ca.pem" -CAkey "$WAN_DIR/ca.key" \
-		-CAcreateserial -out "$WAN_DIR/srv.pem" -days 2 -extfile "$WAN_DIR/ext.cnf" 2>/dev/null
+	make_exporter_certs "$WAN_DIR" wan-ca wan "IP:$SRV_IP"
 }
 
 SRV_PID=

@@ -1,9 +1,26 @@
 #!/bin/bash
-# The exporter's config for the scripts that start it (sourced, not run):
+# The exporter's config and certificates for the scripts that start it
+# (sourced, not run):
 # the benchmarks (scripts/bench/lib.sh, scripts/bench/wan.sh) and the soak
 # runs (scripts/soak.sh; scripts/soak-heal.sh through bench/lib.sh). One
 # local user, TLS from the script's own certificate, and a static
 # inventory of one VM with one disk in one repository.
+
+# make_exporter_certs DIR CA_CN SERVER_CN SAN
+#
+# A CA (DIR/ca.pem, DIR/ca.key) and the exporter's certificate signed by it
+# (DIR/srv.pem, DIR/srv.key) for subjectAltName SAN (e.g.
+# DNS:localhost,IP:127.0.0.1); P-256 keys, valid two days.
+make_exporter_certs() {
+	local dir=$1 ca_cn=$2 cn=$3 san=$4
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-keyout "$dir/ca.key" -out "$dir/ca.pem" -days 2 -subj "/CN=$ca_cn" 2>/dev/null
+	openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-keyout "$dir/srv.key" -out "$dir/srv.csr" -subj "/CN=$cn" 2>/dev/null
+	printf 'subjectAltName=%s\n' "$san" >"$dir/ext.cnf"
+	openssl x509 -req -in "$dir/srv.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+		-CAcreateserial -out "$dir/srv.pem" -days 2 -extfile "$dir/ext.cnf" 2>/dev/null
+}
 
 # write_exporter_config FILE NAME=VALUE...
 #

@@ -35,7 +35,6 @@ from collections import Counter
 PROBE_EVERY = 0.2
 # fork: the probe's process inherits the context (token, URL) as it is.
 mp = multiprocessing.get_context("fork")
-TCP_ESTABLISHED = 1
 HONEST_PREFIX = ("probe", "honest", "churn")
 
 
@@ -299,36 +298,34 @@ def case_churn(ctx, stop):
 
 def case_stalled(ctx, stop):
     """Stalled readers from one address: full-disk GETs that read nothing
-    after the head (tiny receive window); reopened when the server cuts
-    them."""
-    held = []
+    after the head (tiny receive window). Each is replaced by a new one
+    after --stall-hold seconds (past the server's send_timeout): the
+    server's cut cannot be seen from here (its FIN waits behind the data
+    the closed window holds back), and this keeps the count stalled all
+    through the storm, not only until the first cuts."""
+    held = []  # (socket, opened at)
     while not stop.is_set():
+        now = time.monotonic()
+        keep = []
+        for s, at in held:
+            if now - at >= ctx.knobs.stall_hold:
+                ctx.count("stalled:replaced")
+                s.close()
+            else:
+                keep.append((s, at))
+        held = keep
         while len(held) < ctx.knobs.stalled and not stop.is_set():
             try:
                 s = connect(ctx, "127.0.0.10", rcvbuf=4096)
                 s.sendall(request("GET", ctx.url, ctx.token))
                 s.recv(256)
-                held.append(s)
+                held.append((s, time.monotonic()))
                 ctx.count("stalled:opened")
             except Exception as e:  # noqa: BLE001
                 ctx.count(f"stalled:{classify(e)}")
                 break
         stop.wait(5)
-        # Drop the ones the server cut (send_timeout), to reopen them. The
-        # TCP state says so without reading (a read would un-stall them).
-        alive = []
-        for s in held:
-            try:
-                state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-            except OSError:
-                state = 0
-            if state == TCP_ESTABLISHED:
-                alive.append(s)
-            else:
-                ctx.count("stalled:cut")
-                s.close()
-        held = alive
-    for s in held:
+    for s, _ in held:
         s.close()
 
 
@@ -495,6 +492,7 @@ def main():
     ap.add_argument("--settle", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--warmup-storm", type=float, default=20)
+    ap.add_argument("--stall-hold", type=float, default=130)
     a = ap.parse_args()
     ctx = Ctx(a)
 

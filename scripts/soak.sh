@@ -11,7 +11,8 @@
 #   storm         the probe, plus SOAK_HONEST (16) honest downloads (the disk
 #                 in 4 MiB ranges over kept-alive connections, each from its
 #                 own address), snapshot create/diff/delete churn,
-#                 SOAK_STALLED (64) stalled readers and SOAK_HALF_SENT (1024)
+#                 SOAK_STALLED (64) stalled readers (each replaced once the
+#                 server has cut it) and SOAK_HALF_SENT (1024)
 #                 half-sent logins from one address each, bursts of 30
 #                 wrong-password logins, and HTTP/2 rapid resets
 # Before the quiet phase, a warm-up (10 s of the honest downloads, 20 s of
@@ -28,8 +29,10 @@
 # Knobs (environment): SOAK_DIR (/tmp/coe-soak), SOAK_PORT (25644),
 # SOAK_DISK_MIB (256), SOAK_QUIET_SECONDS (min(60, a fifth of the run)),
 # SOAK_HONEST, SOAK_STALLED, SOAK_HALF_SENT, SOAK_WARMUP_STORM (seconds of
-# storm in the warm-up before the start figures, 20), SOAK_SEND_TIMEOUT (the server's
-# api.send_timeout, default its own 120s), SOAK_KEEP_LOGS (a folder to keep
+# storm in the warm-up before the start figures, 20), SOAK_SEND_TIMEOUT (the
+# server's api.send_timeout, default its own 120s), SOAK_STALL_HOLD (seconds
+# each stalled reader is held before it is replaced by a new one, 130: keep
+# it above the send timeout), SOAK_KEEP_LOGS (a folder to keep
 # the server's logs in), BIN (the binary; built with `cargo build --release`
 # when missing).
 set -euo pipefail
@@ -103,6 +106,7 @@ python3 "$ROOT/scripts/soak.py" --port "$PORT" --ca "$DIR/ca.pem" --pid "$server
 	--user "$USER_NAME" --password "$USER_PASS" --vm "$VM" \
 	--disk-size $((DISK_MIB << 20)) --seconds "$SECONDS_TOTAL" --quiet-seconds "$QUIET" \
 	--honest "${SOAK_HONEST:-16}" --stalled "${SOAK_STALLED:-64}" \
-	--half-sent "${SOAK_HALF_SENT:-1024}" --warmup-storm "${SOAK_WARMUP_STORM:-20}" || status=$?
+	--half-sent "${SOAK_HALF_SENT:-1024}" --warmup-storm "${SOAK_WARMUP_STORM:-20}" \
+	--stall-hold "${SOAK_STALL_HOLD:-130}" || status=$?
 echo "# server log lines by level: $(grep -oE '^[^ ]+ +(INFO|WARN|ERROR)' "$DIR/exporter.log" | awk '{print $2}' | sort | uniq -c | tr '\n' ' ')"
 exit $status

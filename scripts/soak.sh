@@ -16,8 +16,9 @@
 #                 half-sent logins from one address each, bursts of 30
 #                 wrong-password logins, and HTTP/2 rapid resets
 # Before the quiet phase, a warm-up (10 s of the honest downloads, 20 s of
-# the storm, 10 s to settle) so that the start figures are taken after the
-# allocator and the runtime have seen a storm once.
+# the storm, 15 s to settle: tokio keeps an idle blocking thread 10 s) so
+# that the start figures are taken after the allocator and the runtime have
+# seen a storm once; the end figures also come after a 15 s settle.
 # Printed: the probe's p50/p99 quiet and in the storm (and the ratio), how
 # many storm ranges took 1 s or more, the server's RSS and descriptor count
 # at start, mid-storm and end (by kind: anon, file), its CPU in the storm,

@@ -560,9 +560,12 @@ def main():
     load1 = os.getloadavg()
     for t in threads:
         t.join(timeout=60)
-    # Let the server let go of the storm's connections before the end figures.
-    time.sleep(a.settle)
+    # The end figures, like the start ones, are taken with no client at all:
+    # the probe stops first (its request every 0.2 s would keep every idle
+    # blocking-pool thread of the storm alive, each reused within tokio's
+    # 10 s keep-alive), then the server lets go of the storm's connections.
     probe.finish()
+    time.sleep(a.settle)
     rss1, fds1, kinds1 = proc(a.pid)
 
     q, s = ctx.probe_times["quiet"], ctx.probe_times["storm"]

@@ -18,7 +18,8 @@
 //! ([`stream::encode_piece_raw`]), so version 2 moves no more bytes than
 //! version 1 (copying each piece twice and a hop to the blocking pool made
 //! it about half as fast on loopback). Small parts (record headers,
-//! trailers, zero records) are glued into frames of up to 256 KiB.
+//! trailers, zero records) are glued into frames of about 256 KiB by the
+//! io core's [`Glue`], as the io core's own producer glues them.
 //!
 //! Memory of one version 2 stream, beyond the io core's own `read_ahead`
 //! buffers: with zstd, at most [`ENCODE_AHEAD`] pieces being encoded or
@@ -39,7 +40,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::body::{Chunk, Chunked};
-use crate::io::{DiskFile, Framing, IoEngine, IoError, ReadStream};
+use crate::io::{DiskFile, Framing, Glue, IoEngine, IoError, ReadStream};
 use crate::wire::range::Multipart;
 use crate::wire::stream::{self, Change, ChangeKind, Encoder, StreamHeader};
 
@@ -262,7 +263,7 @@ pub fn incremental_v2(
         tx,
         reads,
         carry: Bytes::new(),
-        acc: BytesMut::new(),
+        glue: Glue::new(),
         zstd: o.zstd,
         records: 0,
         data_bytes: 0,
@@ -283,18 +284,12 @@ struct V2Producer {
     /// Read bytes not yet given to a piece.
     carry: Bytes,
     /// Small parts (record headers, trailers, zero records, short data)
-    /// glued together before they go to hyper (see [`COALESCE_MAX`]).
-    acc: BytesMut,
+    /// glued together before they go to hyper.
+    glue: Glue,
     zstd: Option<i32>,
     records: u64,
     data_bytes: u64,
 }
-
-/// Parts at most this long are copied into [`V2Producer::acc`] instead of
-/// being sent alone (each would be a chunk, and a TLS record, of its own).
-const COALESCE_MAX: usize = 16 << 10;
-/// Size at which the glued small parts are sent.
-const COALESCE_TARGET: usize = 256 << 10;
 
 /// Why the producer stopped early.
 enum Stop {
@@ -322,24 +317,25 @@ impl V2Producer {
 
     /// Sends `b` after the parts before it, gluing it to them when small.
     async fn send(&mut self, b: Bytes) -> Result<(), Stop> {
-        if b.len() <= COALESCE_MAX {
-            self.acc.extend_from_slice(&b);
-            if self.acc.len() >= COALESCE_TARGET {
-                self.flush().await?;
-            }
-            return Ok(());
+        for frame in self.glue.push(b) {
+            self.send_frame(frame).await?;
         }
-        self.flush().await?;
-        self.tx.send(Chunk::Data(b)).await.map_err(|_| Stop::Gone)
+        Ok(())
     }
 
     /// Sends the glued small parts.
     async fn flush(&mut self) -> Result<(), Stop> {
-        if self.acc.is_empty() {
-            return Ok(());
+        match self.glue.flush() {
+            Some(frame) => self.send_frame(frame).await,
+            None => Ok(()),
         }
-        let b = self.acc.split().freeze();
-        self.tx.send(Chunk::Data(b)).await.map_err(|_| Stop::Gone)
+    }
+
+    async fn send_frame(&self, frame: Bytes) -> Result<(), Stop> {
+        self.tx
+            .send(Chunk::Data(frame))
+            .await
+            .map_err(|_| Stop::Gone)
     }
 
     /// Sends the oldest pending piece.

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustix::fs::{Mode, OFlags};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -21,6 +21,7 @@ use super::config::{BackendChoice, BackendKind, IoConfig};
 use super::error::IoError;
 use super::file::{DiskFile, FileInner};
 use super::framing::{Framing, Plain};
+use super::glue::Glue;
 use super::inflight::fit;
 use super::planner::Planner;
 use super::prefetch::{FileKey, Parking, PrefetchStats};
@@ -292,7 +293,7 @@ impl IoEngine {
             seq,
             out: Out {
                 tx,
-                acc: BytesMut::new(),
+                glue: Glue::new(),
             },
         };
         handle.spawn(producer.run(framing));

@@ -1,6 +1,6 @@
 //! The producer of one body: submits planned batches with bounded
-//! read-ahead, slices completed buffers into frames (coalescing small ones)
-//! and sends them with the framing bytes, in order.
+//! read-ahead, slices completed buffers into frames (gluing small ones,
+//! [`Glue`]) and sends them with the framing bytes, in order.
 //!
 //! A batch of the buffered descriptor whose bytes are all in the page cache
 //! is read here, on the producer's own task, with `preadv2(RWF_NOWAIT)`
@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::backend::{Batch, BatchDone, Segment};
@@ -28,6 +28,7 @@ use super::buffer::PooledBuf;
 use super::error::IoError;
 use super::file::DiskFile;
 use super::framing::Framing;
+use super::glue::Glue;
 use super::inflight::InFlight;
 use super::planner::{Plan, Planner};
 use super::shared::EngineInner;
@@ -39,18 +40,12 @@ pub const FAULT_READ_EIO: &str = "io-read-eio";
 /// Where [`FAULT_READ_EIO`] strikes: past the first frames of a body.
 pub const FAULT_READ_EIO_FROM: u64 = 8 << 20;
 
-/// Frames at most this long are copied into a shared frame with their
-/// neighbours instead of being sent alone: record headers and small ranges
-/// would otherwise become one TLS record and one write each.
-pub(super) const COALESCE_MAX: usize = 16 << 10;
-/// Size at which a frame of coalesced small pieces is sent.
-pub(super) const COALESCE_TARGET: usize = 256 << 10;
-/// Sends frames to the stream, gluing small ones together (a copy of at
-/// most [`COALESCE_MAX`] bytes each) so 100,000 small records do not become
-/// 300,000 writes; large frames pass through untouched.
+/// Sends frames to the stream, gluing small ones together ([`Glue`]) so
+/// 100,000 small records do not become 300,000 writes; large frames pass
+/// through untouched.
 pub(super) struct Out {
     pub(super) tx: mpsc::Sender<Result<Bytes, IoError>>,
-    pub(super) acc: BytesMut,
+    pub(super) glue: Glue,
 }
 
 /// The receiver is gone: stop producing.
@@ -58,23 +53,21 @@ pub(super) struct Closed;
 
 impl Out {
     async fn push(&mut self, b: Bytes) -> Result<(), Closed> {
-        if b.len() <= COALESCE_MAX {
-            self.acc.extend_from_slice(&b);
-            if self.acc.len() >= COALESCE_TARGET {
-                self.flush().await?;
-            }
-            return Ok(());
+        for frame in self.glue.push(b) {
+            self.send(frame).await?;
         }
-        self.flush().await?;
-        self.tx.send(Ok(b)).await.map_err(|_| Closed)
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), Closed> {
-        if self.acc.is_empty() {
-            return Ok(());
+        match self.glue.flush() {
+            Some(frame) => self.send(frame).await,
+            None => Ok(()),
         }
-        let b = self.acc.split().freeze();
-        self.tx.send(Ok(b)).await.map_err(|_| Closed)
+    }
+
+    async fn send(&self, frame: Bytes) -> Result<(), Closed> {
+        self.tx.send(Ok(frame)).await.map_err(|_| Closed)
     }
 
     async fn fail(&mut self, e: IoError) {

@@ -189,6 +189,33 @@ fn clone_across_filesystems_is_refused_and_leaves_nothing() {
     assert!(!b.path("a.img").exists());
 }
 
+/// The OCFS2 reflink ioctl reaches the kernel on the host too: XFS does
+/// not know it (ENOTTY), so the clone is refused as unsupported and
+/// nothing is left behind. (The ioctl doing its work is checked on OCFS2,
+/// in the guest: `ocfs2_guest`.)
+#[test]
+fn ocfs2_reflink_ioctl_on_xfs_is_refused_as_unsupported() {
+    let x = Fs::Xfs.scratch("ocfs2-ioctl");
+    std::fs::write(x.path("a.img"), vec![1u8; 65536]).unwrap();
+    let d = open_dir(&x.dir);
+    let mut called = false;
+    let err = reflink_with(
+        d.as_fd(),
+        Path::new("a.img"),
+        d.as_fd(),
+        Path::new("b.img"),
+        ClonePolicy::Ocfs2Reflink,
+        &mut || called = true,
+    );
+    assert!(called, "the OCFS2 ioctl was not tried");
+    assert!(
+        matches!(err, Err(CloneError::Unsupported { .. })),
+        "{err:?}"
+    );
+    assert!(!x.path("b.img").exists());
+    assert_eq!(std::fs::read(x.path("a.img")).unwrap(), vec![1u8; 65536]);
+}
+
 /// More than 100,000 extents, read in many FIEMAP batches: every other 4 KiB
 /// block of a preallocated file punched out.
 #[test]

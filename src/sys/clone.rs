@@ -28,8 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::Mode;
 use rustix::io::Errno;
-use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
+use rustix::ioctl::{opcode, Opcode};
 
+use super::ioctl;
 use super::path::{self, OpenError};
 
 /// `struct reflink_arguments` from `fs/ocfs2/ocfs2_ioctl.h`:
@@ -122,36 +123,6 @@ impl Ocfs2ReflinkArgs {
         b[8..16].copy_from_slice(&self.new_path.to_ne_bytes());
         b[16..24].copy_from_slice(&u64::from(self.preserve).to_ne_bytes());
         b
-    }
-}
-
-struct Ocfs2ReflinkCall {
-    args: [u64; 3],
-}
-
-// SAFETY: OCFS2_IOC_REFLINK copies 24 bytes in from the pointer (a `[u64;
-// 3]` we own for the call) and reads the two NUL-terminated strings its
-// first two words point to; `ocfs2_reflink` keeps those `CString`s alive
-// across the call. It writes nothing back to user memory.
-#[allow(unsafe_code)]
-unsafe impl Ioctl for Ocfs2ReflinkCall {
-    type Output = ();
-    const IS_MUTATING: bool = false;
-
-    fn opcode(&self) -> Opcode {
-        OCFS2_IOC_REFLINK
-    }
-
-    fn as_ptr(&mut self) -> *mut core::ffi::c_void {
-        self.args.as_mut_ptr().cast()
-    }
-
-    #[allow(unsafe_code)]
-    unsafe fn output_from_ptr(
-        _out: IoctlOutput,
-        _extract_output: *mut core::ffi::c_void,
-    ) -> rustix::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -311,17 +282,18 @@ fn ocfs2_reflink(
         preserve: true,
     };
     let enc = args.encode();
-    let call = Ocfs2ReflinkCall {
-        args: [
-            u64::from_ne_bytes(enc[0..8].try_into().expect("8")),
-            u64::from_ne_bytes(enc[8..16].try_into().expect("8")),
-            u64::from_ne_bytes(enc[16..24].try_into().expect("8")),
-        ],
-    };
-    // SAFETY: see `impl Ioctl for Ocfs2ReflinkCall`; `old` and `new` live
-    // until after the call returns.
+    let mut words = [
+        u64::from_ne_bytes(enc[0..8].try_into().expect("8")),
+        u64::from_ne_bytes(enc[8..16].try_into().expect("8")),
+        u64::from_ne_bytes(enc[16..24].try_into().expect("8")),
+    ];
+    // SAFETY: OCFS2_IOC_REFLINK copies 24 bytes in from the pointer (the
+    // three words of `words`, `struct reflink_arguments`) and reads the two
+    // NUL-terminated strings its first two words point to, `old` and `new`,
+    // which live until after the call returns (dropped below). It writes
+    // nothing to user memory: `call::<false>`.
     #[allow(unsafe_code)]
-    let r = unsafe { rustix::ioctl::ioctl(src.as_fd(), call) };
+    let r = unsafe { ioctl::call::<false>(src.as_fd(), OCFS2_IOC_REFLINK, &mut words) };
     drop((old, new));
     r
 }

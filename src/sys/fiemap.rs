@@ -8,9 +8,10 @@
 
 use std::os::fd::AsFd;
 
-use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
+use rustix::ioctl::{opcode, Opcode};
 use zerocopy::IntoBytes;
 
+use super::ioctl;
 use crate::extent::{flags, Extent, ExtentMap, MapError};
 
 /// `struct fiemap` header size (`include/uapi/linux/fiemap.h`).
@@ -132,38 +133,6 @@ pub fn encode_request(buf: &mut [u8], start: u64, fm_flags: u32, capacity: u32) 
     buf[FM_EXTENT_COUNT..FM_EXTENT_COUNT + 4].copy_from_slice(&capacity.to_ne_bytes());
 }
 
-/// The FS_IOC_FIEMAP call over a caller-owned buffer of `u64`s (so that it
-/// is 8-byte aligned as `struct fiemap` requires).
-struct FiemapCall<'a> {
-    buf: &'a mut [u64],
-}
-
-// SAFETY: FS_IOC_FIEMAP reads the 32-byte header and writes at most
-// `fm_extent_count` 56-byte extents after it. Every caller sizes the buffer
-// for `fm_extent_count` extents (see `extent_map`), the pointer is valid and
-// exclusively borrowed for the call, and the call mutates it (IS_MUTATING).
-#[allow(unsafe_code)]
-unsafe impl Ioctl for FiemapCall<'_> {
-    type Output = ();
-    const IS_MUTATING: bool = true;
-
-    fn opcode(&self) -> Opcode {
-        FS_IOC_FIEMAP
-    }
-
-    fn as_ptr(&mut self) -> *mut core::ffi::c_void {
-        self.buf.as_mut_ptr().cast()
-    }
-
-    #[allow(unsafe_code)]
-    unsafe fn output_from_ptr(
-        _out: IoctlOutput,
-        _extract_output: *mut core::ffi::c_void,
-    ) -> rustix::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The complete extent map of an open file, any number of extents.
 ///
 /// `sync` asks the kernel to flush dirty data first (`FIEMAP_FLAG_SYNC`) so
@@ -191,10 +160,15 @@ pub fn extent_map_batched(
             let bytes = buf.as_mut_bytes();
             encode_request(bytes, start, fm_flags, batch as u32);
         }
-        // SAFETY: see `impl Ioctl for FiemapCall`: the buffer holds the
-        // header and room for `batch` extents, which is `fm_extent_count`.
+        // SAFETY: FS_IOC_FIEMAP reads the 32-byte header, writes its
+        // `fm_flags` and `fm_mapped_extents` back and at most
+        // `fm_extent_count` 56-byte extents after it, and touches no other
+        // user memory (the header carries no pointer): `call::<true>`.
+        // `buf` (`u64`s, so 8-byte aligned as `struct fiemap` requires)
+        // holds the header and room for `batch` extents, and `batch` is the
+        // `fm_extent_count` just encoded.
         #[allow(unsafe_code)]
-        unsafe { rustix::ioctl::ioctl(&fd, FiemapCall { buf: &mut buf }) }
+        unsafe { ioctl::call::<true>(&fd, FS_IOC_FIEMAP, &mut buf) }
             .map_err(|e| FiemapError::Ioctl(e.into()))?;
         fm_flags &= !FLAG_SYNC;
         scratch.clear();

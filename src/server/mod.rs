@@ -35,6 +35,7 @@ pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,7 +228,9 @@ pub async fn serve(
                      api.send_timeout (the connection goes on)"
                 );
             };
-            let result = if h2 {
+            // The connection of either protocol (one box per connection, so
+            // that both run under the one watchdog call below).
+            let conn: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>> = if h2 {
                 // Frames gathered into full TLS records ([`coalesce`]).
                 let io = TokioIo::new(watch::Watched::new(
                     coalesce::Coalesce::new(tls),
@@ -241,14 +244,7 @@ pub async fn serve(
                     .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
                     .max_send_buf_size(limits.h2_send_buf)
                     .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
-                watched(
-                    watcher.watch(b.serve_connection(io, svc)),
-                    &activity,
-                    &limits,
-                    idle,
-                    on_reset,
-                )
-                .await
+                Box::pin(watcher.watch(b.serve_connection(io, svc)))
             } else {
                 let io = TokioIo::new(watch::Watched::new(tls, activity.clone()));
                 let mut b = hyper::server::conn::http1::Builder::new();
@@ -256,15 +252,9 @@ pub async fn serve(
                     .header_read_timeout(limits.header_read)
                     .max_headers(limits.headers)
                     .max_header_size(limits.header_bytes as usize);
-                watched(
-                    watcher.watch(b.serve_connection(io, svc)),
-                    &activity,
-                    &limits,
-                    idle,
-                    on_reset,
-                )
-                .await
+                Box::pin(watcher.watch(b.serve_connection(io, svc)))
             };
+            let result = watched(conn, &activity, &limits, idle, on_reset).await;
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),

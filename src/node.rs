@@ -161,9 +161,13 @@ pub use crate::error::chain as error_chain;
 impl Backend for Node {
     fn list_vms(&self) -> Result<Vec<Vm>, BackendError> {
         let vms = self.inventory.vms()?;
-        vms.iter()
-            .map(|vm| Ok(vm_json(vm, self.manager.ids(&vm.name)?)))
-            .collect()
+        // One catalog refresh for the whole list.
+        let ids = self.manager.ids_of(vms.iter().map(|vm| vm.name.as_str()))?;
+        Ok(vms
+            .iter()
+            .zip(ids)
+            .map(|(vm, ids)| vm_json(vm, ids))
+            .collect())
     }
 
     fn get_vm(&self, vm: &str) -> Result<Vm, BackendError> {

@@ -482,6 +482,66 @@ fn an_idempotency_key_is_honoured_by_every_node() {
     assert_eq!(a.ids("vm").unwrap(), vec![made.id, other.id]);
 }
 
+/// `GET /vms` refreshes the catalog once for the whole list: the
+/// repository's generation token is opened once per request, not once per
+/// VM (inotify on `CoriolisSnapshots` sees every open of it).
+#[test]
+fn listing_the_vms_reads_the_repository_token_once() {
+    use rustix::fs::inotify;
+
+    let scratch = Fs::Xfs.scratch("catalog-vms");
+    let repo = scratch.path("repo");
+    make_repo(&repo);
+    // Four more VMs on the same repository, one small disk each.
+    let mut vms = vec![VM.to_owned()];
+    for i in 0..4u8 {
+        let vm = format!("0004fb00000600000000000000ca7b0{i}");
+        let disk = repo.join("VirtualDisks").join(format!("{vm}.img"));
+        fs::write(&disk, vec![i; 64 << 10]).unwrap();
+        let uuid = format!("0004fb00-0006-0000-0000-0000000ca7b{i}");
+        write_vm_cfg(&repo, &vm, &uuid, &format!("more-{i}"), &[disk.as_path()]);
+        vms.push(vm);
+    }
+    let node = Node::start(&repo, "node-a", 1800);
+    let api = node.server.api();
+    // A snapshot writes the token; a first list rescans and sweeps.
+    create(&api);
+    let list_vms = || -> BTreeSet<String> {
+        let v: Value = api.get_json("vms", &paths::vms()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(list_vms(), vms.iter().cloned().collect());
+
+    let ino =
+        inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(&ino, repo.join(SNAPS), inotify::WatchFlags::OPEN).unwrap();
+    assert_eq!(list_vms().len(), 5);
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 << 10];
+    let mut reader = inotify::Reader::new(&ino, &mut buf);
+    let mut opens = 0;
+    loop {
+        match reader.next() {
+            Ok(e) => {
+                if e.file_name()
+                    .is_some_and(|n| n.to_bytes() == b".coriolis-generation")
+                {
+                    opens += 1;
+                }
+            }
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("inotify: {e}"),
+        }
+    }
+    assert_eq!(
+        opens, 1,
+        "GET /vms of 5 VMs on one repository opened its token {opens} times"
+    );
+}
+
 /// Half-made folders are removed only by their maker (at its start) or,
 /// once their lease expired, by any node; a fresh or renewed one of another
 /// node is left alone. Never is a published snapshot touched. Ages are set

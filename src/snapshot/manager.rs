@@ -776,6 +776,22 @@ impl Manager {
     /// `snapshots`); cheap, no extent map is read.
     pub fn ids(&self, vm: &str) -> Result<Vec<String>, SnapshotError> {
         self.refresh()?;
+        self.cached_ids(vm)
+    }
+
+    /// [`Manager::ids`] of each of `vms`, in their order, after one refresh
+    /// for them all: a list of every VM (`GET /vms`) reads each
+    /// repository's token once, not once per VM.
+    pub fn ids_of<'a>(
+        &self,
+        vms: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Vec<String>>, SnapshotError> {
+        self.refresh()?;
+        vms.into_iter().map(|vm| self.cached_ids(vm)).collect()
+    }
+
+    /// The ids of `vm`'s snapshots as the cache holds them (no refresh).
+    fn cached_ids(&self, vm: &str) -> Result<Vec<String>, SnapshotError> {
         let mut recs = self.store.list_vm(vm)?;
         recs.sort_by(|a, b| order(a).cmp(&order(b)));
         Ok(recs.into_iter().map(|r| r.id).collect())

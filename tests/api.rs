@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 
 use crate::common::{
-    free_port, h2_get, http_request, read_answer, Client, Exporter, Options, Pki, Scratch,
-    StandInManager, BIN, LOCAL_PASS, LOCAL_USER, MGR_PASS, MGR_USER, SECRET, SLOW_USER, WAIT,
+    free_port, h2_get, http_request, is_abort, read_answer, Client, Exporter, Options, Pki,
+    Scratch, StandInManager, BIN, LOCAL_PASS, LOCAL_USER, MGR_PASS, MGR_USER, SECRET, SLOW_USER,
+    WAIT,
 };
 
 fn jwt(
@@ -715,16 +716,7 @@ fn read_until_closed(r: &mut impl Read, what: &str) -> Vec<u8> {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                return got
-            }
+            Err(e) if is_abort(e.kind()) => return got,
             Err(e) => panic!(
                 "{what} was not closed by the server within {WAIT:?} ({e}); got {:?}",
                 String::from_utf8_lossy(&got)

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use coriolis_ovm_exporter::wire::stream::{Decoder, Event};
 
 use crate::common::{
-    drop_cache, http_request, resident_bytes, Answer, Exporter, Fs, Options, Pki, LOCAL_PASS,
-    LOCAL_USER,
+    drop_cache, http_request, is_abort, repo_and_disk, resident_bytes, static_inventory, Answer,
+    Exporter, Fs, Options, Pki, LOCAL_PASS, LOCAL_USER,
 };
 
 /// Not a multiple of 4096, so the tail read under `O_DIRECT` is checked.
@@ -46,19 +46,18 @@ fn punch(path: &Path, off: u64, len: u64) {
     .unwrap();
 }
 
-fn start(pki: &Pki, repo: &Path, disk: &Path, backend: &str) -> Exporter {
+/// An exporter serving [`VM`], whose one disk is `disk` on `repo`, with
+/// the io backend `backend`; its certificates and a token of its local
+/// user.
+fn start(repo: &Path, disk: &Path, backend: &str) -> (Pki, Exporter, String) {
+    let pki = Pki::new();
     let o = Options {
         local_users: true,
         ..Options::default()
     };
-    let ex = Exporter::start_with(pki, 0o600, |dir, port| {
-        let mut c = Exporter::config(pki, dir, port, &o);
-        c += &format!(
-            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-             mount_point = {repo:?}\n\n[[inventory.vms]]\nname = {VM:?}\n\
-             disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-        );
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        let mut c = Exporter::config(&pki, dir, port, &o);
+        c += &static_inventory(repo, &[(VM, vec![disk])]);
         c += &format!("\n[io]\nbackend = {backend:?}\n");
         c
     });
@@ -68,7 +67,8 @@ fn start(pki: &Pki, repo: &Path, disk: &Path, backend: &str) -> Exporter {
             || log.contains(&format!("backend={backend}")),
         "the log names the io backend {backend}:\n{log}"
     );
-    ex
+    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    (pki, ex, token)
 }
 
 fn get(ex: &Exporter, path: &str, token: &str, headers: &[(&str, &str)]) -> Answer {
@@ -163,9 +163,7 @@ fn apply(stream: &[u8], base: &mut Vec<u8>) -> (u64, u64) {
 
 fn run(fs: Fs, backend: &str) {
     let scratch = fs.scratch(&format!("datapath-{backend}"));
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let (repo, disk) = repo_and_disk(&scratch);
     // A sparse disk: data at a few places, holes between.
     {
         let f = std::fs::File::create(&disk).unwrap();
@@ -180,9 +178,7 @@ fn run(fs: Fs, backend: &str) {
         }
         f.sync_all().unwrap();
     }
-    let pki = Pki::new();
-    let ex = start(&pki, &repo, &disk, backend);
-    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let (_pki, ex, token) = start(&repo, &disk, backend);
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
     let create = || ex.create_snapshot(VM, &token);
     let (snap1, name, path1) = create();
@@ -297,13 +293,7 @@ fn run(fs: Fs, backend: &str) {
         assert!(a.body == v2[at as usize..end as usize], "chunk at {at}");
         at = end;
     }
-    let metric = |name: &str| {
-        let text = get(&ex, "/metrics", &token, &[]).text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-    };
+    let metric = |name: &str| ex.metric(&token, name);
     assert!(metric("coe_io_prefetch_used_total") >= 4);
 
     // 416: past the end, malformed, other unit, too many parts.
@@ -476,13 +466,7 @@ fn run(fs: Fs, backend: &str) {
     // body (a clean close would let a careless client take the bytes as
     // the whole answer).
     match &ended {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-            ) => {}
+        Err(e) if is_abort(e.kind()) => {}
         other => panic!("the cut-short body ended with {other:?}, not an abort"),
     }
 
@@ -539,13 +523,9 @@ fn datapath_btrfs_io_uring() {
 pub(crate) fn incremental_after_random_4k_writes(fs: Fs, bound: f64) -> (u64, u64, u64, u64) {
     const DENSE: u64 = 8 << 20;
     let scratch = fs.scratch("datapath-random-4k");
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let (repo, disk) = repo_and_disk(&scratch);
     std::fs::write(&disk, pattern(DENSE as usize, 7)).unwrap();
-    let pki = Pki::new();
-    let ex = start(&pki, &repo, &disk, "threads");
-    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let (_pki, ex, token) = start(&repo, &disk, "threads");
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
     let create = || ex.create_snapshot(VM, &token);
     let (snap1, name, _) = create();
@@ -570,13 +550,7 @@ pub(crate) fn incremental_after_random_4k_writes(fs: Fs, bound: f64) -> (u64, u6
         .filter(|(a, b)| a != b)
         .count() as u64
         * 4096;
-    let metric = |name: &str| {
-        let text = get(&ex, "/metrics", &token, &[]).text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-    };
+    let metric = |name: &str| ex.metric(&token, name);
     let stream = |exact: &str| {
         let saved = metric("coe_exact_bytes_saved_total");
         let a = get(
@@ -640,9 +614,7 @@ fn incremental_after_random_4k_writes_xfs() {
 fn refinement_stops_when_its_client_goes_away_xfs() {
     const BIG: u64 = 384 << 20;
     let scratch = Fs::Xfs.scratch("datapath-cancel");
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let (repo, disk) = repo_and_disk(&scratch);
     let fill = |path: &Path| {
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -657,9 +629,7 @@ fn refinement_stops_when_its_client_goes_away_xfs() {
         f.sync_all().unwrap();
     };
     fill(&disk);
-    let pki = Pki::new();
-    let ex = start(&pki, &repo, &disk, "threads");
-    let token = ex.token(LOCAL_USER, LOCAL_PASS);
+    let (_pki, ex, token) = start(&repo, &disk, "threads");
     let snaps = format!("/api/v1/vms/{VM}/snapshots");
     let create = || {
         let a = ex.request("POST", &snaps, Some(&token), "");
@@ -669,13 +639,7 @@ fn refinement_stops_when_its_client_goes_away_xfs() {
     let snap1 = create();
     fill(&disk);
     let snap2 = create();
-    let metric = |name: &str| {
-        let text = get(&ex, "/metrics", &token, &[]).text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-    };
+    let metric = |name: &str| ex.metric(&token, name);
     let (diffs, cancelled) = (
         metric("coe_exact_diffs_total"),
         metric("coe_exact_cancelled_total"),

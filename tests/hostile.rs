@@ -17,7 +17,7 @@ use crate::common::exporter::{Client, Exporter, Options, LOCAL_PASS, LOCAL_USER}
 use crate::common::http::{http_request, read_answer, Answer};
 use crate::common::manager::{StandInManager, MGR_PASS, MGR_USER};
 use crate::common::pki::Pki;
-use crate::common::{Fs, Scratch, WAIT};
+use crate::common::{repo_and_disk, static_inventory, Fs, Scratch, WAIT};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -88,20 +88,13 @@ fn start(pki: &Pki, extra: &str, disk: Option<(&Path, &Path)>) -> Exporter {
 /// The config's static inventory of one VM, `vm-hostile`, whose disk is
 /// `disk` in repository `repo`.
 fn static_vm(repo: &Path, disk: &Path) -> String {
-    format!(
-        "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-         check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-         mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
-         disks = [ {{ path = {disk:?}, device_name = \"xvda\" }} ]\n"
-    )
+    static_inventory(repo, &[("vm-hostile", vec![disk])])
 }
 
 /// A repository in `scratch` with one disk of `size` bytes, its first MiB
 /// written, the rest a hole: (repository, disk).
 fn sparse_disk(scratch: &Scratch, size: u64) -> (PathBuf, PathBuf) {
-    let repo = scratch.path("repo");
-    let disk = repo.join("VirtualDisks/disk01.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    let (repo, disk) = repo_and_disk(scratch);
     let f = std::fs::File::create(&disk).unwrap();
     f.set_len(size).unwrap();
     std::os::unix::fs::FileExt::write_at(&f, &[7u8; 1 << 20], 0).unwrap();
@@ -646,23 +639,13 @@ fn disks_behind_symlinks_or_outside_the_repository_are_never_cloned() {
         local_users: true,
         ..Options::default()
     };
+    let good = repo.join("VirtualDisks/good.img");
+    let vms: Vec<(&str, Vec<&Path>)> = cases
+        .iter()
+        .map(|(vm, disk, _)| (*vm, vec![good.as_path(), disk.as_path()]))
+        .collect();
     let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
-        let mut c = Exporter::config(&pki, dir, port, &o);
-        c += &format!(
-            "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-             check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-             mount_point = {repo:?}\n"
-        );
-        for (vm, disk, _) in &cases {
-            c += &format!(
-                "\n[[inventory.vms]]\nname = {vm:?}\n\
-                 disks = [ {{ path = {:?}, device_name = \"xvda\" }}, \
-                 {{ path = {:?}, device_name = \"xvdb\" }} ]\n",
-                repo.join("VirtualDisks/good.img"),
-                disk
-            );
-        }
-        c
+        Exporter::config(&pki, dir, port, &o) + &static_inventory(&repo, &vms)
     });
     let token = ex.token(LOCAL_USER, LOCAL_PASS);
     for (vm, _, why) in &cases {
@@ -803,16 +786,9 @@ fn a_failed_clone_leaves_nothing_and_says_why() {
             local_users: true,
             ..Options::default()
         };
+        let vm = ("vm-hostile", disks.iter().map(PathBuf::as_path).collect());
         let ex = start_faulty(&pki, point, |dir, port| {
-            Exporter::config(&pki, dir, port, &o)
-                + &format!(
-                    "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
-                     check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
-                     mount_point = {repo:?}\n\n[[inventory.vms]]\nname = \"vm-hostile\"\n\
-                     disks = [ {{ path = {:?}, device_name = \"xvda\" }}, \
-                     {{ path = {:?}, device_name = \"xvdb\" }} ]\n",
-                    disks[0], disks[1]
-                )
+            Exporter::config(&pki, dir, port, &o) + &static_inventory(&repo, &[vm])
         });
         let token = ex.token(LOCAL_USER, LOCAL_PASS);
         let a = ex.request("POST", "/api/v1/vms/vm-hostile/snapshots", Some(&token), "");

@@ -2,7 +2,7 @@
 //! backends (io_uring and the pread thread pool), with O_DIRECT on and off.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use coriolis_ovm_exporter::io::{
 use coriolis_ovm_exporter::wire::range::{self, Multipart};
 use coriolis_ovm_exporter::wire::stream::{self, Change, ChangeKind, Event};
 
-use crate::common::{drop_cache, resident_bytes, Fs, LogCapture};
+use crate::common::{drop_cache, resident_bytes, Fs, LogCapture, Scratch};
 
 /// Both backends, O_DIRECT on and off.
 fn variants() -> Vec<(BackendChoice, bool)> {
@@ -54,6 +54,25 @@ fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// A scratch folder on `fs` holding `disk.img`, `size` random bytes (see
+/// [`random_file`]): the folder (removed on drop), the path, the bytes.
+fn disk_file(fs: Fs, tag: &str, size: usize, seed: u64) -> (Scratch, PathBuf, Vec<u8>) {
+    let dir = fs.scratch(tag);
+    let path = dir.path("disk.img");
+    let data = random_file(&path, size, seed);
+    (dir, path, data)
+}
+
+/// The bytes of range `r` of `file`, its stream read to a clean end.
+async fn read_all(e: &IoEngine, file: &DiskFile, r: Range<u64>) -> Vec<u8> {
+    e.read(file, r).unwrap().collect().await.unwrap()
+}
+
+/// The error that ends the stream of range `r` of `file`.
+async fn read_err(e: &IoEngine, file: &DiskFile, r: Range<u64>) -> IoError {
+    e.read(file, r).unwrap().collect().await.unwrap_err()
+}
+
 fn open(e: &IoEngine, path: &Path, direct: bool) -> DiskFile {
     let f = e.open(path).unwrap();
     assert_eq!(f.is_direct(), direct, "O_DIRECT accepted on {path:?}");
@@ -83,11 +102,9 @@ fn random_ranges(rng: &mut fastrand::Rng, size: u64, n: usize) -> Vec<Range<u64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_ranges_equal_the_file_bytes() {
     for fs in Fs::ALL {
-        let dir = fs.scratch("io-ranges");
-        let path = dir.path("disk.img");
         // Not a multiple of the page size: the tail read is short.
         let size = (9 << 20) + 1234;
-        let data = random_file(&path, size, 1);
+        let (_dir, path, data) = disk_file(fs, "io-ranges", size, 1);
         for (backend, direct) in variants() {
             // Small buffers too, so one range spans many batches.
             // io_uring also with reads tried inline in the ring thread.
@@ -104,18 +121,13 @@ async fn random_ranges_equal_the_file_bytes() {
                 assert_eq!(file.size(), size as u64);
                 let mut rng = fastrand::Rng::with_seed(buffer_size as u64);
                 for r in random_ranges(&mut rng, size as u64, 60) {
-                    let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+                    let got = read_all(&e, &file, r.clone()).await;
                     assert!(
                         got == data[r.start as usize..r.end as usize],
                         "{fs:?} {backend:?} direct={direct} buf={buffer_size}: range {r:?} differs"
                     );
                 }
-                let whole = e
-                    .read(&file, 0..size as u64)
-                    .unwrap()
-                    .collect()
-                    .await
-                    .unwrap();
+                let whole = read_all(&e, &file, 0..size as u64).await;
                 assert!(
                     whole == data,
                     "{fs:?} {backend:?} direct={direct}: whole file"
@@ -128,9 +140,7 @@ async fn random_ranges_equal_the_file_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_big_and_alias_pool_buffers() {
-    let dir = Fs::Xfs.scratch("io-frames");
-    let path = dir.path("disk.img");
-    let data = random_file(&path, 8 << 20, 2);
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-frames", 8 << 20, 2);
     for (backend, direct) in variants() {
         // This test keeps every frame, so the stream may hold them all (with
         // the default read-ahead it would wait for frames to be dropped).
@@ -157,9 +167,7 @@ async fn frames_are_big_and_alias_pool_buffers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_past_eof_and_empty_ranges_are_refused() {
-    let dir = Fs::Btrfs.scratch("io-eof");
-    let path = dir.path("disk.img");
-    random_file(&path, 10_000, 3);
+    let (_dir, path, _) = disk_file(Fs::Btrfs, "io-eof", 10_000, 3);
     for (backend, direct) in variants() {
         let e = engine(backend, direct, |_| {});
         let file = open(&e, &path, direct);
@@ -174,23 +182,12 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
                 "{r:?}"
             );
         }
-        let last = e
-            .read(&file, 9_999..10_000)
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let last = read_all(&e, &file, 9_999..10_000).await;
         assert_eq!(last.len(), 1);
         // Empty ranges inside the file are empty bodies (an empty disk's
         // whole content).
         for r in [5..5, 10_000..10_000] {
-            assert!(e
-                .read(&file, r)
-                .unwrap()
-                .collect()
-                .await
-                .unwrap()
-                .is_empty());
+            assert!(read_all(&e, &file, r).await.is_empty());
         }
     }
 }
@@ -198,9 +195,7 @@ async fn ranges_past_eof_and_empty_ranges_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_truncated_while_streaming_breaks_the_stream() {
     for fs in Fs::ALL {
-        let dir = fs.scratch("io-trunc");
-        let path = dir.path("disk.img");
-        random_file(&path, 4 << 20, 4);
+        let (_dir, path, _) = disk_file(fs, "io-trunc", 4 << 20, 4);
         for (backend, direct) in variants() {
             let e = engine(backend, direct, |_| {});
             let file = open(&e, &path, direct);
@@ -210,12 +205,7 @@ async fn a_file_truncated_while_streaming_breaks_the_stream() {
                 .unwrap()
                 .set_len(1 << 20)
                 .unwrap();
-            let err = e
-                .read(&file, 0..4 << 20)
-                .unwrap()
-                .collect()
-                .await
-                .unwrap_err();
+            let err = read_err(&e, &file, 0..4 << 20).await;
             assert!(
                 matches!(err, IoError::ShortRead { .. }),
                 "{fs:?} {backend:?}: {err}"
@@ -227,10 +217,9 @@ async fn a_file_truncated_while_streaming_breaks_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_streams_share_a_small_pool() {
-    let dir = Fs::Xfs.scratch("io-many");
-    let path = dir.path("disk.img");
     let size = 16 << 20;
-    let data = Arc::new(random_file(&path, size, 5));
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-many", size, 5);
+    let data = Arc::new(data);
     for (backend, direct) in variants() {
         // 32 streams × 2 buffers could want 64; only 8 exist.
         let e = engine(backend, direct, |c| {
@@ -245,7 +234,7 @@ async fn many_concurrent_streams_share_a_small_pool() {
             tasks.push(tokio::spawn(async move {
                 let mut rng = fastrand::Rng::with_seed(i);
                 for r in random_ranges(&mut rng, size as u64, 8) {
-                    let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+                    let got = read_all(&e, &file, r.clone()).await;
                     assert!(
                         got == data[r.start as usize..r.end as usize],
                         "stream {i} {r:?}"
@@ -271,9 +260,7 @@ async fn time_limit<T>(t: tokio::task::JoinHandle<T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_stream_holds_at_most_its_read_ahead() {
-    let dir = Fs::Btrfs.scratch("io-bound");
-    let path = dir.path("disk.img");
-    random_file(&path, 32 << 20, 6);
+    let (_dir, path, _) = disk_file(Fs::Btrfs, "io-bound", 32 << 20, 6);
     for (backend, direct) in variants() {
         let e = engine(backend, direct, |c| {
             c.buffer_size = 1 << 20;
@@ -303,10 +290,8 @@ async fn an_unread_stream_holds_at_most_its_read_ahead() {
 /// and parked reads give their buffers back when dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_ranges_take_over_reads_started_ahead() {
-    let dir = Fs::Xfs.scratch("io-prefetch");
-    let path = dir.path("disk.img");
     let size = (20 << 20) + 1000;
-    let data = random_file(&path, size, 12);
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-prefetch", size, 12);
     let size = size as u64;
     for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
         let e = engine(backend, true, |c| c.buffer_size = 256 << 10);
@@ -328,7 +313,7 @@ async fn consecutive_ranges_take_over_reads_started_ahead() {
         ];
         let mut adopted = Vec::new();
         for r in ranges {
-            let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+            let got = read_all(&e, &file, r.clone()).await;
             assert!(
                 got == data[r.start as usize..r.end as usize],
                 "{backend:?}: range {r:?} differs"
@@ -351,14 +336,10 @@ async fn consecutive_ranges_take_over_reads_started_ahead() {
         let again = open(&e, &path, true);
         let before = e.prefetch_stats().adopted;
         let r = 4 * mb..5 * mb;
-        e.read(&file, 3 * mb..r.start)
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        e.read(&again, r.clone()).unwrap().collect().await.unwrap();
+        read_all(&e, &file, 3 * mb..r.start).await;
+        read_all(&e, &again, r.clone()).await;
         let r2 = r.end..r.end + mb;
-        let got = e.read(&again, r2.clone()).unwrap().collect().await.unwrap();
+        let got = read_all(&e, &again, r2.clone()).await;
         assert!(got == data[r2.start as usize..r2.end as usize]);
         assert!(e.prefetch_stats().adopted > before);
         // Parked reads hold buffers until taken over or dropped.
@@ -371,15 +352,13 @@ async fn consecutive_ranges_take_over_reads_started_ahead() {
 /// Random single ranges never continue one another: nothing is read ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_ranges_start_no_reads_ahead() {
-    let dir = Fs::Btrfs.scratch("io-noprefetch");
-    let path = dir.path("disk.img");
     let size = 8 << 20;
-    let data = random_file(&path, size, 13);
+    let (_dir, path, data) = disk_file(Fs::Btrfs, "io-noprefetch", size, 13);
     let e = engine(BackendChoice::IoUring, true, |_| {});
     let file = open(&e, &path, true);
     let mut rng = fastrand::Rng::with_seed(14);
     for r in random_ranges(&mut rng, size as u64, 40) {
-        let got = e.read(&file, r.clone()).unwrap().collect().await.unwrap();
+        let got = read_all(&e, &file, r.clone()).await;
         assert!(got == data[r.start as usize..r.end as usize]);
     }
     assert_eq!(e.prefetch_stats().parked, 0);
@@ -388,11 +367,7 @@ async fn random_ranges_start_no_reads_ahead() {
     let e = engine(BackendChoice::IoUring, false, |_| {});
     let file = open(&e, &path, false);
     for i in 0..4u64 {
-        e.read(&file, i << 20..(i + 1) << 20)
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        read_all(&e, &file, i << 20..(i + 1) << 20).await;
     }
     assert_eq!(e.prefetch_stats().parked, 0);
 }
@@ -411,22 +386,15 @@ async fn wait_until(cond: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_reads_leave_the_page_cache_alone() {
     for fs in Fs::ALL {
-        let dir = fs.scratch("io-cache");
-        let path = dir.path("disk.img");
         let size = 16 << 20;
-        random_file(&path, size, 7);
+        let (_dir, path, _) = disk_file(fs, "io-cache", size, 7);
         for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
             for direct in [true, false] {
                 drop_cache(&path);
                 assert!(resident_bytes(&path) < 1 << 20, "{fs:?}: cache dropped");
                 let e = engine(backend, direct, |_| {});
                 let file = open(&e, &path, direct);
-                let got = e
-                    .read(&file, 0..size as u64)
-                    .unwrap()
-                    .collect()
-                    .await
-                    .unwrap();
+                let got = read_all(&e, &file, 0..size as u64).await;
                 assert_eq!(got.len(), size);
                 let cached = resident_bytes(&path);
                 if direct {
@@ -447,10 +415,8 @@ async fn direct_reads_leave_the_page_cache_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_body_is_exact() {
-    let dir = Fs::Xfs.scratch("io-multipart");
-    let path = dir.path("disk.img");
     let size = 3 << 20;
-    let data = random_file(&path, size, 8);
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-multipart", size, 8);
     for (backend, direct) in variants() {
         let e = engine(backend, direct, |c| c.buffer_size = 64 << 10);
         let file = open(&e, &path, direct);
@@ -499,10 +465,8 @@ fn scattered_plan(rng: &mut fastrand::Rng, size: u64, n: u64) -> Vec<Change> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_stream_rebuilds_the_disk() {
     for fs in Fs::ALL {
-        let dir = fs.scratch("io-incr");
-        let path = dir.path("disk.img");
         let size = 8 << 20;
-        let data = random_file(&path, size, 9);
+        let (_dir, path, data) = disk_file(fs, "io-incr", size, 9);
         for (backend, direct) in variants() {
             let e = engine(backend, direct, |_| {});
             let file = open(&e, &path, direct);
@@ -563,9 +527,7 @@ async fn incremental_stream_rebuilds_the_disk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_plan_is_checked() {
-    let dir = Fs::Xfs.scratch("io-incr-bad");
-    let path = dir.path("disk.img");
-    random_file(&path, 100_000, 11);
+    let (_dir, path, _) = disk_file(Fs::Xfs, "io-incr-bad", 100_000, 11);
     let e = engine(BackendChoice::Threads, true, |_| {});
     let file = e.open(&path).unwrap();
     let d = |offset, len| Change {
@@ -597,10 +559,8 @@ impl ReadBackend for Counted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_reads_of_cached_bytes_skip_the_backend() {
-    let dir = Fs::Xfs.scratch("io-cached");
-    let path = dir.path("disk.img");
     let size = 6 << 20;
-    let data = random_file(&path, size, 21);
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-cached", size, 21);
     let cfg = IoConfig {
         direct_io: false,
         buffer_size: 256 << 10,
@@ -615,30 +575,20 @@ async fn buffered_reads_of_cached_bytes_skip_the_backend() {
     // Not in the page cache: every batch goes to the backend, which
     // waits for the disk.
     drop_cache(&path);
-    let got = e
-        .read(&file, range.clone())
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let got = read_all(&e, &file, range.clone()).await;
     assert!(got == data[5..size - 7], "bytes read through the backend");
     assert!(count() > 0, "uncached reads went to the backend");
     // Now cached (that read filled the page cache): read on the stream's
     // task, the backend sees none of it.
     let before = count();
-    let got = e
-        .read(&file, range.clone())
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let got = read_all(&e, &file, range.clone()).await;
     assert!(got == data[5..size - 7], "bytes read from the page cache");
     assert_eq!(count(), before, "cached reads skip the backend");
     // A file cut short under a cached read still ends the stream with an
     // error, not a short body.
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(3 << 20).unwrap();
-    let err = e.read(&file, range).unwrap().collect().await.unwrap_err();
+    let err = read_err(&e, &file, range).await;
     assert!(matches!(err, IoError::ShortRead { .. }), "{err}");
 }
 
@@ -677,10 +627,8 @@ fn libc_einval() -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn einval_on_direct_reads_falls_back_to_buffered() {
-    let dir = Fs::Xfs.scratch("io-einval");
-    let path = dir.path("disk.img");
     let size = 5 << 20;
-    let data = random_file(&path, size, 12);
+    let (_dir, path, data) = disk_file(Fs::Xfs, "io-einval", size, 12);
     let cfg = IoConfig {
         buffer_size: 256 << 10,
         ..IoConfig::default()
@@ -694,12 +642,7 @@ async fn einval_on_direct_reads_falls_back_to_buffered() {
         let kind = backend.kind();
         let e = IoEngine::with_backend(&cfg, Box::new(RefuseDirect(backend))).unwrap();
         let file = open(&e, &path, true);
-        let got = e
-            .read(&file, 3..size as u64 - 3)
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let got = read_all(&e, &file, 3..size as u64 - 3).await;
         assert!(got == data[3..size - 3], "{kind}: bytes after the fallback");
         assert!(!file.is_direct(), "{kind}: the file stays buffered");
     }
@@ -717,7 +660,7 @@ async fn read_errors_break_the_stream() {
         let e = engine(backend, false, |_| {});
         let file = e.open(&sub).unwrap();
         assert!(file.size() > 0, "btrfs directory size");
-        let err = e.read(&file, 0..1).unwrap().collect().await.unwrap_err();
+        let err = read_err(&e, &file, 0..1).await;
         assert!(matches!(err, IoError::Read { .. }), "{backend:?}: {err}");
     }
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,6 +288,44 @@ impl Client {
         assert_eq!(a.status, 200, "login: {}", a.text());
         a.json()["token"].as_str().unwrap().to_owned()
     }
+
+    /// The value of the `/metrics` line `<name> <value>` (asked with
+    /// `token`); panics when there is none.
+    pub fn metric(&self, token: &str, name: &str) -> u64 {
+        let text = self.request("GET", "/metrics", Some(token), "").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+}
+
+/// The config's static inventory: the repository `repo` (id `repo`, not
+/// checked for a mount) and `vms`, each a name and its disks, which become
+/// `xvda`, `xvdb`, ... in order.
+pub fn static_inventory(repo: &Path, vms: &[(&str, Vec<&Path>)]) -> String {
+    let mut c = format!(
+        "\n[inventory]\nsource = \"static\"\novs_agent_db_dir = \"/nonexistent/db\"\n\
+         check_mounted = false\n\n[[inventory.repositories]]\nid = \"repo\"\n\
+         mount_point = {repo:?}\n"
+    );
+    for (vm, disks) in vms {
+        let disks: Vec<String> = disks
+            .iter()
+            .zip(b'a'..)
+            .map(|(d, letter)| {
+                format!(
+                    "{{ path = {d:?}, device_name = \"xvd{}\" }}",
+                    letter as char
+                )
+            })
+            .collect();
+        c += &format!(
+            "\n[[inventory.vms]]\nname = {vm:?}\ndisks = [ {} ]\n",
+            disks.join(", ")
+        );
+    }
+    c
 }
 
 impl Drop for Exporter {

@@ -32,6 +32,18 @@ pub fn http_request(
     r.into_bytes()
 }
 
+/// Whether a read that failed with `kind` saw the server abort the
+/// connection (a reset, or the TCP stream ended without TLS's
+/// `close_notify`), as opposed to an orderly end or any other failure.
+pub fn is_abort(kind: std::io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,

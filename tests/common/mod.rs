@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use exporter::{Client, Exporter, Options, BIN, LOCAL_PASS, LOCAL_USER, SECRET};
-pub use http::{h2_get, http_request, read_answer, Answer};
+pub use exporter::{
+    static_inventory, Client, Exporter, Options, BIN, LOCAL_PASS, LOCAL_USER, SECRET,
+};
+pub use http::{h2_get, http_request, is_abort, read_answer, Answer};
 pub use manager::{StandInManager, MGR_PASS, MGR_USER, SLOW_USER};
 pub use pki::Pki;
 
@@ -109,6 +111,15 @@ impl Scratch {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// A repository folder `repo` in `scratch` and the path of its disk
+/// `VirtualDisks/disk01.img` (the folders made, the file not).
+pub fn repo_and_disk(scratch: &Scratch) -> (PathBuf, PathBuf) {
+    let repo = scratch.path("repo");
+    let disk = repo.join("VirtualDisks/disk01.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    (repo, disk)
 }
 
 impl Drop for Scratch {

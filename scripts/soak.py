@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import socket
 import ssl
 import struct
@@ -461,6 +462,66 @@ def proc(pid):
     return rss, fds, kinds
 
 
+# glibc makes each non-main arena's heap a mapping aligned to HEAP_MAX_SIZE
+# (64 MiB on 64-bit): an anonymous mapping that starts there is an arena.
+ARENA_ALIGN = 64 << 20
+
+
+def anon_by_mapping(pid):
+    """The server's anonymous resident memory by the kind of mapping that
+    holds it: {kind: (bytes, mappings)}. Kinds: `heap` (the main arena,
+    [heap]), `arenas` (glibc's other arenas, one per thread that needed
+    one, up to 8 per core), `stacks` (thread stacks: an anonymous mapping
+    right above a guard page), `mmap` (other anonymous mappings: large
+    blocks such as the io core's read buffers, the runtime's own), `file`
+    (private pages of mapped files: relocations, .data, .bss), `stack`
+    (the main thread's)."""
+    out = {}
+    prev_end, prev_guard = None, False
+    with open(f"/proc/{pid}/smaps") as f:
+        head = None
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(.*)$", line)
+            if m:
+                start, end = int(m.group(1), 16), int(m.group(2), 16)
+                perms, inode, path = m.group(3), int(m.group(4)), m.group(5).strip()
+                if path == "[heap]":
+                    kind = "heap"
+                elif path == "[stack]":
+                    kind = "stack"
+                elif inode or path.startswith("/"):
+                    kind = "file"
+                elif path:
+                    kind = path  # [vdso], [vvar] and the like
+                elif start % ARENA_ALIGN == 0 and "rw" in perms:
+                    kind = "arenas"
+                elif prev_guard and prev_end == start and "rw" in perms:
+                    kind = "stacks"
+                else:
+                    kind = "mmap"
+                head = kind
+                prev_guard = perms.startswith("---") and not inode and not path
+                prev_end = end
+            elif head and line.startswith("Anonymous:"):
+                kb = int(line.split()[1])
+                b, n = out.get(head, (0, 0))
+                out[head] = (b + kb * 1024, n + (1 if kb else 0))
+    return out
+
+
+def fmt_anon(by):
+    order = ["heap", "arenas", "stacks", "mmap", "file", "stack"]
+    keys = [k for k in order if k in by] + sorted(k for k in by if k not in order)
+    return ", ".join(f"{k} {by[k][0] / 2**20:.2f} MiB ({by[k][1]})" for k in keys if by[k][0])
+
+
+def save_smaps(pid, folder, name):
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(f"/proc/{pid}/smaps") as f, open(os.path.join(folder, f"{name}.smaps"), "w") as g:
+            g.write(f.read())
+
+
 def cpu_seconds(pid):
     """User + system CPU seconds of the server so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -496,6 +557,9 @@ def main():
     ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--warmup-storm", type=float, default=20)
     ap.add_argument("--stall-hold", type=float, default=130)
+    # A folder to save the server's /proc/PID/smaps in at the start, mid-storm
+    # and end (start.smaps, mid.smaps, end.smaps), to diff mapping by mapping.
+    ap.add_argument("--smaps", default=None)
     a = ap.parse_args()
     ctx = Ctx(a)
 
@@ -533,6 +597,8 @@ def main():
     ctx.stats.clear()
     time.sleep(2)
     rss0, fds0, kinds0 = proc(a.pid)
+    anon0 = anon_by_mapping(a.pid)
+    save_smaps(a.pid, a.smaps, "start")
     load0 = os.getloadavg()
     probe = Probe(ctx)
     probe.start()
@@ -551,10 +617,13 @@ def main():
     storm = a.seconds - a.quiet_seconds
     t0 = time.monotonic()
     mid = None
+    anon_mid = None
     while time.monotonic() - t0 < storm:
         time.sleep(1)
         if mid is None and time.monotonic() - t0 > storm / 2:
             mid = proc(a.pid)
+            anon_mid = anon_by_mapping(a.pid)
+            save_smaps(a.pid, a.smaps, "mid")
     stop.set()
     cpu1 = cpu_seconds(a.pid)
     load1 = os.getloadavg()
@@ -567,6 +636,8 @@ def main():
     probe.finish()
     time.sleep(a.settle)
     rss1, fds1, kinds1 = proc(a.pid)
+    anon1 = anon_by_mapping(a.pid)
+    save_smaps(a.pid, a.smaps, "end")
 
     q, s = ctx.probe_times["quiet"], ctx.probe_times["storm"]
     print("== soak figures ==")
@@ -586,6 +657,11 @@ def main():
     def kinds(k):
         return ", ".join(f"{n} {v / 2**20:.1f} MiB" if n != "Threads" else f"{n} {v}" for n, v in k.items())
     print(f"server RSS by kind: start {kinds(kinds0)}; mid-storm {kinds(mid[2]) if mid else 'n/a'}; end {kinds(kinds1)}")
+    print("server anonymous memory by mapping (MiB, mappings holding some):")
+    print(f"  start: {fmt_anon(anon0)}")
+    if mid:
+        print(f"  mid-storm: {fmt_anon(anon_mid)}")
+    print(f"  end: {fmt_anon(anon1)}")
     if ctx.slow:
         print("slow or failed probes (UTC start, phase, outcome, seconds at the end of each step):")
         for at, phase, outcome, steps in ctx.slow:

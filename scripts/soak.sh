@@ -21,7 +21,8 @@
 # seen a storm once; the end figures also come after a 15 s settle.
 # Printed: the probe's p50/p99 quiet and in the storm (and the ratio), how
 # many storm ranges took 1 s or more, the server's RSS and descriptor count
-# at start, mid-storm and end (by kind: anon, file), its CPU in the storm,
+# at start, mid-storm and end (by kind: anon, file; the anonymous memory by
+# mapping: main heap, glibc arenas, thread stacks, others), its CPU in the storm,
 # the load average, the probes that took 0.5 s or more with the time of each
 # step, and every event by case and class. Exit status 1 if an honest
 # request failed, a storm range took 1 s or more, or the server's RSS or
@@ -34,7 +35,10 @@
 # server's api.send_timeout, default its own 120s), SOAK_STALL_HOLD (seconds
 # each stalled reader is held before it is replaced by a new one, 130: keep
 # it above the send timeout), SOAK_KEEP_LOGS (a folder to keep
-# the server's logs in), BIN (the binary; built with `cargo build --release`
+# the server's logs in), SOAK_SMAPS (a folder to save the server's
+# /proc/PID/smaps in at the start, mid-storm and end, to diff mapping by
+# mapping), SOAK_HOLD (seconds to keep the server running after the figures,
+# its pid printed, to look at it with gdb or pmap; 0), BIN (the binary; built with `cargo build --release`
 # when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,6 +112,10 @@ python3 "$ROOT/scripts/soak.py" --port "$PORT" --ca "$DIR/ca.pem" --pid "$server
 	--disk-size $((DISK_MIB << 20)) --seconds "$SECONDS_TOTAL" --quiet-seconds "$QUIET" \
 	--honest "${SOAK_HONEST:-16}" --stalled "${SOAK_STALLED:-64}" \
 	--half-sent "${SOAK_HALF_SENT:-1024}" --warmup-storm "${SOAK_WARMUP_STORM:-20}" \
-	--stall-hold "${SOAK_STALL_HOLD:-130}" || status=$?
+	--stall-hold "${SOAK_STALL_HOLD:-130}" ${SOAK_SMAPS:+--smaps "$SOAK_SMAPS"} || status=$?
+if [ "${SOAK_HOLD:-0}" != 0 ]; then
+	echo "# the server (pid $server) is kept ${SOAK_HOLD} s for inspection"
+	sleep "$SOAK_HOLD"
+fi
 echo "# server log lines by level: $(grep -oE '^[^ ]+ +(INFO|WARN|ERROR)' "$DIR/exporter.log" | awk '{print $2}' | sort | uniq -c | tr '\n' ' ')"
 exit $status

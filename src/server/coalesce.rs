@@ -32,6 +32,18 @@
 //! first write after a flush, freed when a flush empties it), so an idle
 //! connection costs nothing here and a busy one [`CAPACITY`].
 //!
+//! Whole records only: rustls seals what it is handed at once, as records
+//! of up to 16 KiB, and takes no more than its buffer limit (64 KiB of
+//! sealed bytes not yet written) less what it still holds. Handed a buffer
+//! while the socket is full, it took exactly the room the socket had just
+//! made, one frame's worth, and sealed it as a full record and a 9-byte
+//! one: once started, the pattern held for the whole download (a `writev`
+//! and a record pair per frame again, measured on one 1 GiB range over
+//! HTTP/2 with curl: the client made 1.6 times the reads and spent 0.77
+//! s/GiB against 0.68 with nginx). So a buffer goes to TLS only once TLS
+//! has written out everything it held ([`Backlog`]), and then it is taken
+//! whole: full records, whatever the socket's pace.
+//!
 //! What the watchdog ([`super::watch`]) sees is unchanged: a write that
 //! waits on the peer still answers `Pending` (once the buffer is full),
 //! and so does a flush that cannot write out.
@@ -46,6 +58,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// also what rustls takes in one write before it must send (its default
 /// buffer limit, 64 KiB).
 pub const CAPACITY: usize = 64 << 10;
+
+/// Whether the writer below still holds bytes it has taken but not yet
+/// written out (rustls' sealed records, see the module doc).
+pub trait Backlog {
+    fn backlog(&self) -> bool;
+}
+
+impl<IO> Backlog for tokio_rustls::server::TlsStream<IO> {
+    fn backlog(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
 
 /// A writer that gathers small writes and defers flushes by one poll (see
 /// the module doc).
@@ -71,11 +95,21 @@ impl<T> Coalesce<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> Coalesce<T> {
+impl<T: AsyncWrite + Backlog + Unpin> Coalesce<T> {
+    /// Ready once `inner` holds nothing unwritten, so that what it is
+    /// handed next it takes whole (see the module doc).
+    fn poll_clear(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.inner.backlog() {
+            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Hands every buffered byte to `inner` (the buffer keeps its memory
     /// for the next ones).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.buf.len() {
+            ready!(self.poll_clear(cx))?;
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -132,7 +166,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
+impl<T: AsyncWrite + Backlog + Unpin> AsyncWrite for Coalesce<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -145,6 +179,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         ready!(this.poll_room(cx))?;
         if this.buf.is_empty() && buf.len() >= CAPACITY {
             // Already large: no copy.
+            ready!(this.poll_clear(cx))?;
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
         Poll::Ready(this.gather(cx, &[buf]))
@@ -162,6 +197,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         let this = &mut *self;
         ready!(this.poll_room(cx))?;
         if this.buf.is_empty() && total >= CAPACITY {
+            ready!(this.poll_clear(cx))?;
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         let slices: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
@@ -230,6 +266,87 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    impl Backlog for Log {
+        fn backlog(&self) -> bool {
+            false
+        }
+    }
+
+    /// Behaves like rustls over a slow socket: takes at most `LIMIT` less
+    /// what it still holds, and the socket makes room for one frame pair's
+    /// worth (a 16 KiB record and a 9-byte one) per call.
+    #[derive(Default)]
+    struct SlowTls {
+        held: usize,
+        /// The size of every write it took something of.
+        taken: Vec<usize>,
+    }
+
+    impl SlowTls {
+        const LIMIT: usize = 64 << 10;
+        const ROOM: usize = 16_437;
+
+        fn drain(&mut self) {
+            self.held = self.held.saturating_sub(Self::ROOM);
+        }
+    }
+
+    impl Backlog for SlowTls {
+        fn backlog(&self) -> bool {
+            self.held > 0
+        }
+    }
+
+    impl AsyncWrite for SlowTls {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.drain();
+            let n = buf.len().min(Self::LIMIT - self.held);
+            if n == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.held += n;
+            self.taken.push(n);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.drain();
+            if self.held > 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_socket_still_gets_whole_buffers() {
+        let mut c = Coalesce::new(SlowTls::default());
+        for i in 0..64 {
+            let (head, payload) = frame(i);
+            let all = [head.as_slice(), payload.as_slice()].concat();
+            c.write_all(&all).await.unwrap();
+            c.flush().await.unwrap();
+        }
+        c.flush().await.unwrap();
+        let taken = &c.inner.taken;
+        let total: usize = taken.iter().sum();
+        assert_eq!(total, 64 * (9 + (16 << 10)));
+        // Every buffer went in whole; only the last, a flush's tail, is
+        // short. Without waiting for TLS to write out first, each write
+        // took one frame pair's room (16,393 bytes).
+        let (last, full) = taken.split_last().unwrap();
+        assert!(full.iter().all(|&n| n == CAPACITY), "{taken:?}");
+        assert_eq!(*last, total - full.len() * CAPACITY);
     }
 
     fn frame(i: usize) -> (Vec<u8>, Vec<u8>) {

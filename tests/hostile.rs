@@ -1098,3 +1098,122 @@ fn checksum_answers_stream_with_bounded_memory() {
         metric(&s.ex, "coe_io_buffers_in_use ") == 0
     });
 }
+
+/// `/metrics` over one kept-alive HTTP/1.1 connection: reading it again and
+/// again is no new connection (which the server's memory trimmer counts as
+/// activity).
+struct KeptAlive(Tls);
+
+impl KeptAlive {
+    fn open(ex: &Exporter) -> KeptAlive {
+        KeptAlive(
+            tls_over(
+                ex,
+                tcp_from("127.0.0.8", ex.port, None).unwrap(),
+                b"http/1.1",
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The value of the first `/metrics` line starting with `prefix`, or 0.
+    fn metric(&mut self, prefix: &str) -> u64 {
+        self.0
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        self.0.flush().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            self.0
+                .read_exact(&mut byte)
+                .expect("the kept-alive connection was closed");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+        let mut body = vec![0u8; length];
+        self.0.read_exact(&mut body).unwrap();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The soak's idle RSS (#11): the allocator is trimmed once more when the
+/// service goes idle (no new connection, no disk stream, for 12 s), not
+/// only right after a burst: what is freed later (connections that close
+/// after the burst trim, the caches of blocking-pool threads that exit
+/// 10 s after their last task) stayed resident, and idle RSS grew with the
+/// length of the soak's storm. Once per idle period: requests on a
+/// kept-alive connection do not re-arm it, a new connection does.
+#[test]
+fn the_allocator_is_trimmed_once_each_time_the_service_goes_idle() {
+    let pki = Pki::new();
+    let o = Options {
+        local_users: true,
+        ..Options::default()
+    };
+    // A header timeout longer than the test, so the kept-alive connection
+    // stays open between reads.
+    let ex = Exporter::start_with(&pki, 0o600, |dir, port| {
+        Exporter::config(&pki, dir, port, &o)
+            .replace("\n[api]\n", &format!("\n[api]\n{LIMITS}"))
+            .replace(
+                "header_read_timeout = \"1s\"",
+                "header_read_timeout = \"5m\"",
+            )
+    });
+    let idle = "coe_allocator_trims_total{reason=\"idle\"}";
+    let mut kept = KeptAlive::open(&ex);
+    let burst = |n: usize| {
+        for _ in 0..n {
+            let a = request_from(
+                &ex,
+                "127.0.0.2",
+                &http_request("GET", "/api/v1/health", None, &[], ""),
+            )
+            .unwrap();
+            assert!(a.status == 200 || a.status == 503, "{}", a.text());
+        }
+    };
+    let wait_for_trims = |kept: &mut KeptAlive, n: u64| {
+        let start = Instant::now();
+        loop {
+            let got = kept.metric(idle);
+            assert!(
+                got <= n,
+                "{got} idle trims, expected {n}; log:\n{}",
+                ex.log()
+            );
+            if got == n {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for idle trim {n}; log:\n{}",
+                ex.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    burst(20);
+    wait_for_trims(&mut kept, 1);
+    // Idle and still read: no second trim within another idle period.
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(14) {
+        assert_eq!(kept.metric(idle), 1, "trimmed again with no new activity");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    burst(1);
+    wait_for_trims(&mut kept, 2);
+}

@@ -31,6 +31,11 @@ pub struct Metrics {
     snapshot_ops: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     streams_in_flight: AtomicI64,
     connections_open: AtomicI64,
+    /// TLS connections accepted since start (the memory trimmer's sign of
+    /// activity, `server::trim_memory`).
+    connections_accepted: AtomicU64,
+    /// Times the allocator was trimmed, by reason (`burst`, `idle`).
+    allocator_trims: Mutex<BTreeMap<&'static str, u64>>,
     connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     connections_cut: Mutex<BTreeMap<&'static str, u64>>,
     /// HTTP/2 streams reset by their connection's watchdog.
@@ -83,6 +88,19 @@ impl Metrics {
     }
     pub fn connection_opened(&self) {
         self.connections_open.fetch_add(1, Ordering::Relaxed);
+        self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    /// TLS connections accepted since start.
+    pub fn connections_accepted(&self) -> u64 {
+        self.connections_accepted.load(Ordering::Relaxed)
+    }
+    /// Disk downloads being streamed now.
+    pub fn streams_in_flight(&self) -> i64 {
+        self.streams_in_flight.load(Ordering::Relaxed)
+    }
+    /// The allocator was trimmed (`burst` or `idle`, `server::trim_memory`).
+    pub fn allocator_trimmed(&self, reason: &'static str) {
+        *lock(&self.allocator_trims).entry(reason).or_default() += 1;
     }
     /// TLS connections open now.
     pub fn connections_open(&self) -> i64 {
@@ -225,6 +243,16 @@ impl Metrics {
         writeln!(out, "# TYPE coe_connections_cut_total counter")?;
         for (reason, n) in lock(&self.connections_cut).iter() {
             writeln!(out, "coe_connections_cut_total{{reason=\"{reason}\"}} {n}")?;
+        }
+        writeln!(
+            out,
+            "# HELP coe_allocator_trims_total Times the allocator's free memory was handed back \
+             to the kernel, by reason (burst: a burst of connections went; idle: no new \
+             connection for a while)."
+        )?;
+        writeln!(out, "# TYPE coe_allocator_trims_total counter")?;
+        for (reason, n) in lock(&self.allocator_trims).iter() {
+            writeln!(out, "coe_allocator_trims_total{{reason=\"{reason}\"}} {n}")?;
         }
         writeln!(
             out,

@@ -75,11 +75,19 @@ const WATCHDOG_TICK: Duration = Duration::from_secs(1);
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and the like) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// How often the memory trimmer looks at the connection count.
-const TRIM_TICK: Duration = Duration::from_secs(5);
+/// How often the memory trimmer looks at the connections.
+const TRIM_TICK: Duration = Duration::from_secs(1);
 /// Connections that must have closed since the last peak before the
 /// allocator is trimmed ([`crate::sys::memory::trim`]).
 const TRIM_AFTER_CLOSED: i64 = 64;
+/// How long the runtime keeps an idle blocking-pool thread (tokio's
+/// default, stated: [`IDLE_TRIM_AFTER`] is counted from it).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// No new connection and no disk stream for this long, after some
+/// activity, and the allocator is trimmed once more: past the blocking
+/// pool's keep-alive, so the threads the last requests used have exited
+/// and their caches are back in the arenas ([`trim_memory`]).
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(12);
 /// Time the runtime gives blocking tasks (disk readers) at exit; they stop
 /// on their own once their answer is dropped.
 const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
@@ -144,7 +152,7 @@ pub async fn serve(
         per_address: config.api.max_connections_per_address,
         reserved: config.api.reserved_connections,
     });
-    tokio::spawn(trim_after_bursts(state.clone()));
+    tokio::spawn(trim_memory(state.clone()));
     let mut last_refusal_log: Option<std::time::Instant> = None;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -297,30 +305,52 @@ pub async fn serve(
     Ok(())
 }
 
-/// Hands the allocator's free memory back to the kernel once a burst of
-/// connections has gone: when at least [`TRIM_AFTER_CLOSED`] connections
-/// closed since the highest count seen, and the count is below half of
-/// it. The memory their TLS and HTTP state used is otherwise kept resident
-/// by glibc (`sys::memory`). Ends with the runtime.
-async fn trim_after_bursts(state: Arc<api::State>) {
+/// Hands the allocator's free memory back to the kernel (`sys::memory`:
+/// glibc keeps it resident otherwise) at two moments. After a burst: at
+/// least [`TRIM_AFTER_CLOSED`] connections closed since the highest count
+/// seen and the count is below half of it, so the memory of their TLS and
+/// HTTP state goes back while the service is still busy. When idle: no
+/// new connection and no disk stream for [`IDLE_TRIM_AFTER`] after any
+/// activity since the last idle trim. The burst trim alone came too
+/// early: what is freed after it (connections that close later, the
+/// per-thread caches of blocking-pool threads that exit 10 s after their
+/// last task) stayed resident, and the soak's idle RSS grew with the
+/// length of the storm (issue 11: RssAnon 9.4 -> 12.2 MiB after 9 minutes
+/// of storm). A long-lived connection (a metrics scraper's keep-alive)
+/// does not hold the idle trim off; a new connection every few seconds
+/// does, and then the burst trim is what runs. Ends with the runtime.
+async fn trim_memory(state: Arc<api::State>) {
     let mut tick = tokio::time::interval(TRIM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut peak = 0i64;
+    let mut accepted = state.metrics.connections_accepted();
+    let mut quiet_since = tokio::time::Instant::now();
+    // Activity since the last idle trim: nothing to give back at start.
+    let mut active = false;
     loop {
         tick.tick().await;
         let open = state.metrics.connections_open();
-        peak = peak.max(open);
-        if peak - open >= TRIM_AFTER_CLOSED && open * 2 <= peak {
-            peak = open;
-            let released = tokio::task::spawn_blocking(crate::sys::memory::trim)
-                .await
-                .unwrap_or(false);
-            tracing::debug!(
-                open,
-                released,
-                "allocator trimmed after a burst of connections"
-            );
+        let now_accepted = state.metrics.connections_accepted();
+        if now_accepted != accepted || state.metrics.streams_in_flight() > 0 {
+            accepted = now_accepted;
+            quiet_since = tokio::time::Instant::now();
+            active = true;
         }
+        peak = peak.max(open);
+        let reason = if peak - open >= TRIM_AFTER_CLOSED && open * 2 <= peak {
+            peak = open;
+            "burst"
+        } else if active && quiet_since.elapsed() >= IDLE_TRIM_AFTER {
+            active = false;
+            "idle"
+        } else {
+            continue;
+        };
+        let released = tokio::task::spawn_blocking(crate::sys::memory::trim)
+            .await
+            .unwrap_or(false);
+        state.metrics.allocator_trimmed(reason);
+        tracing::debug!(open, released, reason, "allocator trimmed");
     }
 }
 
@@ -452,6 +482,7 @@ pub fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), ServerError>
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("coe-worker")
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()
         .map_err(ServerError::Runtime)?;
     let config = Arc::new(config);

@@ -18,7 +18,9 @@
 //! of the heap only) does not reach (issue 11: RssAnon 7.7 MiB before a
 //! 96 s storm of ~1,100 connections, 21 MiB after it). [`trim`] hands the
 //! free pages of every arena back; the server calls it once the
-//! connections of a burst have gone (`server::serve`).
+//! connections of a burst have gone, and again once the service has gone
+//! idle, when what was freed after the burst is back in the arenas too
+//! (`server::trim_memory`).
 
 /// Allocations from this size up get their own mapping (glibc's initial
 /// threshold is 128 KiB; 256 KiB keeps small and medium blocks on the heap).

@@ -1217,3 +1217,65 @@ fn the_allocator_is_trimmed_once_each_time_the_service_goes_idle() {
     burst(1);
     wait_for_trims(&mut kept, 2);
 }
+
+/// glibc's malloc arenas in the exporter: the main one (`[heap]`) and each
+/// other arena's heap, an anonymous mapping aligned to 64 MiB (glibc's
+/// HEAP_MAX_SIZE on 64-bit).
+fn arenas(ex: &Exporter) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", ex.child.id())).unwrap();
+    1 + maps
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let start = u64::from_str_radix(f[0].split('-').next().unwrap(), 16).unwrap();
+            f.len() == 5 && f[1].starts_with("rw") && f[4] == "0" && start % (64 << 20) == 0
+        })
+        .count()
+}
+
+/// The soak's idle RSS (#11): glibc's arenas are capped at one per runtime
+/// thread (`sys::memory::arena_max`: the workers and the main thread).
+/// Logins checked at once, each on a blocking-pool thread of its own, leave
+/// no more arenas than that; glibc's default gives each new thread an arena
+/// of its own up to 8 per core, each keeping some 130 KiB resident for good.
+#[test]
+fn threads_of_the_blocking_pool_share_a_capped_set_of_arenas() {
+    let pki = Pki::new();
+    let ex = start(&pki, "", None);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = coriolis_ovm_exporter::sys::memory::arena_max(cores);
+    let body = serde_json::json!({"username": LOCAL_USER, "password": LOCAL_PASS}).to_string();
+    let req = http_request("POST", "/api/v1/auth/login", None, &[], &body);
+    // One login per address (the login limiter admits a few per address).
+    let n = 24;
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let (ex, req, barrier) = (&ex, &req, &barrier);
+            s.spawn(move || {
+                let src = format!("127.0.2.{}", i + 1);
+                let mut tls =
+                    tls_over(ex, tcp_from(&src, ex.port, None).unwrap(), b"http/1.1").unwrap();
+                barrier.wait();
+                tls.write_all(req).unwrap();
+                let a = read_answer(&mut tls);
+                assert_eq!(a.status, 200, "{}", a.text());
+            });
+        }
+    });
+    // The blocking pool keeps an idle thread 10 s: all are still there.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", ex.child.id())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+        .unwrap();
+    assert!(
+        threads > cap + 2,
+        "the logins ran on {threads} threads: too few to tell a cap of {cap} arenas"
+    );
+    let got = arenas(&ex);
+    assert!(
+        got <= cap,
+        "{got} malloc arenas with {threads} threads, more than the cap of {cap} for {cores} cores"
+    );
+}

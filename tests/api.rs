@@ -136,6 +136,10 @@ fn bad_configs_stop_the_start_with_one_line_naming_the_key() {
             "unknown field `unknown_key`",
         ),
         (
+            good.replace("[api]\n", "[api]\ntcp_notsent_lowat = 100\n"),
+            "api.tcp_notsent_lowat: 100",
+        ),
+        (
             good.clone() + "\n[io]\nbuffer_size = 1000\n",
             "io: buffer_size must be a non-zero multiple of 4096",
         ),

@@ -59,6 +59,11 @@ pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// HTTP/2 streams one connection may run at once (RFC 9113 recommends no
 /// less than 100).
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 100;
+/// `TCP_NOTSENT_LOWAT` of every connection: at most this many bytes wait
+/// unsent in the kernel (`sys::socket`). 64 KiB is four TLS records, a
+/// refill every ~50 µs at 10 Gbit/s, and where one 1 GiB range over
+/// loopback ran fastest (16 KiB to 512 KiB tried, `docs/profile.md`).
+pub const DEFAULT_TCP_NOTSENT_LOWAT: u32 = 64 << 10;
 /// Header count limit; clients send about ten.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Request line + headers (HTTP/1) and header list (HTTP/2) size cap.
@@ -115,6 +120,9 @@ pub struct ListenerConfig {
     /// An HTTP/2 connection with no request this long is closed.
     pub http2_idle_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
+    /// Unsent bytes a connection's socket holds at most; 0 leaves the
+    /// kernel's default (the whole send buffer).
+    pub tcp_notsent_lowat: u32,
 }
 
 /// The validated configuration.
@@ -186,6 +194,7 @@ struct RawApi {
     send_timeout: Option<String>,
     http2_idle_timeout: Option<String>,
     http2_max_concurrent_streams: Option<i64>,
+    tcp_notsent_lowat: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -307,6 +316,18 @@ impl Config {
         )?;
         let http2_max_concurrent_streams = u32::try_from(http2_max_concurrent_streams)
             .map_err(|_| bad("api.http2_max_concurrent_streams", "too large".into()))?;
+        let tcp_notsent_lowat = match api.tcp_notsent_lowat {
+            None => DEFAULT_TCP_NOTSENT_LOWAT,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|&n| n == 0 || n >= 4096)
+                .ok_or_else(|| {
+                    bad(
+                        "api.tcp_notsent_lowat",
+                        format!("{n}: must be 0 (the kernel's default) or from 4096 to 4294967295 bytes"),
+                    )
+                })?,
+        };
         let api = ListenerConfig {
             bind,
             port,
@@ -347,6 +368,7 @@ impl Config {
                 DEFAULT_HTTP2_IDLE_TIMEOUT,
             )?,
             http2_max_concurrent_streams,
+            tcp_notsent_lowat,
         };
         for (key, d) in [
             ("api.body_read_timeout", api.body_read_timeout),

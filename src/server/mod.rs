@@ -190,6 +190,12 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let lowat = config.api.tcp_notsent_lowat;
+        if lowat > 0 {
+            if let Err(e) = crate::sys::socket::set_notsent_lowat(&tcp, lowat) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT");
+            }
+        }
         let watcher = graceful.watcher();
         let (acceptor, state, limits) = (acceptor.clone(), state.clone(), limits.clone());
         tokio::spawn(async move {

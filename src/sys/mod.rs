@@ -16,6 +16,7 @@ pub mod fiemap;
 mod ioctl;
 pub mod memory;
 pub mod path;
+pub mod socket;
 pub mod statfs;
 
 pub use clone::{reflink, CloneError, CloneMethod, ClonePolicy};

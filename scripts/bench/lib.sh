@@ -69,7 +69,10 @@ build() {
 # An XFS loop filesystem with reflink at $BENCH_DIR/fs. The loop device
 # reads its backing file with direct I/O: otherwise every read of the
 # filesystem also fills the host's page cache with the image file, and (d)
-# would measure the loop device, not the exporter.
+# would measure the loop device, not the exporter. The image stays for the
+# next script (made once); what setup_fs mounted, release_fs (called by
+# cleanup) unmounts and detaches, unless BENCH_KEEP_FS=1.
+FS_MOUNTED=
 setup_fs() {
 	mkdir -p "$BENCH_DIR/fs"
 	if ! mountpoint -q "$BENCH_DIR/fs"; then
@@ -80,6 +83,7 @@ setup_fs() {
 		local dev
 		dev=$(losetup -f --show --direct-io=on "$BENCH_DIR/xfs.img")
 		mount "$dev" "$BENCH_DIR/fs"
+		FS_MOUNTED=$dev
 	fi
 	mkdir -p "$BENCH_DIR/fs/repo/VirtualDisks"
 }
@@ -245,4 +249,10 @@ hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 # The machine's load, to print beside every figure (the machine is shared).
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
-cleanup() { stop_exporter; stop_nginx; }
+release_fs() {
+	[ -n "$FS_MOUNTED" ] && [ -z "${BENCH_KEEP_FS:-}" ] || return 0
+	umount "$BENCH_DIR/fs" 2>/dev/null && losetup -d "$FS_MOUNTED" 2>/dev/null || true
+	FS_MOUNTED=
+}
+
+cleanup() { stop_exporter; stop_nginx; release_fs; }

@@ -76,6 +76,7 @@ cleanup() {
 	mountpoint -q "$WAN_DIR/mnt" && umount "$WAN_DIR/mnt"
 	ip netns del $NS_S 2>/dev/null
 	ip netns del $NS_C 2>/dev/null
+	release_fs
 }
 trap cleanup EXIT
 

@@ -294,7 +294,12 @@ async fn consecutive_ranges_take_over_reads_started_ahead() {
     let (_dir, path, data) = disk_file(Fs::Xfs, "io-prefetch", size, 12);
     let size = size as u64;
     for backend in [BackendChoice::IoUring, BackendChoice::Threads] {
-        let e = engine(backend, true, |c| c.buffer_size = 256 << 10);
+        // Four buffers of 256 KiB: a read-ahead of one MiB, which the
+        // counts below are written for.
+        let e = engine(backend, true, |c| {
+            c.buffer_size = 256 << 10;
+            c.read_ahead = 4;
+        });
         let file = open(&e, &path, true);
         assert!(file.is_direct());
         let mb = 1u64 << 20;

@@ -34,7 +34,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 /// 4096; `statx` `STATX_DIOALIGN` reports the same on such devices).
 pub const ALIGN: usize = 4096;
 
-/// Buffers the pool keeps when it goes idle (no buffer in use): one
+/// Buffers the pool keeps when it goes idle (no buffer in use): half a
 /// stream's read-ahead at the default config, ready for the next request;
 /// the others are freed.
 pub const IDLE_KEEP: usize = 4;

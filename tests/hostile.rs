@@ -610,6 +610,75 @@ fn stalled_downloads_do_not_stop_other_downloads() {
     drop(stalled);
 }
 
+/// Item 1 of #11, per address: many stalled downloads from one address
+/// (127.0.0.1), twice what the pool and the overflow hold at one buffer
+/// each, hold at most `io.owner_buffers` (default half of them, here 12)
+/// between them; an honest client on another address is served from the
+/// rest at once (before, the flood took every buffer and a new range
+/// waited for `api.send_timeout`, 120 s here).
+#[test]
+fn stalled_downloads_from_one_address_leave_buffers_to_others() {
+    let s = disk_setup(
+        "hostile-owner",
+        256 << 20,
+        "max_connections = 64\nmax_connections_per_address = 40\n\
+         send_timeout = \"120s\"\n",
+        "\n[io]\npool_buffers = 16\nread_ahead = 4\noverflow_buffers = 8\n",
+    );
+    let stalled: Vec<Tls> = (0..24)
+        .map(|_| {
+            let mut tls = tls_over(
+                &s.ex,
+                tcp_from("127.0.0.1", s.ex.port, Some(4096)).unwrap(),
+                b"http/1.1",
+            )
+            .unwrap();
+            tls.write_all(&http_request("GET", &s.url, Some(&s.token), &[], ""))
+                .unwrap();
+            tls.flush().unwrap();
+            tls
+        })
+        .collect();
+    wait_for(
+        "the stalled downloads to start and hold buffers",
+        &s.ex,
+        || {
+            metric(&s.ex, "coe_disk_streams_in_flight ") >= 24
+                && metric(&s.ex, "coe_io_buffers_in_use ")
+                    + metric(&s.ex, "coe_io_overflow_buffers_in_use ")
+                    >= 12
+        },
+    );
+    for i in 0..3u64 {
+        let a = request_from(
+            &s.ex,
+            "127.0.0.2",
+            &http_request(
+                "GET",
+                &s.url,
+                Some(&s.token),
+                &[(
+                    "Range",
+                    &format!("bytes={}-{}", i << 20, ((i + 1) << 20) - 1),
+                )],
+                "",
+            ),
+        )
+        .unwrap_or_else(|e| panic!("honest range {i}: {e}; log:\n{}", s.ex.log()));
+        assert_eq!(a.status, 206, "{}", a.text());
+        let want = if i == 0 { 7u8 } else { 0u8 };
+        assert!(
+            a.body.len() == 1 << 20 && a.body.iter().all(|b| *b == want),
+            "range {i}"
+        );
+    }
+    // The stalled address holds its bound, no more.
+    let held =
+        metric(&s.ex, "coe_io_buffers_in_use ") + metric(&s.ex, "coe_io_overflow_buffers_in_use ");
+    assert!(held <= 12, "127.0.0.1 holds {held} buffers");
+    drop(stalled);
+}
+
 /// Paths from node files are resolved beneath the repository's mount with
 /// no symlink in any component: a disk reached through a symlinked folder,
 /// or lying outside its repository, is listed as not snapshot-compatible,

@@ -255,6 +255,33 @@ pub struct Attempt<'a> {
     key: IpAddr,
 }
 
+/// The key a client address is counted under, by the login limiter and by
+/// the io core's per-owner bound: IPv4 (also IPv4-mapped IPv6) as is, IPv6
+/// by its /64.
+pub(crate) fn address_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & (u128::MAX << (128 - IPV6_LIMIT_PREFIX_BITS));
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+/// The io core's owner of the streams a client at `addr` starts: its
+/// [`address_key`], an IPv4 address as its IPv4-mapped IPv6 form (whose
+/// low 64 bits are never all zero, unlike a /64's key).
+pub(crate) fn io_owner(addr: IpAddr) -> crate::io::Owner {
+    let v6 = match address_key(addr) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    crate::io::Owner::new(u128::from(v6))
+}
+
 impl LoginLimiter {
     pub fn new(max_failures: u32, window: Duration) -> Self {
         LoginLimiter {
@@ -265,16 +292,7 @@ impl LoginLimiter {
     }
 
     fn key(addr: IpAddr) -> IpAddr {
-        match addr {
-            IpAddr::V4(_) => addr,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let bits = u128::from(v6) & (u128::MAX << (128 - IPV6_LIMIT_PREFIX_BITS));
-                    IpAddr::V6(bits.into())
-                }
-            },
-        }
+        address_key(addr)
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {

@@ -262,6 +262,7 @@ impl BufferPool {
             pool: Arc::clone(&self.inner),
             pool_permit: Some(permit),
             stream_permit: None,
+            owner_permit: None,
             filled: 0,
             overflow: false,
         }
@@ -282,6 +283,9 @@ pub struct PooledBuf {
     /// `Some` until dropped (released before waiters are woken).
     pool_permit: Option<OwnedSemaphorePermit>,
     stream_permit: Option<OwnedSemaphorePermit>,
+    /// A permit of the owner's share (`owner`), held as long as the stream
+    /// permit.
+    owner_permit: Option<OwnedSemaphorePermit>,
     filled: usize,
     /// Made beyond the pool: freed when dropped, not kept for reuse.
     overflow: bool,
@@ -321,6 +325,12 @@ impl PooledBuf {
     /// buffer (and every frame made from it) is dropped.
     pub fn attach_permit(&mut self, permit: OwnedSemaphorePermit) {
         self.stream_permit = Some(permit);
+    }
+
+    /// Ties a permit of the stream owner's share to this buffer, released
+    /// as the stream permit is.
+    pub fn attach_owner(&mut self, permit: OwnedSemaphorePermit) {
+        self.owner_permit = Some(permit);
     }
 
     /// The filled bytes as a `Bytes` that owns this buffer: no copy; the

@@ -89,6 +89,12 @@ pub struct IoConfig {
     /// Buffers made beyond the pool, one per stream that holds none while
     /// the pool is empty, freed after use. Default 64.
     pub overflow_buffers: usize,
+    /// Buffers (shared and overflow) the streams of one owner hold at once
+    /// (`api`: one client address, an IPv6 client by its /64); a stream of
+    /// an owner at its bound waits for that owner's buffers to come back.
+    /// Default half of `pool_buffers + overflow_buffers` (see the module
+    /// doc of `io`).
+    pub owner_buffers: Option<usize>,
     /// Threads of the `threads` backend.
     pub threads: usize,
     /// Ring threads of the `io_uring` backend.
@@ -113,6 +119,7 @@ impl Default for IoConfig {
             pool_buffers: DEFAULT_POOL_BUFFERS,
             reserved_buffers: None,
             overflow_buffers: DEFAULT_OVERFLOW_BUFFERS,
+            owner_buffers: None,
             threads: DEFAULT_THREADS,
             rings: DEFAULT_RINGS,
             ring_entries: DEFAULT_RING_ENTRIES,
@@ -125,6 +132,14 @@ impl IoConfig {
     /// `reserved_buffers`, or its default: a quarter of the pool.
     pub fn reserved(&self) -> usize {
         self.reserved_buffers.unwrap_or(self.pool_buffers / 4)
+    }
+
+    /// `owner_buffers`, or its default: half of the pool and the overflow
+    /// together (at least one).
+    pub fn owner_bound(&self) -> usize {
+        self.owner_buffers
+            .unwrap_or((self.pool_buffers + self.overflow_buffers) / 2)
+            .max(1)
     }
 
     /// The most disk-read memory the engine holds, whatever the clients
@@ -147,6 +162,9 @@ impl IoConfig {
         if self.reserved() >= self.pool_buffers {
             return bad("reserved_buffers must be less than pool_buffers");
         }
+        if self.owner_buffers == Some(0) {
+            return bad("owner_buffers must be at least 1");
+        }
         if self.threads == 0 || self.rings == 0 || self.ring_entries < 2 {
             return bad("threads and rings must be at least 1, ring_entries at least 2");
         }
@@ -164,6 +182,7 @@ mod tests {
         assert_eq!(cfg, IoConfig::default());
         assert!(cfg.direct_io);
         assert_eq!(cfg.backend, BackendChoice::Auto);
+        assert_eq!(cfg.owner_bound(), 44);
         let cfg: IoConfig =
             serde_json::from_str(r#"{"backend": "io_uring", "direct_io": false}"#).unwrap();
         assert_eq!(cfg.backend, BackendChoice::IoUring);
@@ -185,6 +204,10 @@ mod tests {
             IoConfig {
                 pool_buffers: 2,
                 read_ahead: 4,
+                ..IoConfig::default()
+            },
+            IoConfig {
+                owner_buffers: Some(0),
                 ..IoConfig::default()
             },
             IoConfig {

@@ -23,6 +23,7 @@ use super::file::{DiskFile, FileInner};
 use super::framing::{Framing, Plain};
 use super::glue::Glue;
 use super::inflight::fit;
+use super::owner::{Owner, Owners};
 use super::planner::Planner;
 use super::prefetch::{FileKey, Parking, PrefetchStats};
 use super::producer::{Out, Producer, Sequence};
@@ -38,6 +39,10 @@ pub(super) const CHANNEL_SLOTS: usize = 64;
 #[derive(Clone)]
 pub struct IoEngine {
     inner: Arc<EngineInner>,
+    /// Whom the streams this handle starts are counted against
+    /// ([`IoEngine::for_owner`]); `None`: no owner's bound (the service's
+    /// own reads, such as the health check's).
+    owner: Option<Owner>,
 }
 
 impl IoEngine {
@@ -93,9 +98,21 @@ impl IoEngine {
                     cfg.overflow_buffers,
                 ),
                 cfg: cfg.clone(),
+                owners: Owners::new(cfg.owner_bound()),
                 parking: Parking::new(cfg.pool_buffers / 2),
             }),
+            owner: None,
         })
+    }
+
+    /// A handle on the same engine whose streams count against `owner`'s
+    /// bound (`io.owner_buffers`): while that owner's streams hold that
+    /// many buffers, its next one waits for one of them to come back.
+    pub fn for_owner(&self, owner: Owner) -> IoEngine {
+        IoEngine {
+            inner: Arc::clone(&self.inner),
+            owner: Some(owner),
+        }
     }
 
     pub fn backend(&self) -> BackendKind {
@@ -254,6 +271,7 @@ impl IoEngine {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| IoError::NoRuntime)?;
         let (tx, rx) = mpsc::channel(CHANNEL_SLOTS);
         let permits = Arc::new(Semaphore::new(self.inner.cfg.read_ahead));
+        let owner = self.owner.map(|o| self.inner.owners.share(o));
         let mut adopted = VecDeque::new();
         let mut seq = None;
         if sequential && self.inner.cfg.prefetch && file.is_direct() {
@@ -264,6 +282,14 @@ impl IoEngine {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     break; // more than read_ahead parked: the rest is dropped
                 };
+                // A parked read belongs to no owner: it counts against the
+                // one that adopts it, within that owner's bound.
+                if let Some(share) = &owner {
+                    let Ok(o) = Arc::clone(share).try_acquire_owned() else {
+                        break;
+                    };
+                    job.owner = Some(o);
+                }
                 job.permit = Some(permit);
                 adopted.push_back(job);
             }
@@ -289,6 +315,7 @@ impl IoEngine {
             file: file.clone(),
             planner: Planner::new(ranges, self.inner.cfg.buffer_size),
             permits,
+            owner,
             adopted,
             seq,
             out: Out {
@@ -343,6 +370,7 @@ impl futures_core::Stream for ReadStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::owner::Owner;
 
     #[test]
     fn handles_cross_threads_as_hyper_needs() {
@@ -352,5 +380,88 @@ mod tests {
         send_sync::<DiskFile>();
         send_sync::<IoError>();
         send::<ReadStream>();
+    }
+
+    /// Waits until `cond` holds, for at most 30 s.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_at_its_bound_waits_and_others_are_served() {
+        // Buffers larger than the glue's parts: frames are slices of them,
+        // not copies, and hold them until read.
+        const BUF: usize = 64 << 10;
+        const LEN: usize = 16 * BUF;
+        let dir = std::env::temp_dir().join(format!("coe-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk");
+        let data: Vec<u8> = (0..LEN).map(|i| (i / BUF) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        // One buffer per stream, a pool of 4 and no overflow; an owner's
+        // streams may hold 2.
+        let cfg = IoConfig {
+            backend: BackendChoice::Threads,
+            direct_io: false,
+            prefetch: false,
+            buffer_size: BUF,
+            read_ahead: 1,
+            pool_buffers: 4,
+            reserved_buffers: Some(0),
+            overflow_buffers: 0,
+            owner_buffers: Some(2),
+            threads: 2,
+            ..IoConfig::default()
+        };
+        let engine = IoEngine::start(&cfg).unwrap();
+        let file = engine.open(&path).unwrap();
+        let (a, b) = (
+            engine.for_owner(Owner::new(1)),
+            engine.for_owner(Owner::new(2)),
+        );
+        // Two readers of owner A that do not read: each holds its first
+        // frame, unsent, and so A's whole share.
+        let a1 = a.read(&file, 0..LEN as u64).unwrap();
+        let a2 = a.read(&file, 0..LEN as u64).unwrap();
+        until("A's readers to hold their buffers", || {
+            engine.pool().in_use() == 2
+        })
+        .await;
+        // A third stream of A waits for A's buffers; owner B, with two
+        // buffers free in the pool, is served in full meanwhile.
+        let mut a3 = a.read(&file, 0..LEN as u64).unwrap();
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            b.read(&file, 0..LEN as u64).unwrap().collect(),
+        )
+        .await
+        .expect("owner B is served while owner A is at its bound")
+        .unwrap();
+        assert!(got == data);
+        assert_eq!(engine.pool().in_use(), 2, "A never held more than 2");
+        assert!(
+            matches!(a3.rx.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+            "A's third stream waits"
+        );
+        // A's first reader reads on, and its buffers come back: A's third
+        // stream is served too (both read at once, as a client of several
+        // streams does: one that read them only in turn, with more of them
+        // started than its owner's bound, would wait on itself).
+        let (r1, r3) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(a1.collect(), a3.collect())
+        })
+        .await
+        .expect("A's waiting stream is served once A's buffers return");
+        assert!(r1.unwrap() == data && r3.unwrap() == data);
+        drop(a2);
+        until("every buffer to come back", || engine.pool().in_use() == 0).await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,6 +17,9 @@ pub(super) struct InFlight {
     /// The stream permit of a read started before its stream existed
     /// (parked by [`prefetch`]), tied to the buffer when the read completes.
     pub(super) permit: Option<OwnedSemaphorePermit>,
+    /// Its permit of the owner's share, likewise (taken on adoption: a
+    /// parked read belongs to no owner).
+    pub(super) owner: Option<OwnedSemaphorePermit>,
 }
 
 /// Fits reads parked at `range.start` to `range`: drops the pieces (and

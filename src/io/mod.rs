@@ -71,6 +71,45 @@
 //! with it the frames and their buffers). Reads started ahead for a following request ([`prefetch`])
 //! take buffers above the reserve only.
 //!
+//! The shares above are fair between streams, not between clients: a
+//! stream's first buffer may come from anywhere, and one address may open
+//! `api.max_connections_per_address` connections (128), each with HTTP/2
+//! streams, each stalled stream holding its first buffer until
+//! `api.send_timeout` (120 s) cuts it. One address's stalled readers could
+//! so hold the whole pool and the overflow, and clients on other addresses
+//! would wait on them. So every stream also has an *owner*, an opaque
+//! [`Owner`] its caller gives ([`IoEngine::for_owner`]; `api` passes the
+//! client's address, an IPv6 client by its /64, the key the connection
+//! budget and the login limiter count by), and the buffers of one owner's
+//! streams, shared and overflow alike, are bounded by `owner_buffers`
+//! ([`owner`]; default half of `pool_buffers + overflow_buffers`, 44 with
+//! the defaults). A stream takes its owner's permit before its buffer and
+//! gives it back with the buffer (with the last frame made from it): its
+//! first buffer waits for a permit of its own owner (it holds no pool buffer
+//! meanwhile), a further one is taken only if a permit is free at once. An
+//! owner at its bound thus slows down only its own streams, and the rest of
+//! the pool and the overflow, at least half of them, stays for everyone
+//! else. Half, because an honest client (a Coriolis worker pulling a few
+//! disks at once, `read_ahead` buffers each) fits well within it, while a
+//! single flooding address leaves as much to the others; several flooding
+//! addresses are the connection budget's part (`server::budget`). Reads
+//! parked ahead belong to no owner (they are bounded as a whole, above);
+//! the stream that adopts one takes its owner's permit for it or drops it.
+//!
+//! The owner's bound adds no deadlock: a stream waits for its owner's
+//! permit only when it has nothing in flight, holding no pool buffer, and
+//! the permits it waits for are held by buffers of that owner's other
+//! streams, which come back as their reads complete and their clients read
+//! their frames, or when `api.send_timeout` cuts a stalled one; none of
+//! them waits on the waiting stream (a further buffer never waits for a
+//! permit, and a first buffer's wait for the pool is served as argued
+//! above, whatever the owners). Each owner's waiting streams are served in
+//! turn (tokio's semaphore is FIFO). A client that starts more streams than
+//! its bound at once and then reads them only one after the other (the
+//! first to its end before the next) would wait on itself until
+//! `api.send_timeout` cuts one; clients of parallel streams read them
+//! together, as HTTP/2 clients and parallel workers do.
+//!
 //! The io core knows no wire format: a [`Framing`] given by the caller
 //! (`api` adapts the multipart and incremental-stream codecs of `wire`)
 //! says which bytes go around each range's data.
@@ -87,6 +126,7 @@ mod file;
 pub mod framing;
 pub mod glue;
 mod inflight;
+pub mod owner;
 mod planner;
 pub mod prefetch;
 mod producer;
@@ -104,3 +144,4 @@ pub use error::IoError;
 pub use file::DiskFile;
 pub use framing::Framing;
 pub use glue::Glue;
+pub use owner::Owner;

@@ -93,6 +93,8 @@ pub(super) struct Producer {
     pub(super) planner: Planner,
     /// The stream's read-ahead bound (see the module doc).
     pub(super) permits: Arc<Semaphore>,
+    /// The share of the stream's owner, if it has one (see `owner`).
+    pub(super) owner: Option<Arc<Semaphore>>,
     /// Reads parked for this stream by the request before it ([`prefetch`]),
     /// already fitted to its range: they come before the planner's.
     pub(super) adopted: VecDeque<InFlight>,
@@ -151,22 +153,45 @@ impl Producer {
                 // The stream permit waits on our own client only; the
                 // buffer comes from the reserved share or the overflow when
                 // other streams (stalled ones) hold the rest of the pool.
+                // The owner's permit waits on that owner's streams only,
+                // and is taken before the buffer: an owner at its bound
+                // holds no pool buffer while it waits.
                 let buf = if inflight.is_empty() {
                     let permit = Arc::clone(&self.permits)
                         .acquire_owned()
                         .await
                         .expect("never closed");
+                    let owner = match &self.owner {
+                        Some(share) => Some(tokio::select! {
+                            o = Arc::clone(share).acquire_owned() => o.expect("never closed"),
+                            () = self.out.tx.closed() => return Err(None),
+                        }),
+                        None => None,
+                    };
                     let mut buf = self.first_buffer(depth).await;
                     buf.attach_permit(permit);
+                    if let Some(o) = owner {
+                        buf.attach_owner(o);
+                    }
                     buf
                 } else {
                     let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                         break;
                     };
+                    let owner = match &self.owner {
+                        Some(share) => match Arc::clone(share).try_acquire_owned() {
+                            Ok(o) => Some(o),
+                            Err(_) => break,
+                        },
+                        None => None,
+                    };
                     let Some(mut buf) = self.engine.pool.try_get_extra() else {
                         break;
                     };
                     buf.attach_permit(permit);
+                    if let Some(o) = owner {
+                        buf.attach_owner(o);
+                    }
                     buf
                 };
                 let plan = next_plan.take().expect("checked");
@@ -178,6 +203,7 @@ impl Producer {
                     rx,
                     direct,
                     permit: None,
+                    owner: None,
                 });
                 next_plan = self.planner.next_plan();
             }
@@ -279,6 +305,7 @@ impl Producer {
                 rx,
                 direct: true,
                 permit: None,
+                owner: None,
             });
         }
         parking.park(key, seq.end, jobs, promised);
@@ -369,6 +396,9 @@ impl Producer {
             let mut buf = buf;
             if let Some(permit) = job.permit.take() {
                 buf.attach_permit(permit);
+            }
+            if let Some(owner) = job.owner.take() {
+                buf.attach_owner(owner);
             }
             let filled = job
                 .plan

@@ -70,6 +70,11 @@ where
     let q = query.as_deref();
     let p = |i: usize| params.get(i).cloned().unwrap_or_default();
     let ok = |v: Response<ApiBody>| Ok((v, false));
+    // Disk reads count against the client's address (an IPv6 client's
+    // /64): one address's streams hold at most `io.owner_buffers`.
+    let engine = state
+        .engine
+        .for_owner(crate::api::auth::io_owner(peer.ip()));
     match route.handler {
         Handler::Login => login(state, peer, req, user).await.map(|r| (r, false)),
         Handler::Health => {
@@ -173,23 +178,23 @@ where
         }
         Handler::Disk => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
-            let engine = state.engine.clone();
+            let owned = engine.clone();
             // One trip to the blocking pool: the backend's open, then the
             // engine's O_DIRECT open of the same file.
             let file = blocking(move || {
                 let (file, size) = be.open_disk(&vm, &snap, &disk)?;
-                disk::open(&engine, file, size, &format!("{vm}/{snap}/{disk}"))
+                disk::open(&owned, file, size, &format!("{vm}/{snap}/{disk}"))
             })
             .await?;
             let head = req.method() == Method::HEAD;
-            disk::respond(&state.engine, &file, req.headers().get(header::RANGE), head)
+            disk::respond(&engine, &file, req.headers().get(header::RANGE), head)
         }
         Handler::Incremental => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let compare_to = compare_to_param(q)?;
             let v2 = disk::stream_params(|name| query_param(q, name))?;
             let exact = exact_param(q)?;
-            let engine = state.engine.clone();
+            let owned = engine.clone();
             let op = if compare_to.is_some() { "diff" } else { "get" };
             let cancel = CancelOnDrop(Cancel::default());
             let flag = cancel.0.clone();
@@ -199,27 +204,27 @@ where
                     exact,
                     cancel: flag,
                 };
-                snapshot_disk(&*be, &engine, &vm, &snap, &disk, diff)
+                snapshot_disk(&*be, &owned, &vm, &snap, &disk, diff)
             })
             .await?;
             drop(cancel);
-            disk::incremental(&state.engine, &file, &d, v2)
+            disk::incremental(&engine, &file, &d, v2)
         }
         Handler::Checksums => {
             let (vm, snap, disk) = (p(0), p(1), p(2));
             let block = disk::checksum_block(query_param(q, "blockSize").as_deref())?;
             let alg = disk::checksum_algorithm(query_param(q, "algorithm").as_deref())?;
-            let engine = state.engine.clone();
+            let owned = engine.clone();
             let (d, file) = blocking(move || {
-                snapshot_disk(&*be, &engine, &vm, &snap, &disk, DiffAsked::default())
+                snapshot_disk(&*be, &owned, &vm, &snap, &disk, DiffAsked::default())
             })
             .await?;
             let data = disk::data_ranges(&d, file.size());
             if let Some(alg) = alg {
-                let sums = disk::digests(&state.engine, &file, &data, block, alg).await?;
+                let sums = disk::digests(&engine, &file, &data, block, alg).await?;
                 return ok(json_response(StatusCode::OK, &sums));
             }
-            ok(disk::checksums(&state.engine, &file, &data, block)?)
+            ok(disk::checksums(&engine, &file, &data, block)?)
         }
     }
 }

@@ -676,6 +676,7 @@ fn stalled_downloads_from_one_address_leave_buffers_to_others() {
     let held =
         metric(&s.ex, "coe_io_buffers_in_use ") + metric(&s.ex, "coe_io_overflow_buffers_in_use ");
     assert!(held <= 12, "127.0.0.1 holds {held} buffers");
+    assert!(metric(&s.ex, "coe_io_owner_waits_total ") >= 1);
     drop(stalled);
 }
 

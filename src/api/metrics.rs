@@ -305,6 +305,12 @@ fn render_prefetch(out: &mut String, p: crate::io::prefetch::PrefetchStats) -> s
             "Read buffers made beyond the pool now, for streams that held none (io.overflow_buffers at most).",
             p.overflow_in_use as u64,
         ),
+        (
+            "coe_io_owner_waits_total",
+            "counter",
+            "Disk streams that waited because the other streams of their client address held io.owner_buffers.",
+            p.owner_waits,
+        ),
     ] {
         writeln!(out, "# HELP {name} {help}")?;
         writeln!(out, "# TYPE {name} {kind}")?;

@@ -128,6 +128,7 @@ impl IoEngine {
         PrefetchStats {
             pool_in_use: self.inner.pool.in_use(),
             overflow_in_use: self.inner.pool.overflow_in_use(),
+            owner_waits: self.inner.owners.waits(),
             ..self.inner.parking.stats()
         }
     }
@@ -446,6 +447,7 @@ mod tests {
         .unwrap();
         assert!(got == data);
         assert_eq!(engine.pool().in_use(), 2, "A never held more than 2");
+        assert_eq!(engine.prefetch_stats().owner_waits, 1);
         assert!(
             matches!(a3.rx.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
             "A's third stream waits"

@@ -12,6 +12,7 @@
 //! sweep, so it stays bounded by the owners with live streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::Semaphore;
@@ -30,6 +31,8 @@ impl Owner {
 pub(super) struct Owners {
     bound: usize,
     state: Mutex<State>,
+    /// Streams that found their owner at its bound and waited.
+    waits: AtomicU64,
 }
 
 struct State {
@@ -46,7 +49,18 @@ impl Owners {
                 shares: HashMap::new(),
                 swept: 0,
             }),
+            waits: AtomicU64::new(0),
         }
+    }
+
+    /// A stream found its owner at its bound and waits.
+    pub(super) fn note_wait(&self) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Streams that waited for their owner's buffers, since the start.
+    pub(super) fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
     }
 
     /// The share of `owner`: its semaphore, made with `bound` permits if

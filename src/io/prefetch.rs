@@ -84,6 +84,9 @@ pub struct PrefetchStats {
     pub pool_in_use: usize,
     /// Overflow buffers alive right now (the engine fills it in).
     pub overflow_in_use: usize,
+    /// Streams that waited because their owner's streams held
+    /// `io.owner_buffers` (the engine fills it in).
+    pub owner_waits: u64,
 }
 
 /// The parked reads of one engine.

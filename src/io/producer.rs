@@ -162,9 +162,15 @@ impl Producer {
                         .await
                         .expect("never closed");
                     let owner = match &self.owner {
-                        Some(share) => Some(tokio::select! {
-                            o = Arc::clone(share).acquire_owned() => o.expect("never closed"),
-                            () = self.out.tx.closed() => return Err(None),
+                        Some(share) => Some(match Arc::clone(share).try_acquire_owned() {
+                            Ok(o) => o,
+                            Err(_) => {
+                                self.engine.owners.note_wait();
+                                tokio::select! {
+                                    o = Arc::clone(share).acquire_owned() => o.expect("never closed"),
+                                    () = self.out.tx.closed() => return Err(None),
+                                }
+                            }
                         }),
                         None => None,
                     };

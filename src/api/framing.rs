@@ -25,10 +25,10 @@
 //! buffers: with zstd, at most [`ENCODE_AHEAD`] pieces being encoded or
 //! waiting to be sent (each its input, at most 1 MiB, and its output, at
 //! most 1 MiB plus 40 bytes per 4 KiB of zero blocks), plus [`OUT_SLOTS`]
-//! encoded pieces in the channel to hyper and 256 KiB of glued parts: under
-//! 14 MiB. Without zstd, the data in flight are the io core's buffers (held
-//! until hyper has written them, as in version 1) and 256 KiB of glued
-//! parts. Encoding in the whole process runs on at most as many blocking
+//! encoded pieces in the channel to hyper and the glue's buffer (256 KiB
+//! plus at most one small part, under 272 KiB): under 14 MiB. Without
+//! zstd, the data in flight are the io core's buffers (held until hyper
+//! has written them, as in version 1) and that glue buffer. Encoding in the whole process runs on at most as many blocking
 //! threads as there are cores ([`encode_slots`]); a stream that waits for
 //! one holds only its bound.
 

@@ -401,9 +401,16 @@ mod tests {
         // not copies, and hold them until read.
         const BUF: usize = 64 << 10;
         const LEN: usize = 16 * BUF;
-        let dir = std::env::temp_dir().join(format!("coe-owner-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("disk");
+        /// Removes the scratch folder however the test ends.
+        struct Scratch(std::path::PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Scratch(std::env::temp_dir().join(format!("coe-owner-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("disk");
         let data: Vec<u8> = (0..LEN).map(|i| (i / BUF) as u8 + 1).collect();
         std::fs::write(&path, &data).unwrap();
         // One buffer per stream, a pool of 4 and no overflow; an owner's
@@ -464,6 +471,5 @@ mod tests {
         assert!(r1.unwrap() == data && r3.unwrap() == data);
         drop(a2);
         until("every buffer to come back", || engine.pool().in_use() == 0).await;
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

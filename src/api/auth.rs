@@ -255,8 +255,8 @@ pub struct Attempt<'a> {
     key: IpAddr,
 }
 
-/// The key a client address is counted under, by the login limiter and by
-/// the io core's per-owner bound: IPv4 (also IPv4-mapped IPv6) as is, IPv6
+/// The key a client address is counted under, by the login limiter, the
+/// io core's per-owner bound and the server's connection budget: IPv4 (also IPv4-mapped IPv6) as is, IPv6
 /// by its /64.
 pub(crate) fn address_key(addr: IpAddr) -> IpAddr {
     match addr {

@@ -22,8 +22,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-/// IPv6 clients are counted per /64.
-const IPV6_PREFIX_BITS: u32 = 64;
+// The key an address is counted under (IPv6 per /64): the same one the
+// login limiter and the io core's per-owner bound use.
+use crate::api::auth::address_key;
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,21 +79,6 @@ struct Held {
 pub struct Ticket {
     budget: Arc<Budget>,
     key: IpAddr,
-}
-
-/// The key an address is counted under: IPv4 (also IPv4-mapped IPv6) as is,
-/// IPv6 by its /64.
-pub fn address_key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & (u128::MAX << (128 - IPV6_PREFIX_BITS));
-                IpAddr::V6(bits.into())
-            }
-        },
-    }
 }
 
 impl Budget {

@@ -229,6 +229,23 @@ mod tests {
         (cfg, cert.der().clone())
     }
 
+    /// Moves what `from` has to send into `to`, which processes it.
+    fn pump<A, B>(
+        from: &mut rustls::ConnectionCommon<A>,
+        to: &mut rustls::ConnectionCommon<B>,
+        wire: &mut Vec<u8>,
+    ) {
+        wire.clear();
+        while from.wants_write() {
+            from.write_tls(wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+        }
+        to.process_new_packets().unwrap();
+    }
+
     /// One handshake in memory (and the tickets the server sends after it):
     /// how it went.
     fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> HandshakeKind {
@@ -237,24 +254,8 @@ mod tests {
         let mut s = ServerConnection::new(server.clone()).unwrap();
         let mut wire = Vec::new();
         for _ in 0..10 {
-            wire.clear();
-            while c.wants_write() {
-                c.write_tls(&mut wire).unwrap();
-            }
-            let mut rd = &wire[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-            }
-            s.process_new_packets().unwrap();
-            wire.clear();
-            while s.wants_write() {
-                s.write_tls(&mut wire).unwrap();
-            }
-            let mut rd = &wire[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-            }
-            c.process_new_packets().unwrap();
+            pump(&mut c, &mut s, &mut wire);
+            pump(&mut s, &mut c, &mut wire);
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
         c.handshake_kind().unwrap()

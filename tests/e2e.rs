@@ -102,14 +102,7 @@ impl NoChecksums {
                             body.len()
                         );
                     } else {
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse().ok())?
-                            })
-                            .unwrap_or(0);
+                        let length = crate::common::http::content_length(&head).unwrap_or(0);
                         let mut body = vec![0u8; length];
                         if tls.read_exact(&mut body).is_err() {
                             return;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 
 use crate::common::exporter::{Client, Exporter, Options, LOCAL_PASS, LOCAL_USER};
-use crate::common::http::{http_request, read_answer, Answer};
+use crate::common::http::{content_length, http_request, read_answer, Answer};
 use crate::common::manager::{StandInManager, MGR_PASS, MGR_USER};
 use crate::common::pki::Pki;
 use crate::common::{repo_and_disk, static_inventory, Fs, Scratch, WAIT};
@@ -519,6 +519,34 @@ struct DiskSetup {
     url: String,
 }
 
+/// MiB 0..n of the disk of [`disk_setup`], each one `Range` request from
+/// another address (127.0.0.2), each answered 206 in full.
+fn honest_ranges(s: &DiskSetup, n: u64) {
+    for i in 0..n {
+        let a = request_from(
+            &s.ex,
+            "127.0.0.2",
+            &http_request(
+                "GET",
+                &s.url,
+                Some(&s.token),
+                &[(
+                    "Range",
+                    &format!("bytes={}-{}", i << 20, ((i + 1) << 20) - 1),
+                )],
+                "",
+            ),
+        )
+        .unwrap_or_else(|e| panic!("honest range {i}: {e}; log:\n{}", s.ex.log()));
+        assert_eq!(a.status, 206, "{}", a.text());
+        let want = if i == 0 { 7u8 } else { 0u8 };
+        assert!(
+            a.body.len() == 1 << 20 && a.body.iter().all(|b| *b == want),
+            "range {i}"
+        );
+    }
+}
+
 fn disk_setup(tag: &str, size: u64, limits: &str, extra: &str) -> DiskSetup {
     let scratch = Fs::Xfs.scratch(tag);
     let (repo, disk) = sparse_disk(&scratch, size);
@@ -582,29 +610,7 @@ fn stalled_downloads_do_not_stop_other_downloads() {
     wait_for("the stalled streams to hold the shared pool", &s.ex, || {
         metric(&s.ex, "coe_io_buffers_in_use ") >= 12
     });
-    for i in 0..5u64 {
-        let a = request_from(
-            &s.ex,
-            "127.0.0.2",
-            &http_request(
-                "GET",
-                &s.url,
-                Some(&s.token),
-                &[(
-                    "Range",
-                    &format!("bytes={}-{}", i << 20, ((i + 1) << 20) - 1),
-                )],
-                "",
-            ),
-        )
-        .unwrap_or_else(|e| panic!("honest range {i}: {e}; log:\n{}", s.ex.log()));
-        assert_eq!(a.status, 206, "{}", a.text());
-        let want = if i == 0 { 7u8 } else { 0u8 };
-        assert!(
-            a.body.len() == 1 << 20 && a.body.iter().all(|b| *b == want),
-            "range {i}"
-        );
-    }
+    honest_ranges(&s, 5);
     assert!(metric(&s.ex, "coe_io_buffers_in_use ") <= 16);
     assert!(metric(&s.ex, "coe_io_overflow_buffers_in_use ") <= 8);
     drop(stalled);
@@ -649,29 +655,7 @@ fn stalled_downloads_from_one_address_leave_buffers_to_others() {
                     >= 12
         },
     );
-    for i in 0..3u64 {
-        let a = request_from(
-            &s.ex,
-            "127.0.0.2",
-            &http_request(
-                "GET",
-                &s.url,
-                Some(&s.token),
-                &[(
-                    "Range",
-                    &format!("bytes={}-{}", i << 20, ((i + 1) << 20) - 1),
-                )],
-                "",
-            ),
-        )
-        .unwrap_or_else(|e| panic!("honest range {i}: {e}; log:\n{}", s.ex.log()));
-        assert_eq!(a.status, 206, "{}", a.text());
-        let want = if i == 0 { 7u8 } else { 0u8 };
-        assert!(
-            a.body.len() == 1 << 20 && a.body.iter().all(|b| *b == want),
-            "range {i}"
-        );
-    }
+    honest_ranges(&s, 3);
     // The stalled address holds its bound, no more.
     let held =
         metric(&s.ex, "coe_io_buffers_in_use ") + metric(&s.ex, "coe_io_overflow_buffers_in_use ");
@@ -1217,14 +1201,7 @@ impl KeptAlive {
         }
         let head = String::from_utf8_lossy(&head).into_owned();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+        let length = content_length(&head).unwrap_or_else(|| panic!("no Content-Length in {head}"));
         let mut body = vec![0u8; length];
         self.0.read_exact(&mut body).unwrap();
         String::from_utf8_lossy(&body)

@@ -7,6 +7,15 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
+/// The `Content-Length` of a request or answer head, if it has one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
 pub fn http_request(
     method: &str,
     path: &str,
